@@ -1,0 +1,197 @@
+"""Backend selection: which implementation runs a fused op.
+
+Names
+-----
+``"auto"``   the fastest correct backend for the tensor's device and shape: Triton for CUDA
+             tensors (PyTorch where Triton has no kernel for the case), the PyTorch path with
+             BatchNorm folded on CPU. Falls back with at most one warning per reason.
+``"triton"`` our Triton kernels. CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
+             before Triton was imported (how CI proves the kernels).
+``"cuda"``   the C++/CUDA extension. Not built in this release: asking for it raises
+             :class:`BackendUnavailableError` with the reason.
+``"torch"``  plain PyTorch (cuDNN / oneDNN convolutions), BatchNorm folded in eval mode.
+
+The process-wide choice starts from the ``RESNET_FUSED_BACKEND`` environment variable (default
+``"auto"``); :func:`set_backend` changes it, :func:`use_backend` changes it for a ``with`` block.
+A module converted with ``convert(model, backend=...)`` pins its own choice.
+
+Cases a backend has no kernel for (``groups > 1``, float64) run on the PyTorch path, also when
+that backend was asked for explicitly: the backend is available, the case is simply not fused.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+ENV_VAR = "RESNET_FUSED_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend that cannot run here is requested explicitly."""
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected one of {BACKENDS} as a str, got {type(name).__name__}")
+    lowered = name.strip().lower()
+    if lowered not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    return lowered
+
+
+def _initial_backend() -> str:
+    value = os.environ.get(ENV_VAR, "auto") or "auto"
+    try:
+        return _check_name(value)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {ENV_VAR}={value!r}: {exc}") from None
+
+
+_state = threading.local()
+_default = _initial_backend()
+
+
+def get_backend() -> str:
+    """The backend name in force for this thread (``"auto"`` unless changed)."""
+    return getattr(_state, "name", _default)
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide backend. An explicit unavailable backend fails here, not later."""
+    global _default
+    name = _check_name(name)
+    if name not in ("auto", "torch"):
+        reason = unavailable_reason(name)
+        # Triton may still be usable for CUDA tensors later even if it is not for CPU ones,
+        # so only a backend that can never run in this process is refused up front.
+        if reason is not None and not _usable_on_some_device(name):
+            raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
+    _default = name
+    if hasattr(_state, "name"):
+        _state.name = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager: run the enclosed code with backend ``name`` (this thread only)."""
+    name = _check_name(name)
+    if name not in ("auto", "torch") and not _usable_on_some_device(name):
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {unavailable_reason(name)}")
+    had = hasattr(_state, "name")
+    previous = getattr(_state, "name", None)
+    _state.name = name
+    try:
+        yield name
+    finally:
+        if had:
+            _state.name = previous
+        else:
+            del _state.name
+
+
+# ----------------------------------------------------------------------------------- availability
+def triton_import_error() -> Optional[str]:
+    """Why ``import triton`` fails here, or None when it works."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"import triton failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cuda_extension_error() -> Optional[str]:
+    from . import _ext
+
+    return _ext.load_error()
+
+
+def _usable_on_some_device(name: str) -> bool:
+    if name == "triton":
+        return triton_import_error() is None and (torch.cuda.is_available() or triton_interpreting())
+    if name == "cuda":
+        return cuda_extension_error() is None
+    return True
+
+
+def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """None if backend ``name`` can run on ``device`` (any device if None), else the reason."""
+    name = _check_name(name)
+    if name in ("auto", "torch"):
+        return None
+    if name == "cuda":
+        err = cuda_extension_error()
+        if err is not None:
+            return err
+        if device is not None and device.type != "cuda":
+            return f"the C++/CUDA extension runs on CUDA tensors, got a tensor on {device}"
+        return None
+    # triton
+    err = triton_import_error()
+    if err is not None:
+        return err
+    if device is None:
+        if torch.cuda.is_available() or triton_interpreting():
+            return None
+        return "no CUDA device, and TRITON_INTERPRET=1 was not set for CPU tensors"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreting():
+        return None
+    return (
+        f"Triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1, set "
+        f"before triton is imported); got a tensor on {device}"
+    )
+
+
+def available_backends(device: Optional[torch.device] = None) -> list:
+    """Backend names usable here (on ``device`` if given), ``"auto"`` and ``"torch"`` always."""
+    return [b for b in BACKENDS if unavailable_reason(b, device) is None]
+
+
+# ---------------------------------------------------------------------------------- resolution
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve(requested: Optional[str], x: torch.Tensor, *, fusable: bool = True) -> str:
+    """The concrete backend (``"triton"``, ``"cuda"`` or ``"torch"``) that runs an op on ``x``.
+
+    ``requested``: a backend name, or None for the thread's current choice.
+    ``fusable``: False when the case has no fused kernel (groups > 1, float64): then the PyTorch
+    path runs whatever was requested, since the requested backend itself is available.
+    Raises :class:`BackendUnavailableError` when an explicitly requested backend cannot run on
+    ``x``'s device.
+    """
+    name = get_backend() if requested is None else _check_name(requested)
+    if name == "torch":
+        return "torch"
+    if name != "auto":
+        reason = unavailable_reason(name, x.device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {name!r} requested but unavailable: {reason}")
+        return name if fusable else "torch"
+    # auto
+    if x.device.type != "cuda" or not fusable:
+        return "torch"
+    reason = unavailable_reason("triton", x.device)
+    if reason is None:
+        return "triton"
+    _warn_once("auto-triton", f"resnet_fused: Triton unavailable ({reason}); using the PyTorch path")
+    return "torch"

@@ -1,0 +1,82 @@
+"""What every fused block shares: backend choice, the fold cache, and the fused conv call.
+
+A block runs one of two paths:
+- *eager*: the reference forward, module by module (training mode, or anything not foldable). It
+  calls the block's own BatchNorm modules, so running-stat updates are exactly ``nn.BatchNorm2d``'s
+  (or ``nn.SyncBatchNorm``'s).
+- *fused*: eval mode with every BatchNorm foldable: each conv + BN (+ residual) (+ ReLU) is one
+  :func:`~resnet_fused.ops.conv_bias_act` call on folded, cached weights.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import backends
+from ..ops import bn_act, conv_bias_act
+from ..ops._common import conv_output_size, memory_format_of, triton_dtype_ok
+from ..ops.fold import FoldCache, is_foldable_bn
+
+
+def conv_out_hw(conv: nn.Conv2d, h: int, w: int) -> Tuple[int, int]:
+    """Spatial size a conv module produces from an h x w input."""
+    kh, kw = conv.kernel_size
+    return (conv_output_size(h, kh, conv.stride[0], conv.padding[0], conv.dilation[0]),
+            conv_output_size(w, kw, conv.stride[1], conv.padding[1], conv.dilation[1]))
+
+
+def is_plain_conv(m) -> bool:
+    """A Conv2d our fused conv computes exactly: zero padding, numeric (not 'same') padding."""
+    return (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            and type(m).forward is nn.Conv2d.forward)
+
+
+def is_plain_relu(m) -> bool:
+    return type(m) is nn.ReLU
+
+
+def conv_bn_pair(m) -> Optional[Tuple[nn.Conv2d, nn.Module]]:
+    """(conv, bn) if ``m`` is torchvision's downsample ``Sequential(conv1x1, norm)``, else None."""
+    if isinstance(m, nn.Sequential) and len(m) == 2 and is_plain_conv(m[0]):
+        return m[0], m[1]
+    return None
+
+
+class FusedBlockMixin:
+    """Mixed into every block (an ``nn.Module``). ``backend=None`` follows the global choice."""
+
+    backend: Optional[str] = None
+
+    def _init_fused(self, backend: Optional[str] = None) -> None:
+        if backend is not None:
+            backends._check_name(backend)
+        self.backend = backend
+        self._fold = FoldCache()
+
+    def _impl(self, x: Tensor) -> str:
+        """Concrete backend for this forward ("triton" or "torch"; errors if one was pinned and is missing)."""
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type) and dtype != torch.float64:
+            dtype = torch.get_autocast_dtype(x.device.type)
+        return backends.resolve(self.backend, x, fusable=triton_dtype_ok(dtype))
+
+    def _conv(self, key: str, impl: str, x: Tensor, conv: nn.Conv2d, norm: Optional[nn.Module] = None,
+              residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+        """``relu?(norm(conv(x)) + residual)`` as one fused conv, ``norm`` (eval BN or None) folded."""
+        fmt = torch.channels_last if impl == "triton" else memory_format_of(conv.weight)
+        w, b = self._fold.get(key, conv, norm, memory_format=fmt)
+        return conv_bias_act(x, w, b, residual, stride=conv.stride, padding=conv.padding,
+                             dilation=conv.dilation, groups=conv.groups, relu=relu, backend=impl)
+
+    def _bn_relu(self, key: str, impl: str, x: Tensor, norm: nn.Module) -> Tensor:
+        """``relu(norm(x))`` for an eval BatchNorm, one pass."""
+        scale, shift = self._fold.get(key, None, norm)
+        return bn_act(x, scale, shift, relu=True, backend=impl)
+
+    # pickling/deepcopy keep working: FoldCache handles itself, backend is a plain attribute
+
+
+def all_foldable(*norms) -> bool:
+    return all(is_foldable_bn(n) for n in norms)

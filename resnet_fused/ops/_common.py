@@ -1,0 +1,55 @@
+"""Small helpers shared by the fused ops: argument checks, geometry, layouts."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_dtype_ok(dtype: torch.dtype) -> bool:
+    """Dtypes our Triton kernels compute in (float64 stays on the PyTorch path)."""
+    return dtype in TRITON_DTYPES
+
+
+def check_float_tensor(name: str, t, dims: Optional[int] = None, device: Optional[torch.device] = None) -> None:
+    """Raise TypeError/ValueError naming ``name`` unless ``t`` is a floating tensor as expected."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (float32, float16, bfloat16 or float64), "
+                        f"got dtype {t.dtype}")
+    if dims is not None and t.dim() != dims:
+        layout = {4: " [N, C, H, W]", 1: " [C]"}.get(dims, "")
+        raise ValueError(f"{name}: expected a {dims}-D tensor{layout}, got {t.dim()}-D with shape {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (where the input is), got one on {t.device}")
+
+
+def pair(v: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(i) for i in v)
+    if len(v) == 1:
+        return (v[0], v[0])
+    if len(v) != 2:
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {v}")
+    return v  # type: ignore[return-value]
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one spatial axis (floor mode, as PyTorch)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The memory format PyTorch would give an output computed from ``x``.
+
+    channels_last when ``x`` is channels_last-contiguous and not also plain-contiguous (for C == 1
+    or H == W == 1 both hold, and PyTorch then keeps the contiguous format).
+    """
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

@@ -1,0 +1,149 @@
+"""Fused per-channel affine (eval BatchNorm) + optional residual add + optional ReLU.
+
+    out = relu?( x * scale[c] + shift[c] + residual )
+
+The memory-bound half of an inference block wherever a BatchNorm cannot be folded into a
+neighbouring conv: the pre-activation ``BN -> ReLU`` of Wide ResNet / pre-act blocks, and
+``BN + add + ReLU`` block tails. One read of each input, one write, computed in fp32.
+
+Shapes and layouts
+    x         [N, C, H, W]  float32 / float16 / bfloat16, NCHW or channels_last
+    scale     [C]           float (usually float32, from :func:`resnet_fused.ops.fold.bn_scale_shift`)
+    shift     [C]           float
+    residual  [N, C, H, W] or None
+    out       [N, C, H, W]  x's dtype promoted with residual's, in x's memory format
+NaN and Inf propagate as ``torch.relu`` propagates them. float64 runs on the PyTorch path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ._common import check_float_tensor, memory_format_of, triton_dtype_ok
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover
+    triton = None
+    tl = None
+
+
+# ------------------------------------------------------------------------------------ reference
+def bn_act_reference(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
+                     relu: bool = True, upcast: bool = False) -> Tensor:
+    """Plain PyTorch. ``upcast=True`` computes (and returns) in float64."""
+    if upcast:
+        x, scale, shift = x.double(), scale.double(), shift.double()
+        residual = None if residual is None else residual.double()
+    y = x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+# ---------------------------------------------------------------------------------- Triton kernel
+if triton is not None:
+
+    @triton.jit
+    def _bn_act_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+                       numel, C, HW,
+                       HAS_RES: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        # x, residual and out share one dense layout, so a flat index addresses all three.
+        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = off < numel
+        if CHANNELS_LAST:
+            c = off % C
+        else:
+            c = (off // HW) % C
+        y = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        y = y * tl.load(scale_ptr + c, mask=ok, other=0.0).to(tl.float32) + tl.load(shift_ptr + c, mask=ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            y += tl.load(res_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        if RELU:
+            y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, unlike maximum
+        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _launch(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], relu: bool,
+            out_dtype: torch.dtype) -> Tensor:
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=fmt)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device, memory_format=fmt)
+    numel = x.numel()
+    if numel == 0:
+        return out
+    N, C, H, W = x.shape
+    block = 1024 if x.device.type == "cuda" else 256
+    grid = (triton.cdiv(numel, block),)
+    _bn_act_kernel[grid](x, scale.contiguous(), shift.contiguous(), residual if residual is not None else x, out,
+                         numel, C, H * W,
+                         HAS_RES=residual is not None, RELU=relu, CHANNELS_LAST=fmt == torch.channels_last,
+                         BLOCK=block, num_warps=4)
+    return out
+
+
+class _BnActFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, shift, residual, relu, out_dtype):
+        out = _launch(x, scale, shift, residual, relu, out_dtype)
+        ctx.relu, ctx.has_res = relu, residual is not None
+        ctx.dtypes = (x.dtype, scale.dtype, shift.dtype, None if residual is None else residual.dtype)
+        ctx.save_for_backward(x, scale, out if relu else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scale, out = ctx.saved_tensors
+        g = grad_out.float()
+        if ctx.relu:
+            g = torch.where(out > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        xdt, sdt, hdt, rdt = ctx.dtypes
+        need_x, need_s, need_h, need_r = ctx.needs_input_grad[:4]
+        grad_x = (g * scale.float().view(1, -1, 1, 1)).to(xdt) if need_x else None
+        grad_s = (g * x.float()).sum(dim=(0, 2, 3)).to(sdt) if need_s else None
+        grad_h = g.sum(dim=(0, 2, 3)).to(hdt) if need_h else None
+        grad_r = g.to(rdt) if (need_r and ctx.has_res) else None
+        return grad_x, grad_s, grad_h, grad_r, None, None
+
+
+# --------------------------------------------------------------------------------- functional API
+def bn_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None, *, relu: bool = True,
+           backend: Optional[str] = None) -> Tensor:
+    """``relu?(x * scale[c] + shift[c] + residual)`` in one pass (see module docstring).
+
+    Args:
+        x: [N, C, H, W] float tensor, NCHW or channels_last.
+        scale, shift: [C] per-channel affine, e.g. an eval BatchNorm's folded statistics.
+        residual: [N, C, H, W] or None.
+        relu: apply ReLU last.
+        backend: ``"auto"``/``"triton"``/``"cuda"``/``"torch"``, or None for the current one.
+    Returns:
+        [N, C, H, W] in x's memory format.
+    """
+    check_float_tensor("x", x, dims=4)
+    C = x.shape[1]
+    for name, t in (("scale", scale), ("shift", shift)):
+        check_float_tensor(name, t, dims=1, device=x.device)
+        if t.shape[0] != C:
+            raise ValueError(f"{name}: expected shape [{C}] (x's channels), got {list(t.shape)}")
+    if residual is not None:
+        check_float_tensor("residual", residual, dims=4, device=x.device)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual: expected shape {list(x.shape)} (x's), got {list(residual.shape)}")
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    impl = backends.resolve(backend, x, fusable=triton_dtype_ok(x.dtype) and triton_dtype_ok(out_dtype))
+    if impl == "triton":
+        return _BnActFn.apply(x, scale, shift, residual, relu, out_dtype)
+    if impl == "cuda":  # pragma: no cover - the extension is not built in this release
+        raise backends.BackendUnavailableError("backend 'cuda' has no bn_act kernel yet")
+    y = torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
+    if residual is not None:
+        y = y.add_(residual) if residual.dtype == y.dtype else y + residual
+    return y.relu_() if relu else y

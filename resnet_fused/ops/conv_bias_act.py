@@ -1,0 +1,327 @@
+"""Fused convolution + bias (folded BatchNorm) + optional residual add + optional ReLU.
+
+    out = relu?( conv2d(x, weight, stride, padding, dilation) + bias[c] + residual )
+
+One pass: the conv is an implicit GEMM (M = N*OH*OW output pixels, N = Cout, K = KH*KW*Cin)
+whose epilogue adds the bias and the residual in fp32, applies ReLU and casts to the output dtype,
+so no intermediate tensor is written. With BatchNorm folded into ``weight``/``bias``
+(:mod:`resnet_fused.ops.fold`) this is conv + BN (+ residual) + ReLU of an inference ResNet.
+
+Shapes and layouts
+    x        [N, Cin, H, W]        float32 / float16 / bfloat16; NCHW or channels_last (any strides)
+    weight   [Cout, Cin, KH, KW]   x's dtype; any memory format (channels_last reads Cin contiguously)
+    bias     [Cout] or None        any float dtype; added in fp32
+    residual [N, Cout, OH, OW] or None, any float dtype and strides
+    out      [N, Cout, OH, OW]     x's dtype (promoted with residual's, as ``conv(x) + residual``
+                                   would be), in x's memory format
+fp32 inputs use TF32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is set (cuDNN's own
+default for convolutions), IEEE fp32 otherwise. ``groups > 1`` and float64 run on the PyTorch path.
+NaN and Inf propagate as ``torch.relu`` propagates them.
+
+Autograd: the Triton forward is wrapped in an ``autograd.Function`` whose backward uses the ReLU
+mask from the saved output and cuDNN's ``convolution_backward`` for dgrad/wgrad, so an eval-mode
+model with frozen BN can still be fine-tuned. Fused training kernels are a separate op.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backends
+from ._common import check_float_tensor, conv_output_size, memory_format_of, pair, triton_dtype_ok
+
+IntPair = Union[int, Sequence[int]]
+
+try:  # Triton is optional: the PyTorch path works without it.
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    tl = None
+
+
+# ------------------------------------------------------------------------------------ reference
+def conv_bias_act_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                            residual: Optional[Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
+                            dilation: IntPair = 1, groups: int = 1, relu: bool = True,
+                            upcast: bool = False) -> Tensor:
+    """Plain PyTorch, op by op. ``upcast=True`` computes (and returns) everything in float64."""
+    if upcast:
+        x, weight = x.double(), weight.double()
+        bias = None if bias is None else bias.double()
+        residual = None if residual is None else residual.double()
+    y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+# ---------------------------------------------------------------------------------- Triton kernel
+def _autotune_configs():
+    configs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+        (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 64, 64, 4, 3), (32, 64, 32, 4, 4),
+    ]:
+        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                     num_warps=warps, num_stages=stages))
+    return configs
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_bias_act_kernel(
+        # pointers
+        x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+        # sizes: GEMM view M = N*OH*OW, COUT, and the image geometry
+        M, COUT, CIN, H, W, OH, OW,
+        # strides, in elements
+        sxn, sxc, sxh, sxw,
+        swo, swi, swh, sww,
+        srn, src, srh, srw,
+        son, soc, soh, sow,
+        # convolution geometry
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        # meta-parameters
+        KH: tl.constexpr, KW: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+        FLAT_K: tl.constexpr,  # small Cin (the 3-channel stem): one K loop over (kh, kw, c)
+        PRECISION: tl.constexpr,  # "tf32" | "ieee" for fp32 operands
+        UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so dot in fp32 there
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        # Grouped program order: consecutive programs share weight tiles (L2 reuse).
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(COUT, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixel index (n, oh, ow)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channel
+        m_ok = rm < M
+        n_ok = rn < COUT
+        ow = rm % OW
+        t = rm // OW
+        oh = t % OH
+        n64 = (t // OH).to(tl.int64)  # int64: activations can pass 2^31 elements
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        rk = tl.arange(0, BLOCK_K)
+        w_cols = rn.to(tl.int64) * swo
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if FLAT_K:
+            KTOT = KH * KW * CIN
+            for k0 in range(0, KTOT, BLOCK_K):
+                kk = k0 + rk
+                c = kk % CIN
+                kw_ = (kk // CIN) % KW
+                kh_ = kk // (CIN * KW)
+                k_ok = kk < KTOT
+                ih = ih0[:, None] + kh_[None, :] * dil_h
+                iw = iw0[:, None] + kw_[None, :] * dil_w
+                a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_off = n64[:, None] * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw + c[None, :].to(tl.int64) * sxc
+                a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
+                b_off = w_cols[None, :] + (c * swi + kh_ * swh + kw_ * sww)[:, None]
+                b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        else:
+            for kh in tl.static_range(KH):
+                ih = ih0 + kh * dil_h
+                for kw in tl.static_range(KW):
+                    iw = iw0 + kw * dil_w
+                    pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    a_row = n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+                    b_tap = w_cols + kh * swh + kw * sww
+                    for c0 in range(0, CIN, BLOCK_K):
+                        c = c0 + rk
+                        c_ok = c < CIN
+                        a = tl.load(x_ptr + a_row[:, None] + c[None, :].to(tl.int64) * sxc,
+                                    mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                        b = tl.load(w_ptr + b_tap[None, :] + (c * swi)[:, None],
+                                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                        if UPCAST:
+                            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                        else:
+                            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+        # Epilogue, in fp32: + bias (folded BN shift) + residual, ReLU, one cast, one store.
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            r_off = (n64 * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw)[:, None] + (rn.to(tl.int64) * src)[None, :]
+            acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            # where(x < 0) rather than maximum: keeps NaN, as torch.relu does.
+            acc = tl.where(acc < 0.0, 0.0, acc)
+        o_off = (n64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None] + (rn.to(tl.int64) * soc)[None, :]
+        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    _conv_bias_act_kernel_tuned = triton.autotune(
+        configs=_autotune_configs(),
+        key=["M", "COUT", "CIN", "KH", "KW", "stride_h", "FLAT_K", "HAS_RES"],
+    )(_conv_bias_act_kernel)
+
+
+# ---------------------------------------------------------------------------------------- launcher
+_FLAT_K_MAX_CIN = 8  # below this, a per-tap Cin loop would waste most of each K block
+
+
+def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+            stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int], relu: bool,
+            out_dtype: torch.dtype) -> Tensor:
+    N, CIN, H, W = x.shape
+    COUT, _, KH, KW = weight.shape
+    OH = conv_output_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = conv_output_size(W, KW, stride[1], padding[1], dilation[1])
+    out = torch.empty((N, COUT, OH, OW), dtype=out_dtype, device=x.device, memory_format=memory_format_of(x))
+    M = N * OH * OW
+    if M == 0 or COUT == 0:
+        return out
+    if CIN == 0:  # empty reduction: the conv is zero, only the epilogue remains
+        y = torch.zeros_like(out, dtype=torch.float32)
+        if bias is not None:
+            y += bias.float().view(1, -1, 1, 1)
+        if residual is not None:
+            y += residual.float()
+        return out.copy_(torch.relu(y) if relu else y)
+    res = residual if residual is not None else out  # dummy pointer, never read
+    b = bias if bias is not None else out
+    interpreting = x.device.type == "cpu"
+    precision = "tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting) else "ieee"
+    args = (
+        x, weight, b, res, out,
+        M, COUT, CIN, H, W, OH, OW,
+        *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+    )
+    meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
+                FLAT_K=CIN < _FLAT_K_MAX_CIN, PRECISION=precision,
+                UPCAST=interpreting and x.dtype == torch.bfloat16)
+    if interpreting:
+        # The interpreter runs each program in numpy: one small fixed config, no autotuning.
+        bm, bn, bk = 32, 32, 16
+        grid = (triton.cdiv(M, bm) * triton.cdiv(COUT, bn),)
+        _conv_bias_act_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+    else:
+        def grid(meta_):
+            return (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(COUT, meta_["BLOCK_N"]),)
+
+        _conv_bias_act_kernel_tuned[grid](*args, **meta)
+    return out
+
+
+class _ConvBiasActFn(torch.autograd.Function):
+    """Triton forward; backward through the ReLU mask and cuDNN's convolution_backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, relu, out_dtype):
+        out = _launch(x, weight, bias, residual, stride, padding, dilation, relu, out_dtype)
+        ctx.conf = (stride, padding, dilation, relu)
+        ctx.has_bias, ctx.has_res = bias is not None, residual is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.res_dtype = None if residual is None else residual.dtype
+        ctx.save_for_backward(x, weight, out if relu else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        stride, padding, dilation, relu = ctx.conf
+        g = grad_out
+        if relu:
+            g = torch.where(out > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        grad_x = grad_w = grad_b = grad_r = None
+        if need_x or need_w:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                g.to(x.dtype), x, weight, None, list(stride), list(padding), list(dilation),
+                False, [0, 0], 1, [need_x, need_w, False])
+        if need_b and ctx.has_bias:
+            grad_b = g.float().sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
+        if need_r and ctx.has_res:
+            grad_r = g.to(ctx.res_dtype)
+        return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------- functional API
+def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                  *, stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
+                  relu: bool = True, backend: Optional[str] = None) -> Tensor:
+    """``relu?(conv2d(x, weight) + bias + residual)`` in one fused pass (see module docstring).
+
+    Args:
+        x: [N, Cin, H, W], float32/float16/bfloat16 (float64 runs on the PyTorch path).
+        weight: [Cout, Cin/groups, KH, KW], x's dtype.
+        bias: [Cout] or None; typically a folded BatchNorm shift in float32.
+        residual: [N, Cout, OH, OW] or None, added before the ReLU.
+        stride, padding, dilation: ints or pairs, as in ``torch.nn.functional.conv2d``.
+        groups: > 1 runs on the PyTorch path.
+        relu: apply ReLU last.
+        backend: ``"auto"``/``"triton"``/``"cuda"``/``"torch"``, or None for the current one.
+    Returns:
+        [N, Cout, OH, OW] in x's memory format.
+    """
+    check_float_tensor("x", x, dims=4)
+    check_float_tensor("weight", weight, dims=4, device=x.device)
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    N, CIN, H, W = x.shape
+    COUT = weight.shape[0]
+    if weight.shape[1] * groups != CIN:
+        raise ValueError(f"x: expected {weight.shape[1] * groups} input channels to match weight "
+                         f"{tuple(weight.shape)} with groups={groups}, got x of shape {tuple(x.shape)}")
+    OH = conv_output_size(H, weight.shape[2], stride[0], padding[0], dilation[0])
+    OW = conv_output_size(W, weight.shape[3], stride[1], padding[1], dilation[1])
+    if OH <= 0 or OW <= 0:
+        raise ValueError(f"x: spatial size {H}x{W} is too small for a {weight.shape[2]}x{weight.shape[3]} "
+                         f"kernel with padding {padding}, dilation {dilation}")
+    if bias is not None:
+        check_float_tensor("bias", bias, dims=1, device=x.device)
+        if bias.shape[0] != COUT:
+            raise ValueError(f"bias: expected shape [{COUT}], got {list(bias.shape)}")
+    if residual is not None:
+        check_float_tensor("residual", residual, dims=4, device=x.device)
+        if tuple(residual.shape) != (N, COUT, OH, OW):
+            raise ValueError(f"residual: expected shape {[N, COUT, OH, OW]} (the conv output), "
+                             f"got {list(residual.shape)}")
+
+    dev_type = x.device.type
+    if torch.is_autocast_enabled(dev_type) and x.dtype != torch.float64:
+        # What autocast does to a conv: both operands in the autocast dtype.
+        cdt = torch.get_autocast_dtype(dev_type)
+        x, weight = x.to(cdt), weight.to(cdt)
+    elif weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected dtype {x.dtype} (x's dtype), got {weight.dtype}")
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+    fusable = groups == 1 and triton_dtype_ok(x.dtype) and triton_dtype_ok(out_dtype)
+    impl = backends.resolve(backend, x, fusable=fusable)
+    if impl == "triton":
+        with torch.autocast(dev_type, enabled=False):
+            return _ConvBiasActFn.apply(x, weight, bias, residual, stride, padding, dilation, relu, out_dtype)
+    if impl == "cuda":  # pragma: no cover - the extension is not built in this release
+        raise backends.BackendUnavailableError("backend 'cuda' has no conv_bias_act kernel yet")
+    return _torch_path(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+
+def _torch_path(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
+    if residual is not None:
+        # in place only when it cannot change the result dtype (autocast may mix dtypes)
+        y = y.add_(residual) if residual.dtype == y.dtype else y + residual
+    if relu:
+        y = y.relu_()
+    return y
