@@ -1,0 +1,34 @@
+"""Test configuration.
+
+Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter, which must be
+switched on before triton is first imported: we set TRITON_INTERPRET=1 here unless the caller
+chose. ``gpu``-marked tests are skipped without a CUDA device (they run on the GPU machine).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    """Fresh seed per test; every test leaves the global backend as it found it."""
+    import resnet_fused
+
+    torch.manual_seed(0)
+    before = resnet_fused.get_backend()
+    yield
+    resnet_fused.set_backend(before)

@@ -1,0 +1,94 @@
+"""Shared test helpers: error measures against a float64 reference, and one mismatch explainer.
+
+A fused kernel's error is judged against PyTorch's own error in the same dtype: both are measured
+against a float64 reference, and the kernel may be at most ``factor`` times worse than PyTorch
+(plus a small floor, for when PyTorch happens to be nearly exact).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Relative-error floors per dtype: a few units of rounding of the format (or of TF32 on GPU).
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# Triton backend availability for CPU tensors (interpreter) - tests that need it use this.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(actual: torch.Tensor, ref: torch.Tensor) -> float:
+    """||actual - ref|| / ||ref|| in float64 over finite entries (NaN/Inf checked separately)."""
+    a, r = actual.detach().double(), ref.detach().double()
+    finite = torch.isfinite(r) & torch.isfinite(a)
+    denom = r[finite].norm().item()
+    num = (a[finite] - r[finite]).norm().item()
+    return num / denom if denom > 0 else num
+
+
+def explain_mismatch(actual: torch.Tensor, ref: torch.Tensor, name: str = "tensor") -> str:
+    """Count, worst index and NaN/Inf pattern of a mismatch, for assertion messages."""
+    a, r = actual.detach().double().cpu(), ref.detach().double().cpu()
+    lines = [f"{name}: shape {list(a.shape)} vs reference {list(r.shape)}"]
+    if a.shape != r.shape:
+        return lines[0]
+    nan_a, nan_r = torch.isnan(a), torch.isnan(r)
+    inf_a, inf_r = torch.isinf(a), torch.isinf(r)
+    if not torch.equal(nan_a, nan_r):
+        lines.append(f"  NaN pattern differs: {int(nan_a.sum())} NaN in output, {int(nan_r.sum())} in reference")
+    if not torch.equal(inf_a, inf_r) or not torch.equal(a[inf_a], r[inf_a] if inf_a.any() else a[inf_a]):
+        lines.append(f"  Inf pattern differs: {int(inf_a.sum())} Inf in output, {int(inf_r.sum())} in reference")
+    diff = (a - r).abs()
+    diff[~(torch.isfinite(a) & torch.isfinite(r))] = 0
+    if diff.numel():
+        worst = int(diff.argmax())
+        idx = list(torch.unravel_index(torch.tensor(worst), a.shape)) if a.dim() else []
+        lines.append(f"  worst |diff| {diff.max().item():.3e} at {[int(i) for i in idx]}: "
+                     f"got {a.flatten()[worst].item():.6g}, expected {r.flatten()[worst].item():.6g}")
+        lines.append(f"  {int((diff > 1e-3 * (r.abs() + 1)).sum())} of {diff.numel()} entries off by more than 1e-3 rel")
+    lines.append(f"  relative error {rel_err(a, r):.3e}")
+    return "\n".join(lines)
+
+
+def assert_nonfinite_match(actual: torch.Tensor, ref: torch.Tensor, name: str = "tensor") -> None:
+    """NaN where the reference has NaN, the same signed Inf where it has Inf."""
+    a, r = actual.detach().double().cpu(), ref.detach().double().cpu()
+    ok = torch.equal(torch.isnan(a), torch.isnan(r)) and torch.equal(torch.isinf(a), torch.isinf(r))
+    if ok and torch.isinf(r).any():
+        ok = torch.equal(a[torch.isinf(r)], r[torch.isinf(r)])
+    assert ok, explain_mismatch(actual, ref, name)
+
+
+def assert_close(actual: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor | None = None,
+                 name: str = "tensor", factor: float = 4.0, dtype: torch.dtype | None = None) -> None:
+    """``actual`` within ``factor`` x PyTorch's own error (``torch_same_dtype``) of ``ref64``.
+
+    Without ``torch_same_dtype`` the bound is the dtype floor alone. Shapes must match exactly and
+    the NaN/Inf patterns must equal the reference's.
+    """
+    assert tuple(actual.shape) == tuple(ref64.shape), explain_mismatch(actual, ref64, name)
+    assert_nonfinite_match(actual, ref64, name)
+    dtype = dtype or actual.dtype
+    bound = FLOOR.get(dtype, 1e-5)
+    if torch_same_dtype is not None:
+        bound = max(bound, factor * rel_err(torch_same_dtype, ref64))
+    err = rel_err(actual, ref64)
+    assert err <= bound, f"relative error {err:.3e} > bound {bound:.3e}\n" + explain_mismatch(actual, ref64, name)
+
+
+def bn_modules(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def randomize_bn(model, generator=None):
+    """Give every BatchNorm non-trivial affine parameters and running statistics."""
+    with torch.no_grad():
+        for m in bn_modules(model):
+            if m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.5)
+            if m.running_mean is not None:
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
