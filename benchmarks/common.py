@@ -1,0 +1,394 @@
+"""Shared benchmark harness: environment record, timing, correctness measures, result files.
+
+Timing
+    :func:`benchmark` times ``fn(*inputs[i])``, rotating over several input copies so that on a
+    GPU the inputs are not simply re-read from L2 (:func:`rotation_copies` picks how many).
+    CUDA: CUDA events around each call after a warm-up (as ``triton.testing.do_bench``), or, with
+    ``cuda_graph=True``, one captured graph over all copies whose replays are timed. CPU:
+    ``time.perf_counter`` around each call after a warm-up. Both return a :class:`Timing` with the
+    median and the 20th / 80th percentiles in milliseconds.
+
+Correctness
+    :func:`check_output`: relative error ``||out - ref|| / ||ref||`` against a float64 reference,
+    bound by ``max(dtype floor, factor x the error of eager PyTorch in the same dtype)``; an output
+    with NaN/Inf where the reference is finite is never correct.
+
+Result files
+    :func:`write_results` writes ``{"env": env_info(), "rows": [row, ...]}`` to
+    ``<out>/<YYYY-MM-DD>_<gpu-slug>_<shortcommit>_<bench>.json`` and the same rows as CSV beside
+    it. Every row has exactly the keys of :data:`ROW_KEYS` (build rows with :func:`make_row`).
+
+Nothing here runs at import time or touches the GPU until called.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+ROW_KEYS = ("bench", "model", "shape", "batch", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
+            "images_per_s", "peak_mem_mb", "correct")
+ENV_KEYS = ("gpu", "driver", "torch", "triton", "cuda", "git_commit", "timestamp")
+MODES = ("infer", "train_step")
+PROVIDERS = ("eager", "compile", "triton", "cuda", "torch")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Relative-error floors: a few units of rounding of each format (the tests use the same values).
+FLOOR = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2, "fp64": 1e-12}
+
+
+# ------------------------------------------------------------------------------------ environment
+def cpu_name() -> str:
+    """The processor's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _driver_version() -> Optional[str]:
+    """NVIDIA driver version (pynvml, else nvidia-smi), or None without one."""
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return None
+    try:
+        import pynvml  # optional
+
+        pynvml.nvmlInit()
+        try:
+            v = pynvml.nvmlSystemGetDriverVersion()
+            return v.decode() if isinstance(v, bytes) else str(v)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout.strip().splitlines()
+        return out[0].strip() if out else None
+    except Exception:
+        return None
+
+
+def git_commit(repo: Path = REPO_ROOT) -> Optional[str]:
+    """``git rev-parse HEAD`` of ``repo`` plus ``-dirty`` if tracked files changed; None if no repo.
+
+    Untracked files (new result files, say) do not make the tree dirty.
+    """
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=20)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = head.stdout.strip()
+    return commit + ("-dirty" if status.returncode == 0 and status.stdout.strip() else "")
+
+
+def device_name(device: Optional[torch.device] = None) -> str:
+    """``torch.cuda.get_device_name`` for a CUDA device, else ``"cpu: <model name>"``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {cpu_name()}"
+
+
+def env_info(device: Optional[torch.device] = None) -> Dict[str, Optional[str]]:
+    """The environment a result was measured in (keys :data:`ENV_KEYS`)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else torch.device(device)
+    return {
+        "gpu": device_name(dev),
+        "driver": _driver_version() if dev.type == "cuda" else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------- timing
+@dataclass(frozen=True)
+class Timing:
+    """Summary of per-call times in milliseconds (``n`` samples)."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    n: int
+
+
+def quantile(samples: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``samples``, linear interpolation (numpy's default)."""
+    if not samples:
+        raise ValueError("samples: expected at least one value, got none")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q: expected a value in [0, 1], got {q}")
+    s = sorted(samples)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summarize(samples_ms: Sequence[float]) -> Timing:
+    """Median, 20th and 80th percentiles of ``samples_ms``."""
+    return Timing(quantile(samples_ms, 0.5), quantile(samples_ms, 0.2), quantile(samples_ms, 0.8), len(samples_ms))
+
+
+def rotation_copies(bytes_per_copy: int, cache_bytes: int, max_copies: int = 8) -> int:
+    """How many input copies to rotate over so that together they exceed twice ``cache_bytes``."""
+    if bytes_per_copy <= 0:
+        return 1
+    return int(max(1, min(max_copies, math.ceil(2 * cache_bytes / bytes_per_copy))))
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The last-level cache to defeat: the GPU's L2, or a nominal 32 MiB on CPU."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 50 * 2**20))
+    return 32 * 2**20
+
+
+def _time_cpu(fn: Callable, inputs: Sequence[tuple], warmup: int, min_reps: int, max_reps: int,
+              budget_s: float) -> List[float]:
+    k = len(inputs)
+    for i in range(warmup):
+        fn(*inputs[i % k])
+    samples: List[float] = []
+    stop = time.perf_counter() + budget_s
+    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() < stop):
+        args = inputs[len(samples) % k]
+        t0 = time.perf_counter()
+        fn(*args)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def _time_cuda(fn: Callable, inputs: Sequence[tuple], warmup_ms: float, rep_ms: float, min_reps: int,
+               max_reps: int, cuda_graph: bool) -> List[float]:
+    k = len(inputs)
+    fn(*inputs[0])  # compile / autotune / cuDNN heuristics stay out of the estimate
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(5):
+        fn(*inputs[i % k])
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    n_warm = max(1, int(warmup_ms / estimate))
+    n_rep = max(min_reps, min(max_reps, int(rep_ms / estimate)))
+    if cuda_graph:
+        # Graph capture wants its warm-up on a side stream (allocator and cuBLAS/cuDNN handles).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(3):
+                fn(*inputs[i % k])
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for args in inputs:  # one replay = one call on each copy
+                fn(*args)
+        torch.cuda.synchronize()
+        for _ in range(max(1, n_warm // k)):
+            graph.replay()
+        reps = max(min_reps, n_rep // k)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends):
+            s.record()
+            graph.replay()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) / k for s, e in zip(starts, ends)]
+    for i in range(n_warm):
+        fn(*inputs[i % k])
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        args = inputs[i % k]
+        s.record()
+        fn(*args)
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def benchmark(fn: Callable, inputs: Sequence[tuple], device: torch.device, *, cuda_graph: bool = False,
+              warmup_ms: float = 25.0, rep_ms: float = 100.0, warmup: int = 2, min_reps: int = 10,
+              max_reps: int = 1000, budget_s: float = 0.5) -> Timing:
+    """Time ``fn(*inputs[i])``, ``i`` rotating over ``inputs`` (each a tuple of arguments).
+
+    CUDA: ``warmup_ms`` / ``rep_ms`` of warm-up and measurement (at least ``min_reps`` samples),
+    CUDA events per call, or per graph replay (divided by ``len(inputs)``) with ``cuda_graph``.
+    CPU: ``warmup`` calls, then at least ``min_reps`` samples and as many as fit ``budget_s``.
+    Returns a :class:`Timing` in milliseconds per call.
+    """
+    if not inputs:
+        raise ValueError("inputs: expected at least one tuple of arguments, got none")
+    device = torch.device(device)
+    if device.type == "cuda":
+        samples = _time_cuda(fn, inputs, warmup_ms, rep_ms, min_reps, max_reps, cuda_graph)
+    else:
+        samples = _time_cpu(fn, inputs, warmup, min_reps, max_reps, budget_s)
+    return summarize(samples)
+
+
+def peak_mem_mb(fn: Callable, args: tuple, device: torch.device) -> Optional[float]:
+    """CUDA memory one warmed-up call of ``fn(*args)`` needs at its peak, over what was already
+    allocated (activations, workspace, output), in MiB. None on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn(*args)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+# ----------------------------------------------------------------------------------- correctness
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; ``inf`` if shapes differ or ``out`` has NaN/Inf
+    where ``ref`` is finite."""
+    a, r = out.detach().double(), ref.detach().double().to(out.device)
+    if a.shape != r.shape:
+        return math.inf
+    finite = torch.isfinite(r)
+    if not bool(torch.isfinite(a[finite]).all()):
+        return math.inf
+    denom = r[finite].norm().item()
+    num = (a[finite] - r[finite]).norm().item()
+    return num / denom if denom > 0 else num
+
+
+@dataclass(frozen=True)
+class Check:
+    """Result of :func:`check_output`: errors vs float64, the bound, and the verdict."""
+
+    err: float
+    eager_err: float
+    bound: float
+    ok: bool
+
+
+def check_output(out: torch.Tensor, ref64: torch.Tensor, eager_out: Optional[torch.Tensor], dtype: str,
+                 factor: float = 4.0) -> Check:
+    """Judge ``out`` against float64 ``ref64``: error <= max(FLOOR[dtype], factor x eager's error).
+
+    ``eager_out``: eager PyTorch's output in the same dtype (None: the floor alone bounds).
+    """
+    err = rel_err(out, ref64)
+    eager_err = rel_err(eager_out, ref64) if eager_out is not None else math.nan
+    bound = FLOOR[dtype]
+    if eager_out is not None and math.isfinite(eager_err):
+        bound = max(bound, factor * eager_err)
+    return Check(err, eager_err, bound, bool(math.isfinite(err) and err <= bound))
+
+
+# ---------------------------------------------------------------------------------- result files
+def make_row(*, bench: str, model: str, shape: str, batch: int, dtype: str, mode: str, provider: str,
+             timing: Optional[Timing], peak_mem_mb: Optional[float], correct: bool) -> dict:
+    """One result row with exactly :data:`ROW_KEYS`. ``timing=None`` (not timed) gives null times."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
+    med = None if timing is None else round(timing.median_ms, 6)
+    return {
+        "bench": bench, "model": model, "shape": shape, "batch": int(batch), "dtype": dtype, "mode": mode,
+        "provider": provider, "median_ms": med,
+        "p20_ms": None if timing is None else round(timing.p20_ms, 6),
+        "p80_ms": None if timing is None else round(timing.p80_ms, 6),
+        "images_per_s": None if not med else round(batch * 1e3 / timing.median_ms, 3),
+        "peak_mem_mb": None if peak_mem_mb is None else round(peak_mem_mb, 3),
+        "correct": bool(correct),
+    }
+
+
+def slug(text: str) -> str:
+    """Lower-case, alphanumerics and single dashes: ``"cpu: AMD EPYC 7B13"`` -> ``"cpu-amd-epyc-7b13"``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def result_stem(env: dict, bench: str) -> str:
+    """``<YYYY-MM-DD>_<gpu-slug>_<shortcommit>_<bench>`` (``nogit`` without a commit)."""
+    date = (env.get("timestamp") or _dt.datetime.now(_dt.timezone.utc).isoformat())[:10]
+    commit = env.get("git_commit")
+    short = "nogit" if not commit else commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+    return f"{date}_{slug(env.get('gpu') or 'unknown')}_{short}_{slug(bench)}"
+
+
+def write_results(out_dir, bench: str, env: dict, rows: List[dict]) -> Tuple[Path, Path]:
+    """Write ``{"env": env, "rows": rows}`` as JSON and the rows as CSV; return both paths."""
+    missing = [k for k in ENV_KEYS if k not in env]
+    if missing:
+        raise ValueError(f"env: missing keys {missing} (build it with env_info())")
+    for i, row in enumerate(rows):
+        if tuple(row) != ROW_KEYS:
+            raise ValueError(f"rows[{i}]: expected keys {ROW_KEYS} in order, got {tuple(row)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(env, bench)
+    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    with open(json_path, "w") as f:
+        json.dump({"env": {k: env[k] for k in ENV_KEYS}, "rows": rows}, f, indent=1)
+        f.write("\n")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
+        writer.writeheader()
+        writer.writerows(rows)
+    return json_path, csv_path
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: Optional[str] = None) -> str:
+    """A plain-text table, columns right-aligned except the first."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    out = [title] if title else []
+    out += [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def env_flag(name: str) -> bool:
+    """True if environment variable ``name`` is set to something other than ''/'0'."""
+    return os.environ.get(name, "0") not in ("", "0")
