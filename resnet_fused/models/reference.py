@@ -168,3 +168,142 @@ def resnet101(**kw) -> ResNet: return build("resnet101", **kw)  # noqa: E704
 def resnet152(**kw) -> ResNet: return build("resnet152", **kw)  # noqa: E704
 def wide_resnet50_2(**kw) -> ResNet: return build("wide_resnet50_2", **kw)  # noqa: E704
 def wide_resnet101_2(**kw) -> ResNet: return build("wide_resnet101_2", **kw)  # noqa: E704
+
+
+# ------------------------------------------------------------------------ pre-activation CIFAR nets
+# Plain module-by-module versions of models/wide.py and models/preact.py: same attribute names and
+# state_dict keys (a state_dict moves between them with strict=True), same initialisation.
+
+
+def _init_cifar(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear):
+            nn.init.constant_(m.bias, 0)
+
+
+class RefWideBasic(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3 + shortcut (1x1 conv of the pre-activated input)."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int = 1, dropout: float = 0.0,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
+        self.bn1 = norm_layer(in_planes)
+        self.conv1 = conv3x3(in_planes, out_planes, stride)
+        self.bn2 = norm_layer(out_planes)
+        self.conv2 = conv3x3(out_planes, out_planes)
+        self.dropout = float(dropout)
+        self.shortcut = None
+        if stride != 1 or in_planes != out_planes:
+            self.shortcut = conv1x1(in_planes, out_planes, stride)
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = torch.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(act)
+        out = self.conv1(act)
+        out = torch.relu(self.bn2(out))
+        if self.dropout > 0:
+            out = nn.functional.dropout(out, p=self.dropout, training=self.training)
+        out = self.conv2(out)
+        return out + shortcut
+
+
+class RefWideResNet(nn.Module):
+    """WRN-depth-k: conv3x3 3->16, three groups of n = (depth-4)/6 blocks, BN-ReLU, avg pool, fc."""
+
+    def __init__(self, depth: int, widen_factor: int, num_classes: int = 10, dropout: float = 0.0,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        if (depth - 4) % 6 != 0 or depth < 10:
+            raise ValueError(f"depth: expected 6n+4 with n >= 1, got {depth}")
+        n = (depth - 4) // 6
+        norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
+        k = widen_factor
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        self.layer1 = nn.Sequential(*[RefWideBasic(16 if i == 0 else 16 * k, 16 * k, 1, dropout, norm_layer)
+                                      for i in range(n)])
+        self.layer2 = nn.Sequential(*[RefWideBasic(16 * k if i == 0 else 32 * k, 32 * k, 2 if i == 0 else 1,
+                                                   dropout, norm_layer) for i in range(n)])
+        self.layer3 = nn.Sequential(*[RefWideBasic(32 * k if i == 0 else 64 * k, 64 * k, 2 if i == 0 else 1,
+                                                   dropout, norm_layer) for i in range(n)])
+        self.bn = norm_layer(64 * k)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(64 * k, num_classes)
+        _init_cifar(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = self.relu(self.bn(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def ref_wrn(depth: int, widen_factor: int, num_classes: int = 10, dropout: float = 0.0, **kw) -> RefWideResNet:
+    return RefWideResNet(depth, widen_factor, num_classes=num_classes, dropout=dropout, **kw)
+
+
+class RefPreActBottleneck(nn.Module):
+    """[BN-ReLU-1x1 c] [BN-ReLU-3x3 c, stride] [BN-ReLU-1x1 4c] + shortcut (downsample of the pre-activated input)."""
+
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
+        self.bn1 = norm_layer(inplanes)
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn2 = norm_layer(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn3 = norm_layer(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = torch.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(act)
+        out = self.conv1(act)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        out = self.conv3(torch.relu(self.bn3(out)))
+        return out + shortcut
+
+
+class RefPreActResNet(nn.Module):
+    """Pre-activation bottleneck ResNet-(9n+2): conv3x3 3->16, stages c = 16/32/64, BN-ReLU, avg pool, fc."""
+
+    def __init__(self, depth: int, num_classes: int = 10, norm_layer: Optional[Callable[..., nn.Module]] = None
+                 ) -> None:
+        super().__init__()
+        if (depth - 2) % 9 != 0 or depth < 11:
+            raise ValueError(f"depth: expected 9n+2 with n >= 1, got {depth}")
+        n = (depth - 2) // 9
+        norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        stages, inplanes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            units = [RefPreActBottleneck(inplanes, planes, stride, conv1x1(inplanes, planes * 4, stride), norm_layer)]
+            units += [RefPreActBottleneck(planes * 4, planes, norm_layer=norm_layer) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*units))
+            inplanes = planes * 4
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn = norm_layer(inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(inplanes, num_classes)
+        _init_cifar(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = self.relu(self.bn(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def ref_preact_resnet(depth: int, num_classes: int = 10, **kw) -> RefPreActResNet:
+    return RefPreActResNet(depth, num_classes=num_classes, **kw)
