@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from . import backends
@@ -38,12 +39,21 @@ class ConversionReport:
         lines += [f"  {n or '<root>'}: {a} -> {b}" for n, a, b in self.converted]
         if self.skipped:
             lines.append(f"left {len(self.skipped)} block-like module(s) alone")
-            lines += [f"  {n}: {why}" for n, why in self.skipped]
+            lines += [f"  {n or '<root>'}: {why}" for n, why in self.skipped]
         return "\n".join(lines)
 
 
 def _is_identity(m) -> bool:
     return m is None or type(m) is nn.Identity
+
+
+def _norm_channels(norm: nn.Module) -> Optional[int]:
+    """Channels a norm layer normalises: ``num_features``, or the running-stat length of a
+    ``FrozenBatchNorm2d``-style module (torchvision's keeps no ``num_features``)."""
+    n = getattr(norm, "num_features", None)
+    if n is None and isinstance(getattr(norm, "running_mean", None), torch.Tensor):
+        n = norm.running_mean.shape[0]
+    return n
 
 
 def _match(m: nn.Module) -> Tuple[Optional[type], str]:
@@ -66,16 +76,19 @@ def _match(m: nn.Module) -> Tuple[Optional[type], str]:
         for a in acts:
             if type(getattr(m, a, None)) is not nn.ReLU:
                 return None, f"{a} is not nn.ReLU"
-        for extra in _TIMM_EXTRAS:
-            if not _is_identity(getattr(m, extra, None)):
-                return None, f"{extra} is {type(getattr(m, extra)).__name__} (not fused)"
+    # in either style: an SE module (or drop path, ...) our blocks do not compute
+    for extra in _TIMM_EXTRAS:
+        if not _is_identity(getattr(m, extra, None)):
+            return None, f"{extra} is {type(getattr(m, extra)).__name__} (not fused)"
     convs = [getattr(m, n) for n in names[0::2]]
     norms = [getattr(m, n) for n in names[1::2]]
     for n, c in zip(names[0::2], convs):
         if not is_plain_conv(c):
             return None, f"{n} is not a zero-padded nn.Conv2d"
     for n, c, b in zip(names[1::2], convs, norms):
-        if getattr(b, "num_features", None) != c.out_channels:
+        if _norm_channels(b) is None:
+            return None, f"{n} is {type(b).__name__}, not a BatchNorm"
+        if _norm_channels(b) != c.out_channels:
             return None, f"{n} does not normalise {c.out_channels} channels"
     for a, b in zip(convs, convs[1:]):
         if a.out_channels != b.in_channels:

@@ -17,7 +17,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import backends
-from ..ops.fold import is_foldable_bn
+from ..ops.fold import is_foldable_bn, needs_autograd
 from ._base import FusedBlockMixin
 
 
@@ -39,6 +39,12 @@ class StemBatchNorm(nn.BatchNorm2d):
             return x
         return super().forward(x)
 
+    def __getstate__(self):
+        # the weakref to the last fused output cannot be pickled, and means nothing in a copy
+        state = super().__getstate__()
+        state.pop("_fused_output", None)
+        return state
+
 
 class StemConv(FusedBlockMixin, nn.Conv2d):
     """``conv1`` of a fused stem: conv + BN (+ ReLU) in eval mode, a plain Conv2d otherwise."""
@@ -58,7 +64,12 @@ class StemConv(FusedBlockMixin, nn.Conv2d):
         bn = self.__dict__.get("_stem_bn")
         if bn is None or not is_foldable_bn(bn) or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        out = self._conv("stem", self._impl(x), x, self, bn, relu=self._stem_relu)
+        # The model applies its own in-place ReLU to this very tensor after bn1. When autograd
+        # records, a ReLU fused here would save the tensor for backward and that in-place ReLU
+        # would then invalidate it; so fuse conv + BN only and let the model's ReLU do the rest.
+        relu = self._stem_relu and not needs_autograd(x, self.weight, self.bias, getattr(bn, "weight", None),
+                                                      getattr(bn, "bias", None))
+        out = self._conv("stem", self._impl(x), x, self, bn, relu=relu)
         bn.__dict__["_fused_output"] = weakref.ref(out)
         return out
 
