@@ -40,25 +40,28 @@ def check_input(owner: str, x, in_channels: int, module: nn.Module, name: str = 
     if x.device != p.device:
         raise ValueError(f"{what}: expected a tensor on {p.device} (where the module's parameters are), "
                          f"got one on {x.device}")
-    if x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+    # autocast reconciles float32/float16/bfloat16 operands, but never casts a float64 one
+    autocast_ok = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, p.dtype)
+    if x.dtype != p.dtype and not autocast_ok:
         raise TypeError(f"{what}: expected dtype {p.dtype} (the module's parameter dtype; use torch.autocast "
-                        f"for mixed precision), got {x.dtype}")
+                        f"for mixed precision, which never casts float64), got {x.dtype}")
 
 
 def check_norm_batches(owner: str, x: Tensor, plan: Iterable[Tuple[str, nn.Module, int, int]]) -> None:
-    """Reject a training batch that some BatchNorm of ``plan`` could not normalise.
+    """Reject a batch that some BatchNorm of ``plan`` could not normalise.
 
-    ``plan``: (name, norm module, H, W) of the input each norm sees for this ``x``. A BatchNorm in
-    training mode needs more than one value per channel (N * H * W > 1); an empty batch is fine,
-    as in PyTorch.
+    ``plan``: (name, norm module, H, W) of the input each norm sees for this ``x``. A BatchNorm that
+    uses batch statistics (training mode, or ``track_running_stats=False``) needs more than one
+    value per channel (N * H * W > 1); an empty batch is fine, as in PyTorch.
     """
     n = x.shape[0]
     for name, norm, h, w in plan:
-        if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not norm.training:
+        # batch statistics: training mode, or no running stats to use (track_running_stats=False)
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not (norm.training or norm.running_mean is None):
             continue
         if n * h * w == 1:
             raise ValueError(
-                f"{owner} input x: {name} (a BatchNorm in training mode) needs more than 1 value per channel, "
+                f"{owner} input x: {name} (a BatchNorm using batch statistics) needs more than 1 value per channel, "
                 f"but x of shape {list(x.shape)} gives it a batch of {n} at {h}x{w}; use a larger batch or "
                 f"input, or eval mode")
         if h <= 0 or w <= 0:

@@ -65,7 +65,9 @@ class FusedBlockMixin:
     def _conv(self, key: str, impl: str, x: Tensor, conv: nn.Conv2d, norm: Optional[nn.Module] = None,
               residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
         """``relu?(norm(conv(x)) + residual)`` as one fused conv, ``norm`` (eval BN or None) folded."""
-        fmt = torch.channels_last if impl == "triton" else memory_format_of(conv.weight)
+        # the Triton kernel reads channels_last weights; grouped convs run on the PyTorch path,
+        # where a channels_last weight would only make PyTorch produce (then undo) that layout
+        fmt = torch.channels_last if impl == "triton" and conv.groups == 1 else memory_format_of(conv.weight)
         w, b = self._fold.get(key, conv, norm, memory_format=fmt)
         return conv_bias_act(x, w, b, residual, stride=conv.stride, padding=conv.padding,
                              dilation=conv.dilation, groups=conv.groups, relu=relu, backend=impl)

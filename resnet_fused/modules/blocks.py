@@ -42,7 +42,7 @@ class _TorchvisionBlock(FusedBlockMixin, nn.Module):
         out_h, out_w = h, w
         for name, conv, norm in self._pairs():
             out_h, out_w = conv_out_hw(conv, out_h, out_w)
-            plan.append((name, norm, out_h, out_w))
+            plan.append((name.replace("conv", "bn"), norm, out_h, out_w))  # the norm's own name: bn1, ...
         pair = conv_bn_pair(self.downsample)
         if pair is not None:
             plan.append(("downsample.1", pair[1], *conv_out_hw(pair[0], h, w)))
@@ -51,9 +51,10 @@ class _TorchvisionBlock(FusedBlockMixin, nn.Module):
     def _check(self, x: Tensor) -> None:
         owner = type(self).__name__
         _validate.check_input(owner, x, self.conv1.in_channels, self)
-        if self.training:
-            plan, _ = self._norm_plan(x.shape[2], x.shape[3])
-            _validate.check_norm_batches(owner, x, plan)
+        # whatever the block's own mode: a BatchNorm left in training mode inside an eval block
+        # (or the reverse) is checked by its own flag
+        plan, _ = self._norm_plan(x.shape[2], x.shape[3])
+        _validate.check_norm_batches(owner, x, plan)
 
     def _fusable(self) -> bool:
         pairs = self._pairs()

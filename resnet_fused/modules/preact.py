@@ -44,8 +44,8 @@ class _PreActBlock(FusedBlockMixin, nn.Module):
     def _check(self, x: Tensor) -> None:
         owner = type(self).__name__
         _validate.check_input(owner, x, self._chain()[0][2].in_channels, self)
-        if self.training:
-            _validate.check_norm_batches(owner, x, self._norm_plan(x.shape[2], x.shape[3])[0])
+        # by each BatchNorm's own training flag, whatever the block's (see blocks.py)
+        _validate.check_norm_batches(owner, x, self._norm_plan(x.shape[2], x.shape[3])[0])
 
     def _forward_eager(self, x: Tensor) -> Tensor:
         chain = self._chain()
