@@ -216,6 +216,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"--device {args.device}: no CUDA device is available", file=sys.stderr)
         return 2
     cuda = device.type == "cuda"
+    reason = backends.unavailable_reason(args.backend, device)
+    if reason is not None:
+        print(f"--backend {args.backend}: unavailable on {device}: {reason}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = args.batch or (64 if cuda else 8)

@@ -189,9 +189,11 @@ def test_main_resnet18_cpu(tmp_path):
     assert data["summary"]["pass"] is True and data["summary"]["blocks"] == 8
 
 
-def test_main_rejects_unknown_model(tmp_path):
+def test_main_rejects_unknown_model_and_unavailable_backend(tmp_path):
     r = _run(["-m", "resnet_fused", "resnet7", "--no-train"], tmp_path)
     assert r.returncode == 2 and "resnet7" in r.stderr
+    r = _run(["-m", "resnet_fused", "resnet18", "--backend", "cuda", "--device", "cpu", "--no-train"], tmp_path)
+    assert r.returncode == 2 and "--backend cuda: unavailable" in r.stderr, r.stdout + r.stderr
 
 
 def test_bench_blocks_cpu(tmp_path):
