@@ -361,3 +361,24 @@ def test_frozen_batchnorm_eval_block_in_train_mode():
             if isinstance(b, nn.BatchNorm2d):
                 b.eval()
     sgd_steps(ours, ref, lambda s: make_input("basic-s2-ds-batch1", seed=s), steps=2)
+
+
+@pytest.mark.parametrize("how", ["cast", "autocast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["basic-s2-ds-batch1", "bottle-s2-ds-batch1", "bottle-groups2-s2"])
+def test_eval_low_precision(case, backend, dtype, how):
+    """Half-precision blocks (``.to(dtype)``) and float32 blocks under autocast, vs PyTorch in the same dtype."""
+    ours, ref = build_pair(case)
+    ref64 = copy.deepcopy(ref).double().eval()
+    ours.eval()
+    ref.eval()
+    x = make_input(case)
+    if how == "cast":
+        ours, ref, x = ours.to(dtype), ref.to(dtype), x.to(dtype)
+    with torch.no_grad(), rf.use_backend(backend), torch.autocast("cpu", dtype=dtype, enabled=how == "autocast"):
+        y, y_ref = ours(x), ref(x)
+    assert y.dtype == y_ref.dtype == dtype
+    with torch.no_grad():
+        y64 = ref64(x.double())
+    assert_close(y, y64, y_ref, name=f"{dtype} output ({how}, {backend})", dtype=dtype)

@@ -314,3 +314,24 @@ def test_non_batchnorm_norm_runs_eager(case, fused_calls):
         with rf.use_backend(backend):
             run_step(models, make_input(case, CL), grad=True)
     assert fused_calls == []
+
+
+@pytest.mark.parametrize("how", ["cast", "autocast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["wide-proj-s2-batch1", "preact-proj-s2-batch1"])
+def test_eval_low_precision(case, backend, dtype, how):
+    """Half-precision blocks and float32 blocks under autocast, vs PyTorch in the same dtype."""
+    ours, ref = build_pair(case)
+    ref64 = copy.deepcopy(ref).double().eval()
+    ours.eval()
+    ref.eval()
+    x = make_input(case)
+    if how == "cast":
+        ours, ref, x = ours.to(dtype), ref.to(dtype), x.to(dtype)
+    with torch.no_grad(), rf.use_backend(backend), torch.autocast("cpu", dtype=dtype, enabled=how == "autocast"):
+        y, y_ref = ours(x), ref(x)
+    assert y.dtype == y_ref.dtype
+    with torch.no_grad():
+        y64 = ref64(x.double())
+    assert_close(y, y64, y_ref, name=f"{dtype} output ({how}, {backend})", dtype=dtype)
