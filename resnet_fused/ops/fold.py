@@ -7,12 +7,16 @@ activation dtype, so the fold itself adds no half-precision rounding beyond the 
 folded weight.
 
 :class:`FoldCache` keeps folded weights between eval forwards. It is keyed on the identity and
-version counter of every tensor involved, so in-place updates (optimizer steps,
-``load_state_dict``) and ``.to()`` invalidate it, and it is bypassed whenever autograd must see
-the fold (grad enabled and a parameter requires grad).
+version counter of every tensor involved, BatchNorm's ``num_batches_tracked`` included (a training
+forward updates the running statistics without bumping their versions, but bumps that one's), so
+in-place updates (optimizer steps, ``load_state_dict``, training forwards), replaced tensors and
+``.to()`` invalidate it, and it is bypassed whenever autograd must see the fold (grad enabled and a
+parameter requires grad). In-place writes through ``param.data`` bypass the version counter and
+cannot be seen: call :meth:`FoldCache.clear` after them.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -72,7 +76,19 @@ def fold_conv_bn(conv_weight: Tensor, scale: Tensor, shift: Tensor, conv_bias: O
 
 
 def _tensor_key(t: Optional[Tensor]):
-    return None if t is None else (id(t), t._version, t.device, t.dtype)
+    """What identifies ``t``'s current contents, identity aside (see :meth:`FoldCache.get`).
+
+    The version counter sees in-place updates; the data pointer sees ``param.data = new`` (which
+    keeps the object and its version); device, dtype and shape see ``.to()`` and the like.
+    """
+    if t is None:
+        return None
+    return (t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
+
+
+def _same_objects(refs: tuple, tensors: list) -> bool:
+    return len(refs) == len(tensors) and all(
+        (r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
 
 
 def needs_autograd(*tensors: Optional[Tensor]) -> bool:
@@ -104,17 +120,26 @@ class FoldCache:
         tensors = []
         if norm is not None:
             tensors += [getattr(norm, a, None) for a in ("weight", "bias", "running_mean", "running_var")]
+            # A training-mode BatchNorm forward updates running_mean/var inside the native kernel,
+            # which bumps no version counter; it bumps num_batches_tracked (in Python) every time.
+            tensors.append(getattr(norm, "num_batches_tracked", None))
         if conv is not None:
             tensors += [conv.weight, conv.bias]
         if needs_autograd(*tensors):
             return self._compute(conv, norm, dtype, memory_format)
+        if any(t is not None and t.is_inference() for t in tensors):
+            # Inference tensors keep no version counter: in-place changes would go unseen.
+            with torch.no_grad():
+                return self._compute(conv, norm, dtype, memory_format)
+        # Identity by weak reference, not id(): a replaced tensor's id is reused by a later one.
+        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
         stamp = tuple(_tensor_key(t) for t in tensors) + (dtype, memory_format, getattr(norm, "eps", None))
         hit = self._entries.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1], hit[2]
+        if hit is not None and hit[1] == stamp and _same_objects(hit[0], tensors):
+            return hit[2], hit[3]
         with torch.no_grad():
             w, b = self._compute(conv, norm, dtype, memory_format)
-        self._entries[key] = (stamp, w, b)
+        self._entries[key] = (refs, stamp, w, b)
         return w, b
 
     @staticmethod
