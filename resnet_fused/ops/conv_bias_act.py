@@ -199,7 +199,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
             y += residual.float()
         return out.copy_(torch.relu(y) if relu else y)
     res = residual if residual is not None else out  # dummy pointer, never read
-    b = bias if bias is not None else out
+    b = bias.contiguous() if bias is not None else out  # the kernel indexes bias densely: bias_ptr + channel
     interpreting = x.device.type == "cpu"
     precision = "tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting) else "ieee"
     args = (
@@ -278,8 +278,13 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
     check_float_tensor("x", x, dims=4)
     check_float_tensor("weight", weight, dims=4, device=x.device)
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    for name, v, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if min(v) < least:
+            raise ValueError(f"{name}: expected values >= {least}, got {v}")
     N, CIN, H, W = x.shape
     COUT = weight.shape[0]
+    if not isinstance(groups, int) or groups < 1 or COUT % groups:
+        raise ValueError(f"groups: expected a positive int dividing weight's {COUT} output channels, got {groups!r}")
     if weight.shape[1] * groups != CIN:
         raise ValueError(f"x: expected {weight.shape[1] * groups} input channels to match weight "
                          f"{tuple(weight.shape)} with groups={groups}, got x of shape {tuple(x.shape)}")
@@ -319,6 +324,10 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
 
 def _torch_path(x, weight, bias, residual, stride, padding, dilation, groups, relu):
     y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
+    # PyTorch picks channels_last when either operand is; this op promises x's format on every backend.
+    fmt = memory_format_of(x)
+    if not y.is_contiguous(memory_format=fmt):
+        y = y.contiguous(memory_format=fmt)
     if residual is not None:
         # in place only when it cannot change the result dtype (autocast may mix dtypes)
         y = y.add_(residual) if residual.dtype == y.dtype else y + residual
