@@ -106,9 +106,29 @@ def triton_import_error() -> Optional[str]:
     return None
 
 
+def _triton_interpret_flag() -> bool:
+    """TRITON_INTERPRET as Triton itself reads it ("1", "true", "on", "yes"; "0", "false", "2" are off)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except Exception:  # no triton, or an older one without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+# Triton chooses interpreter or compiler once per kernel, at ``@triton.jit`` time, i.e. when
+# resnet_fused.ops is imported together with this module. Reading the variable later (or parsing it
+# differently from Triton) would promise CPU kernels that were in fact compiled for a GPU.
+_TRITON_INTERPRETING = _triton_interpret_flag()
+
+
 def triton_interpreting() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when our Triton kernels run on the CPU through Triton's interpreter.
+
+    Fixed when resnet_fused is imported (``TRITON_INTERPRET=1`` must be set before that, and before
+    Triton's own import); changing the variable afterwards changes nothing, here or in Triton.
+    """
+    return _TRITON_INTERPRETING
 
 
 def cuda_extension_error() -> Optional[str]:
