@@ -69,7 +69,8 @@ def make_input(case, fmt=NCHW, seed=1, dtype=torch.float32):
 
 def assert_format(y, fmt, what="output"):
     if fmt == CL:
-        assert y.is_contiguous(memory_format=CL), f"{what}: expected channels_last like the input, got strides {y.stride()}"
+        assert y.is_contiguous(memory_format=CL), \
+            f"{what}: expected channels_last like the input, got strides {y.stride()}"
     else:
         assert y.is_contiguous(), f"{what}: expected NCHW-contiguous like the input, got strides {y.stride()}"
 
@@ -82,7 +83,7 @@ def assert_state_close(ours, ref32, ref64, what=""):
             assert torch.equal(b0, b1) and torch.equal(b0, b2), f"{what}{n0}: {b0} vs reference {b1}"
         else:
             assert_close(b0, b2, b1, name=f"{what}{n0}")
-    for (n0, p0), (n1, p1), (n2, p2) in zip(ours.named_parameters(), ref32.named_parameters(), ref64.named_parameters()):
+    for (n0, p0), (n1, p1), (n2, p2) in zip(*(m.named_parameters() for m in (ours, ref32, ref64))):
         assert n0 == n1 == n2
         assert_close(p0, p2, p1, name=f"{what}{n0}")
 
@@ -152,7 +153,7 @@ def eval_compare(ours, ref, x, backend, ref64=None, grad=False):
         for o in outs:
             (o * g.to(o.dtype)).sum().backward()
         assert_close(xs[0].grad, xs[2].grad, xs[1].grad, name="eval x.grad")
-        for (n0, p0), (_, p1), (_, p2) in zip(ours.named_parameters(), ref.named_parameters(), ref64.named_parameters()):
+        for (n0, p0), (_, p1), (_, p2) in zip(*(m.named_parameters() for m in (ours, ref, ref64))):
             assert p0.grad is not None, f"{n0} got no gradient through the fused eval path"
             assert_close(p0.grad, p2.grad, p1.grad, name=f"eval {n0}.grad")
     return outs[0]
@@ -382,3 +383,25 @@ def test_eval_low_precision(case, backend, dtype, how):
     with torch.no_grad():
         y64 = ref64(x.double())
     assert_close(y, y64, y_ref, name=f"{dtype} output ({how}, {backend})", dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", ["BasicBlock", "Bottleneck"])
+def test_resnet_d_downsample_avgpool_conv_bn(kind, fused_calls):
+    """A downsample that is not torchvision's (conv1x1, BN) pair runs as a module, in both modes."""
+    planes = 6 if kind == "BasicBlock" else 2
+    cout = planes * getattr(rf, kind).expansion
+
+    def make(cls):
+        ds = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                           nn.Conv2d(4, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        return cls(4, planes, 2, ds)
+
+    torch.manual_seed(0)
+    ref = randomize_bn(make(getattr(R, kind)))
+    ours = make(getattr(rf, kind))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = lambda s: torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    ref64 = sgd_steps(ours, ref, x, steps=2)
+    for backend in ("torch", "triton") if INTERPRET else ("torch",):
+        eval_compare(ours, ref, x(5).to(memory_format=CL), backend, ref64=ref64)
+    assert len(fused_calls) == (2 if INTERPRET else 1) * (3 if kind == "Bottleneck" else 2)

@@ -587,3 +587,23 @@ def test_stem_left_alone_when_not_conv_bn():
     m = rf.convert(NoBN())
     assert type(m.conv1) is nn.Conv2d and type(m.bn1) is nn.GroupNorm
     assert type(m.layer1[0]) is rf.BasicBlock
+
+
+def test_conv_bias_converts_and_odd_padding_is_skipped():
+    torch.manual_seed(0)
+    block = MyBasic(4, 4)
+    block.conv1, block.conv2 = (nn.Conv2d(4, 4, 3, 1, 1, bias=True) for _ in range(2))
+    randomize_bn(block)
+    ref = copy.deepcopy(block)
+    new = rf.convert(block)
+    assert type(new) is rf.BasicBlock
+    models = (new.eval(), ref.eval(), copy.deepcopy(ref).double().eval())
+    for backend in ("torch", "triton") if INTERPRET else ("torch",):
+        with rf.use_backend(backend):
+            compare_outputs_and_grads(models, torch.randn(2, 4, 5, 5), f"conv bias ({backend}): ")
+    for odd in (dict(padding=1, padding_mode="reflect"), dict(padding="same")):
+        block = MyBasic(4, 4)
+        block.conv1 = nn.Conv2d(4, 4, 3, 1, bias=False, **odd)
+        out = rf.convert(block)
+        assert out is block
+        assert out.resnet_fused_report.skipped == [("", "conv1 is not a zero-padded nn.Conv2d")]
