@@ -60,8 +60,9 @@ def check_norm_batches(owner: str, x: Tensor, plan: Iterable[Tuple[str, nn.Modul
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not (norm.training or norm.running_mean is None):
             continue
         if n * h * w == 1:
+            kind = "in training mode" if norm.training else "without running statistics"
             raise ValueError(
-                f"{owner} input x: {name} (a BatchNorm using batch statistics) needs more than 1 value per channel, "
+                f"{owner} input x: {name} (a BatchNorm {kind}) needs more than 1 value per channel, "
                 f"but x of shape {list(x.shape)} gives it a batch of {n} at {h}x{w}; use a larger batch or "
                 f"input, or eval mode")
         if h <= 0 or w <= 0:
