@@ -405,3 +405,20 @@ def test_resnet_d_downsample_avgpool_conv_bn(kind, fused_calls):
     for backend in ("torch", "triton") if INTERPRET else ("torch",):
         eval_compare(ours, ref, x(5).to(memory_format=CL), backend, ref64=ref64)
     assert len(fused_calls) == (2 if INTERPRET else 1) * (3 if kind == "Bottleneck" else 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["basic-s2-ds-batch1", "bottle-s2-ds-batch1"])
+def test_eval_train_eval_follows_running_stats(case, backend):
+    """A training forward moves running stats in place without bumping their versions: no stale fold."""
+    ours, ref = build_pair(case)
+    x = make_input(case, seed=9)
+    y0 = eval_compare(ours, ref, x, backend)  # fills the fold cache
+    ref64 = sgd_steps(ours.train(), ref.train(), lambda s: make_input(case, seed=s), steps=2)
+    y1 = eval_compare(ours, ref, x, backend, ref64=ref64)
+    assert not torch.allclose(y0, y1)
+    with torch.no_grad():  # running statistics alone (no optimizer step), one more time
+        ours.train()(make_input(case, seed=20))
+        ref.train()(make_input(case, seed=20))
+        ref64.train()(make_input(case, seed=20).double())
+    eval_compare(ours, ref, x, backend, ref64=ref64)

@@ -335,3 +335,19 @@ def test_eval_low_precision(case, backend, dtype, how):
     with torch.no_grad():
         y64 = ref64(x.double())
     assert_close(y, y64, y_ref, name=f"{dtype} output ({how}, {backend})", dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_train_eval_follows_running_stats(backend):
+    """Running stats move in place in training (no version bump): the next eval must not reuse old folds."""
+    case = "preact-proj-s2-batch1"
+    ours, ref = build_pair(case)
+    ref64 = copy.deepcopy(ref).double()
+    x = make_input(case, seed=9)
+    with rf.use_backend(backend):
+        run_step((ours.eval(), ref.eval(), ref64.eval()), x, grad=False, tag="first eval: ")
+        with torch.no_grad():
+            for m, xi in zip((ours, ref, ref64), (make_input(case, seed=3),) * 2 + (make_input(case, seed=3).double(),)):
+                m.train()(xi)
+        check_state(ours, ref, ref64)
+        run_step((ours.eval(), ref.eval(), ref64.eval()), x, grad=False, tag="eval after a train forward: ")
