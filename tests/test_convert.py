@@ -262,13 +262,13 @@ def train_compare(models, opts, make_x, steps):
 @pytest.fixture
 def fused_calls(monkeypatch):
     calls = []
-    real = _base.conv_bias_act
+    real = _base._conv_run
 
     def spy(*a, **k):
         calls.append(k.get("backend"))
         return real(*a, **k)
 
-    monkeypatch.setattr(_base, "conv_bias_act", spy)
+    monkeypatch.setattr(_base, "_conv_run", spy)
     return calls
 
 

@@ -178,14 +178,15 @@ def train_steps(ours, ref, case, fmt=NCHW, steps=3, dropout_seed=None):
 @pytest.fixture
 def fused_calls(monkeypatch):
     calls = []
-    for name in ("conv_bias_act", "bn_act"):
-        real = getattr(_base, name)
+    # the modules' internal (already validated) entry points of the two fused ops
+    for attr, name in (("_conv_run", "conv_bias_act"), ("_bn_act_run", "bn_act")):
+        real = getattr(_base, attr)
 
         def spy(*a, _real=real, _name=name, **k):
             calls.append((_name, k.get("backend")))
             return _real(*a, **k)
 
-        monkeypatch.setattr(_base, name, spy)
+        monkeypatch.setattr(_base, attr, spy)
     return calls
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import _validate, backends
 from ..modules import BasicBlock, Bottleneck, conv1x1, fuse_stem
-from ..modules._base import FusedBlockMixin, conv_out_hw
+from ..modules._base import FusedBlockMixin, conv_out_hw, fx_tracing
 from ..ops._common import conv_output_size
 
 __all__ = ["ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
@@ -71,6 +71,8 @@ def blocks_norm_plan(named_blocks: Iterable[Tuple[str, nn.Module]], h: int, w: i
 def preflight(owner: str, model: nn.Module, x: Tensor, in_channels: int,
               plan_fn: Callable[[int, int], Plan]) -> None:
     """Validate a model input and, in training mode, every BatchNorm's batch, before anything runs."""
+    if fx_tracing():  # a symbolic trace has no concrete shapes to check
+        return
     _validate.check_input(owner, x, in_channels, model)
     if model.training:
         _validate.check_norm_batches(owner, x, plan_fn(x.shape[2], x.shape[3]))

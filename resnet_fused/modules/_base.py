@@ -15,7 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ..ops import bn_act, conv_bias_act
+
+try:  # symbolic tracing only (torch.export / torch.compile trace real shapes through our checks)
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as fx_tracing
+except ImportError:  # older torch
+    from torch.fx._symbolic_trace import is_fx_tracing as fx_tracing
+from ..ops.bn_act import _run as _bn_act_run
+from ..ops.conv_bias_act import _run as _conv_run
 from ..ops._common import conv_output_size, memory_format_of, triton_dtype_ok
 from ..ops.fold import FoldCache, is_foldable_bn
 
@@ -67,15 +73,18 @@ class FusedBlockMixin:
         """``relu?(norm(conv(x)) + residual)`` as one fused conv, ``norm`` (eval BN or None) folded."""
         # the Triton kernel reads channels_last weights; grouped convs run on the PyTorch path,
         # where a channels_last weight would only make PyTorch produce (then undo) that layout
-        fmt = torch.channels_last if impl == "triton" and conv.groups == 1 else memory_format_of(conv.weight)
+        w_fmt = memory_format_of(conv.weight)
+        fmt = torch.channels_last if impl == "triton" and conv.groups == 1 else w_fmt
         w, b = self._fold.get(key, conv, norm, memory_format=fmt)
-        return conv_bias_act(x, w, b, residual, stride=conv.stride, padding=conv.padding,
-                             dilation=conv.dilation, groups=conv.groups, relu=relu, backend=impl)
+        # PyTorch's rule for a conv's output: channels_last if the input or the weight is
+        out_fmt = torch.channels_last if torch.channels_last in (w_fmt, memory_format_of(x)) else torch.contiguous_format
+        return _conv_run(x, w, b, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu,
+                         backend=impl, out_format=out_fmt)
 
     def _bn_relu(self, key: str, impl: str, x: Tensor, norm: nn.Module) -> Tensor:
         """``relu(norm(x))`` for an eval BatchNorm, one pass."""
         scale, shift = self._fold.get(key, None, norm)
-        return bn_act(x, scale, shift, relu=True, backend=impl)
+        return _bn_act_run(x, scale, shift, None, True, backend=impl)
 
     # pickling/deepcopy keep working: FoldCache handles itself, backend is a plain attribute
 

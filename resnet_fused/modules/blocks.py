@@ -16,7 +16,8 @@ from typing import Callable, List, Optional, Tuple
 from torch import Tensor, nn
 
 from .. import _validate
-from ._base import FusedBlockMixin, all_foldable, conv_bn_pair, conv_out_hw, is_plain_conv, is_plain_relu
+from ._base import (FusedBlockMixin, all_foldable, conv_bn_pair, conv_out_hw, fx_tracing, is_plain_conv,
+                    is_plain_relu)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -36,11 +37,11 @@ class _TorchvisionBlock(FusedBlockMixin, nn.Module):
     def _pairs(self) -> List[Tuple[str, nn.Conv2d, nn.Module]]:
         raise NotImplementedError
 
-    def _norm_plan(self, h: int, w: int):
+    def _norm_plan(self, h: int, w: int, pairs=None):
         """(name, norm, H, W) for each norm on x's path, and the block's output size."""
         plan = []
         out_h, out_w = h, w
-        for name, conv, norm in self._pairs():
+        for name, conv, norm in (self._pairs() if pairs is None else pairs):
             out_h, out_w = conv_out_hw(conv, out_h, out_w)
             plan.append((name.replace("conv", "bn"), norm, out_h, out_w))  # the norm's own name: bn1, ...
         pair = conv_bn_pair(self.downsample)
@@ -48,23 +49,25 @@ class _TorchvisionBlock(FusedBlockMixin, nn.Module):
             plan.append(("downsample.1", pair[1], *conv_out_hw(pair[0], h, w)))
         return plan, (out_h, out_w)
 
-    def _check(self, x: Tensor) -> None:
+    def _check(self, x: Tensor, pairs) -> None:
         owner = type(self).__name__
         _validate.check_input(owner, x, self.conv1.in_channels, self)
         # whatever the block's own mode: a BatchNorm left in training mode inside an eval block
         # (or the reverse) is checked by its own flag
-        plan, _ = self._norm_plan(x.shape[2], x.shape[3])
+        plan, _ = self._norm_plan(x.shape[2], x.shape[3], pairs)
         _validate.check_norm_batches(owner, x, plan)
 
-    def _fusable(self) -> bool:
-        pairs = self._pairs()
+    def _fusable(self, pairs) -> bool:
         if self.training or not all_foldable(*(n for _, _, n in pairs)):
             return False
         return all(is_plain_conv(c) for _, c, _ in pairs) and is_plain_relu(self.relu)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
-        if not self._fusable():
+        if fx_tracing():  # symbolic tracing sees the module-by-module forward (shape checks can't trace)
+            return self._forward_eager(x)
+        pairs = self._pairs()
+        self._check(x, pairs)
+        if not self._fusable(pairs):
             return self._forward_eager(x)
         impl = self._impl(x)
         pair = conv_bn_pair(self.downsample)
@@ -74,7 +77,6 @@ class _TorchvisionBlock(FusedBlockMixin, nn.Module):
             identity = self._conv("downsample", impl, x, pair[0], pair[1], relu=False)
         else:
             identity = self.downsample(x)
-        pairs = self._pairs()
         out = x
         for i, (name, conv, norm) in enumerate(pairs):
             last = i == len(pairs) - 1

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
-from ._base import FusedBlockMixin, all_foldable, conv_out_hw, is_plain_conv
+from ._base import FusedBlockMixin, all_foldable, conv_out_hw, fx_tracing, is_plain_conv
 from .blocks import conv1x1, conv3x3
 
 
@@ -65,6 +65,8 @@ class _PreActBlock(FusedBlockMixin, nn.Module):
                 and all(is_plain_conv(c) for _, _, c in chain) and (sc is None or is_plain_conv(sc)))
 
     def forward(self, x: Tensor) -> Tensor:
+        if fx_tracing():  # symbolic tracing sees the module-by-module forward (shape checks can't trace)
+            return self._forward_eager(x)
         self._check(x)
         if not self._fusable():
             return self._forward_eager(x)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import backends
 from ..ops.fold import is_foldable_bn, needs_autograd
-from ._base import FusedBlockMixin
+from ._base import FusedBlockMixin, fx_tracing
 
 
 def rebind(cls, old: nn.Module) -> nn.Module:
@@ -45,6 +45,12 @@ class StemBatchNorm(nn.BatchNorm2d):
         state.pop("_fused_output", None)
         return state
 
+    def _check_input_dim(self, input: Tensor) -> None:
+        # Not a torch.nn leaf, so FX traces into BatchNorm's forward; its rank check branches on
+        # the input, which a symbolic trace cannot do (the traced call still checks at run time).
+        if not fx_tracing():
+            super()._check_input_dim(input)
+
 
 class StemConv(FusedBlockMixin, nn.Conv2d):
     """``conv1`` of a fused stem: conv + BN (+ ReLU) in eval mode, a plain Conv2d otherwise."""
@@ -62,7 +68,7 @@ class StemConv(FusedBlockMixin, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         bn = self.__dict__.get("_stem_bn")
-        if bn is None or not is_foldable_bn(bn) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+        if fx_tracing() or bn is None or not is_foldable_bn(bn) or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
         # The model applies its own in-place ReLU to this very tensor after bn1. When autograd
         # records, a ReLU fused here would save the tensor for backward and that in-place ReLU

@@ -139,10 +139,20 @@ def bn_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] =
             raise ValueError(f"residual: expected shape {list(x.shape)} (x's), got {list(residual.shape)}")
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     impl = backends.resolve(backend, x, fusable=triton_dtype_ok(x.dtype) and triton_dtype_ok(out_dtype))
-    if impl == "triton":
-        return _BnActFn.apply(x, scale, shift, residual, relu, out_dtype)
     if impl == "cuda":  # pragma: no cover - the extension is not built in this release
         raise backends.BackendUnavailableError("backend 'cuda' has no bn_act kernel yet")
+    return _run(x, scale, shift, residual, relu, backend=impl)
+
+
+def _run(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], relu: bool, *,
+         backend: str) -> Tensor:
+    """The op without argument checks, for callers that already validated (the modules).
+
+    ``backend`` is a resolved backend ("triton" or "torch"); float64 runs on the PyTorch path.
+    """
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    if backend == "triton" and triton_dtype_ok(x.dtype) and triton_dtype_ok(out_dtype):
+        return _BnActFn.apply(x, scale, shift, residual, relu, out_dtype)
     y = torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
     if residual is not None:
         y = y.add_(residual) if residual.dtype == y.dtype else y + residual

@@ -182,12 +182,12 @@ _FLAT_K_MAX_CIN = 8  # below this, a per-tap Cin loop would waste most of each K
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
             stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int], relu: bool,
-            out_dtype: torch.dtype) -> Tensor:
+            out_dtype: torch.dtype, out_format: torch.memory_format) -> Tensor:
     N, CIN, H, W = x.shape
     COUT, _, KH, KW = weight.shape
     OH = conv_output_size(H, KH, stride[0], padding[0], dilation[0])
     OW = conv_output_size(W, KW, stride[1], padding[1], dilation[1])
-    out = torch.empty((N, COUT, OH, OW), dtype=out_dtype, device=x.device, memory_format=memory_format_of(x))
+    out = torch.empty((N, COUT, OH, OW), dtype=out_dtype, device=x.device, memory_format=out_format)
     M = N * OH * OW
     if M == 0 or COUT == 0:
         return out
@@ -228,8 +228,8 @@ class _ConvBiasActFn(torch.autograd.Function):
     """Triton forward; backward through the ReLU mask and cuDNN's convolution_backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, relu, out_dtype):
-        out = _launch(x, weight, bias, residual, stride, padding, dilation, relu, out_dtype)
+    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, relu, out_dtype, out_format):
+        out = _launch(x, weight, bias, residual, stride, padding, dilation, relu, out_dtype, out_format)
         ctx.conf = (stride, padding, dilation, relu)
         ctx.has_bias, ctx.has_res = bias is not None, residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -254,7 +254,7 @@ class _ConvBiasActFn(torch.autograd.Function):
             grad_b = g.float().sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
         if need_r and ctx.has_res:
             grad_r = g.to(ctx.res_dtype)
-        return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------- functional API
@@ -303,31 +303,52 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
             raise ValueError(f"residual: expected shape {[N, COUT, OH, OW]} (the conv output), "
                              f"got {list(residual.shape)}")
 
-    dev_type = x.device.type
-    if torch.is_autocast_enabled(dev_type) and x.dtype != torch.float64:
-        # What autocast does to a conv: both operands in the autocast dtype.
-        cdt = torch.get_autocast_dtype(dev_type)
-        x, weight = x.to(cdt), weight.to(cdt)
-    elif weight.dtype != x.dtype:
+    cdt = _compute_dtype(x)
+    if weight.dtype != x.dtype and not _autocast_applies(x):
         raise TypeError(f"weight: expected dtype {x.dtype} (x's dtype), got {weight.dtype}")
-    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-
-    fusable = groups == 1 and triton_dtype_ok(x.dtype) and triton_dtype_ok(out_dtype)
+    out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
+    fusable = groups == 1 and triton_dtype_ok(cdt) and triton_dtype_ok(out_dtype)
     impl = backends.resolve(backend, x, fusable=fusable)
-    if impl == "triton":
-        with torch.autocast(dev_type, enabled=False):
-            return _ConvBiasActFn.apply(x, weight, bias, residual, stride, padding, dilation, relu, out_dtype)
     if impl == "cuda":  # pragma: no cover - the extension is not built in this release
         raise backends.BackendUnavailableError("backend 'cuda' has no conv_bias_act kernel yet")
-    return _torch_path(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    return _run(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend=impl,
+                out_format=memory_format_of(x))
 
 
-def _torch_path(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+def _autocast_applies(x: Tensor) -> bool:
+    """Autocast is on for x's device and would cast a conv of x (it never casts float64)."""
+    return x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a conv of ``x`` computes in: the autocast dtype when autocast applies."""
+    return torch.get_autocast_dtype(x.device.type) if _autocast_applies(x) else x.dtype
+
+
+def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: Tuple[int, int],
+         padding: Tuple[int, int], dilation: Tuple[int, int], groups: int, relu: bool, *, backend: str,
+         out_format: torch.memory_format) -> Tensor:
+    """The op without argument checks, for callers that already validated (the modules).
+
+    ``backend`` is a resolved backend ("triton" or "torch"); cases Triton has no kernel for run
+    on the PyTorch path. ``out_format`` is the output's memory format.
+    """
+    cdt = _compute_dtype(x)
+    if cdt != x.dtype or weight.dtype != cdt:  # what autocast does to a conv: both operands in its dtype
+        x, weight = x.to(cdt), weight.to(cdt)
+    out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
+    if backend == "triton" and groups == 1 and triton_dtype_ok(cdt) and triton_dtype_ok(out_dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            return _ConvBiasActFn.apply(x, weight, bias, residual,
+                                        stride, padding, dilation, relu, out_dtype, out_format)
+    return _torch_path(x, weight, bias, residual, stride, padding, dilation, groups, relu, out_format)
+
+
+def _torch_path(x, weight, bias, residual, stride, padding, dilation, groups, relu, out_format):
     y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
-    # PyTorch picks channels_last when either operand is; this op promises x's format on every backend.
-    fmt = memory_format_of(x)
-    if not y.is_contiguous(memory_format=fmt):
-        y = y.contiguous(memory_format=fmt)
+    # PyTorch picks channels_last when either operand is; the caller says which format it promises.
+    if not y.is_contiguous(memory_format=out_format):
+        y = y.contiguous(memory_format=out_format)
     if residual is not None:
         # in place only when it cannot change the result dtype (autocast may mix dtypes)
         y = y.add_(residual) if residual.dtype == y.dtype else y + residual

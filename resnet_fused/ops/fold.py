@@ -75,15 +75,30 @@ def fold_conv_bn(conv_weight: Tensor, scale: Tensor, shift: Tensor, conv_bias: O
     return w.to(dtype), b
 
 
-def _tensor_key(t: Optional[Tensor]):
-    """What identifies ``t``'s current contents, identity aside (see :meth:`FoldCache.get`).
+def _sources(conv: Optional[nn.Module], norm: Optional[nn.Module]) -> list:
+    """The tensors a fold depends on, read from the modules' own dicts (this is the hot path:
+    ``Module.__getattr__`` costs more than the rest of a cache hit)."""
+    ts = []
+    if norm is not None:
+        params, bufs = norm.__dict__.get("_parameters", {}), norm.__dict__.get("_buffers", {})
+        for a in ("weight", "bias", "running_mean", "running_var"):
+            ts.append(params[a] if a in params else bufs[a] if a in bufs else getattr(norm, a, None))
+        # A training-mode BatchNorm forward updates running_mean/var inside the native kernel,
+        # which bumps no version counter; it bumps num_batches_tracked (in Python) every time.
+        ts.append(bufs.get("num_batches_tracked"))
+    if conv is not None:
+        ts += [conv._parameters.get("weight"), conv._parameters.get("bias")]
+    return ts
+
+
+def _stamp(ts: list) -> tuple:
+    """What identifies the tensors' current contents, identity aside (see :meth:`FoldCache.get`).
 
     The version counter sees in-place updates; the data pointer sees ``param.data = new`` (which
-    keeps the object and its version); device, dtype and shape see ``.to()`` and the like.
+    keeps the object and its version); the dtype sees ``.half()`` and the like. Raises
+    RuntimeError for inference tensors, which keep no version counter.
     """
-    if t is None:
-        return None
-    return (t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
+    return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype) for t in ts)
 
 
 def _same_objects(refs: tuple, tensors: list) -> bool:
@@ -117,29 +132,24 @@ class FoldCache:
         ``conv=None``: the norm's own ``(scale, shift)``. ``norm=None``: the conv's own weight (in
         ``memory_format``) and bias, cached so a layout change is not paid on every forward.
         """
-        tensors = []
-        if norm is not None:
-            tensors += [getattr(norm, a, None) for a in ("weight", "bias", "running_mean", "running_var")]
-            # A training-mode BatchNorm forward updates running_mean/var inside the native kernel,
-            # which bumps no version counter; it bumps num_batches_tracked (in Python) every time.
-            tensors.append(getattr(norm, "num_batches_tracked", None))
-        if conv is not None:
-            tensors += [conv.weight, conv.bias]
+        tensors = _sources(conv, norm)
         if needs_autograd(*tensors):
             return self._compute(conv, norm, dtype, memory_format)
-        if any(t is not None and t.is_inference() for t in tensors):
+        try:
+            stamp = _stamp(tensors)
+        except RuntimeError:
             # Inference tensors keep no version counter: in-place changes would go unseen.
             with torch.no_grad():
                 return self._compute(conv, norm, dtype, memory_format)
-        # Identity by weak reference, not id(): a replaced tensor's id is reused by a later one.
-        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
-        stamp = tuple(_tensor_key(t) for t in tensors) + (dtype, memory_format, getattr(norm, "eps", None))
+        meta = (dtype, memory_format, getattr(norm, "eps", None))
         hit = self._entries.get(key)
-        if hit is not None and hit[1] == stamp and _same_objects(hit[0], tensors):
-            return hit[2], hit[3]
+        # Identity by weak reference, not id(): a replaced tensor's id is reused by a later one.
+        if hit is not None and hit[1] == stamp and hit[2] == meta and _same_objects(hit[0], tensors):
+            return hit[3], hit[4]
         with torch.no_grad():
             w, b = self._compute(conv, norm, dtype, memory_format)
-        self._entries[key] = (refs, stamp, w, b)
+        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self._entries[key] = (refs, stamp, meta, w, b)
         return w, b
 
     @staticmethod
