@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..modules import PreActBottleneck, conv1x1
-from ..modules._base import conv_out_hw
-from .resnet import Plan, blocks_norm_plan, pin_backend, preflight
+from ._cifar import CifarPreActNet
 
 __all__ = ["PreActResNet", "preact_resnet"]
 
@@ -37,7 +35,7 @@ def preact_units_per_stage(depth: int) -> int:
     return (depth - 2) // 9
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(CifarPreActNet):
     """Pre-activation bottleneck ResNet-depth for 32x32 inputs.
 
     Args:
@@ -58,20 +56,7 @@ class PreActResNet(nn.Module):
         self.layer1 = self._make_stage(16, n, 1, norm_layer)
         self.layer2 = self._make_stage(32, n, 2, norm_layer)
         self.layer3 = self._make_stage(64, n, 2, norm_layer)
-        self.bn = norm_layer(self.inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(self.inplanes, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.constant_(m.bias, 0)
-        pin_backend(self, backend)
+        self._build_head(self.inplanes, num_classes, norm_layer, backend)
 
     def _make_stage(self, planes: int, blocks: int, stride: int, norm_layer: Callable[..., nn.Module]
                     ) -> nn.Sequential:
@@ -82,29 +67,6 @@ class PreActResNet(nn.Module):
         self.inplanes = out
         layers += [PreActBottleneck(out, planes, norm_layer=norm_layer) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
-
-    def _norm_plan(self, h: int, w: int) -> Plan:
-        """(name, norm, H, W) of every BatchNorm on the path of an h x w input."""
-        h, w = conv_out_hw(self.conv1, h, w)
-        named = ((f"layer{i}.{j}", b) for i in range(1, 4) for j, b in enumerate(getattr(self, f"layer{i}")))
-        plan, out = blocks_norm_plan(named, h, w)
-        if out is not None:
-            plan.append(("bn", self.bn, *out))
-        return plan
-
-    def _forward_impl(self, x: Tensor) -> Tensor:
-        x = self.conv1(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.relu(self.bn(x))
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        preflight(type(self).__name__, self, x, self.conv1.in_channels, self._norm_plan)
-        return self._forward_impl(x)
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}"

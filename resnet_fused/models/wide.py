@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..modules import WideBasic
-from ..modules._base import conv_out_hw
-from .resnet import Plan, blocks_norm_plan, pin_backend, preflight
+from ._cifar import CifarPreActNet
 
 __all__ = ["WideResNet", "wrn"]
 
@@ -34,7 +32,7 @@ def wrn_blocks_per_group(depth: int) -> int:
     return (depth - 4) // 6
 
 
-class WideResNet(nn.Module):
+class WideResNet(CifarPreActNet):
     """WRN-depth-widen_factor.
 
     Args:
@@ -60,20 +58,7 @@ class WideResNet(nn.Module):
         self.layer1 = self._make_group(widths[0], widths[1], n, 1, dropout, norm_layer)
         self.layer2 = self._make_group(widths[1], widths[2], n, 2, dropout, norm_layer)
         self.layer3 = self._make_group(widths[2], widths[3], n, 2, dropout, norm_layer)
-        self.bn = norm_layer(widths[3])
-        self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(widths[3], num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.constant_(m.bias, 0)
-        pin_backend(self, backend)
+        self._build_head(widths[3], num_classes, norm_layer, backend)
 
     @staticmethod
     def _make_group(in_planes: int, out_planes: int, blocks: int, stride: int, dropout: float,
@@ -81,29 +66,6 @@ class WideResNet(nn.Module):
         layers = [WideBasic(in_planes, out_planes, stride, dropout, norm_layer)]
         layers += [WideBasic(out_planes, out_planes, 1, dropout, norm_layer) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
-
-    def _norm_plan(self, h: int, w: int) -> Plan:
-        """(name, norm, H, W) of every BatchNorm on the path of an h x w input."""
-        h, w = conv_out_hw(self.conv1, h, w)
-        named = ((f"layer{i}.{j}", b) for i in range(1, 4) for j, b in enumerate(getattr(self, f"layer{i}")))
-        plan, out = blocks_norm_plan(named, h, w)
-        if out is not None:
-            plan.append(("bn", self.bn, *out))
-        return plan
-
-    def _forward_impl(self, x: Tensor) -> Tensor:
-        x = self.conv1(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.relu(self.bn(x))
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        preflight(type(self).__name__, self, x, self.conv1.in_channels, self._norm_plan)
-        return self._forward_impl(x)
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, widen_factor={self.widen_factor}"
