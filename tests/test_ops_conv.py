@@ -442,3 +442,26 @@ def test_conv_bn_act_autograd(backend):
     grads_same = torch.autograd.grad(same, inputs, g)
     for name, got, want, s in zip("x weight bn_weight bn_bias residual".split(), grads, grads64, grads_same):
         assert_close(got, want, s, name=f"grad {name}")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors on the Triton backend need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_batch_split_keeps_row_index_in_int32(monkeypatch, fmt):
+    """Above 2^31 GEMM rows the launcher splits the batch (int32 row index in the kernel).
+
+    The limit is shrunk so the split runs on tiny CPU tensors: 3 rows of 5x4 pixels per launch.
+    """
+    monkeypatch.setattr(cba, "_MAX_ROWS", 3 * 5 * 4 + 1)
+    calls = []
+    real = cba._launch_into
+    monkeypatch.setattr(cba, "_launch_into", lambda out, *a: (calls.append(out.shape[0]), real(out, *a)))
+    x = torch.randn(7, 6, 5, 4).contiguous(memory_format=fmt)
+    w = torch.randn(9, 6, 3, 3) / 54 ** 0.5
+    b, r = torch.randn(9), torch.randn(7, 9, 5, 4)
+    out = conv_bias_act(x, w, b, r, padding=1, backend="triton")
+    assert calls == [3, 3, 1]
+    ref = conv_bias_act_reference(x, w, b, r, 1, 1, 1, upcast=True)
+    assert_close(out, ref, conv_bias_act_reference(x, w, b, r, 1, 1, 1))
+    monkeypatch.setattr(cba, "_MAX_ROWS", 5 * 4 - 1)
+    with pytest.raises(ValueError, match="output pixels"):
+        conv_bias_act(x, w, b, r, padding=1, backend="triton")

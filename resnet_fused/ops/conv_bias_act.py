@@ -178,6 +178,7 @@ if triton is not None:
 
 # ---------------------------------------------------------------------------------------- launcher
 _FLAT_K_MAX_CIN = 8  # below this, a per-tap Cin loop would waste most of each K block
+_MAX_ROWS = 2**31 - 1024  # int32 GEMM row index, with room for the last tile's overhang
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -198,8 +199,28 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
         if residual is not None:
             y += residual.float()
         return out.copy_(torch.relu(y) if relu else y)
+    b = bias.contiguous() if bias is not None else None  # the kernel indexes bias densely: bias_ptr + channel
+    if OH * OW > _MAX_ROWS:
+        raise ValueError(f"x: one image gives {OH * OW} output pixels; the Triton conv handles < {_MAX_ROWS}")
+    # The GEMM row index (n, oh, ow) is int32 in the kernel (offsets are int64): split the batch so
+    # every launch stays below 2^31 rows. Slices are strided views; the kernel takes any strides.
+    per = max(1, _MAX_ROWS // (OH * OW))
+    for n0 in range(0, N, per):
+        rows = slice(n0, n0 + per)
+        _launch_into(out[rows], x[rows], weight, b, None if residual is None else residual[rows],
+                     stride, padding, dilation, relu)
+    return out
+
+
+def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                 stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int], relu: bool) -> None:
+    """One kernel launch writing ``out`` (all shapes already checked, fewer than 2^31 GEMM rows)."""
+    N, CIN, H, W = x.shape
+    COUT, _, KH, KW = weight.shape
+    OH, OW = out.shape[2], out.shape[3]
+    M = N * OH * OW
     res = residual if residual is not None else out  # dummy pointer, never read
-    b = bias.contiguous() if bias is not None else out  # the kernel indexes bias densely: bias_ptr + channel
+    b = bias if bias is not None else out
     interpreting = x.device.type == "cpu"
     precision = "tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting) else "ieee"
     args = (
@@ -221,7 +242,6 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
             return (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(COUT, meta_["BLOCK_N"]),)
 
         _conv_bias_act_kernel_tuned[grid](*args, **meta)
-    return out
 
 
 class _ConvBiasActFn(torch.autograd.Function):
