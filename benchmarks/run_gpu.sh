@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Everything a GPU session runs, in one device call: about 9 minutes on an H100 machine.
+#
+#   bash benchmarks/run_gpu.sh        # logs and results under $OUT (default ./gpu_out)
+#
+# Steps, each under `timeout` and logged to $OUT; a failing step does not stop the others, but the
+# script exits 1 at the end if any step failed or timed out. A summary table is printed last.
+#   env    nvidia-smi -L, Python / torch / triton / CUDA / cuDNN versions, torchvision, free memory
+#   tests  tests/test_gpu.py (-m gpu) as SHARDS pytest processes split by -k (cifar + dtype-less
+#          tests, fp16, bf16, fp32 in the test ids: Triton compiles on one CPU core per process, and
+#          compiling is most of the file's time), and at the same time the rest of the suite
+#          (-m "not gpu") on the GPU without TRITON_INTERPRET; all end before the benchmarks start
+#   bench  python -m benchmarks.bench_blocks --quick --out $OUT
+#   main   python -m resnet_fused --device cuda --dtype fp16 --channels-last --batch 256
+#
+# Environment knobs: OUT; SHARDS (4, or 1 for one plain pytest process); STEPS (default
+# "env tests bench main"); T_TESTS / T_BENCH / T_MAIN (seconds per step, default 270 / 170 / 80);
+# DEADLINE (seconds for the whole script, default 540: a step gets at most what is left).
+# No network and no installs: the repository runs from PYTHONPATH.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 2
+OUT=${OUT:-$ROOT/gpu_out}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}  # later processes reuse earlier tuning
+unset TRITON_INTERPRET                                        # real kernels, compiled for the GPU
+PY=${PYTHON:-python}
+SHARDS=${SHARDS:-4}
+STEPS=${STEPS:-"env tests bench main"}
+T_TESTS=${T_TESTS:-270}
+T_BENCH=${T_BENCH:-170}
+T_MAIN=${T_MAIN:-80}
+DEADLINE=${DEADLINE:-540}
+START=$(date +%s)
+
+# pytest that turns timeout's SIGTERM into KeyboardInterrupt: a timed-out run still prints its
+# summary and writes its junit XML
+PYTEST=("$PY" -c 'import signal, sys, pytest
+signal.signal(signal.SIGTERM, signal.default_int_handler)
+sys.exit(pytest.main(sys.argv[1:]))')
+PYTEST_OPTS=(-p no:cacheprovider -rfE --durations=15)
+
+ROWS=()
+FAILED=0
+row() {  # name status seconds note
+    ROWS+=("$(printf '%-26s %-12s %6s  %s' "$1" "$2" "$3" "$4")")
+    case $2 in PASS) ;; *) FAILED=1 ;; esac
+}
+status_of() {
+    case $1 in 0) echo PASS ;; 124 | 137) echo TIMEOUT ;; 5) echo "NO-TESTS" ;; *) echo "FAIL(rc=$1)" ;; esac
+}
+elapsed() { echo $(($(date +%s) - START)); }
+budget() {  # the step's cap, cut to what is left before DEADLINE (10 s kept for the summary)
+    local left=$((DEADLINE - $(elapsed) - 10))
+    ((left < $1)) && echo "$left" || echo "$1"
+}
+pytest_summary() {  # the counts line of a pytest log ("3 failed, 60 passed in 99.1s")
+    grep -E "[0-9]+ (passed|failed|error|errors|skipped|deselected)|no tests ran" "$1" 2>/dev/null | tail -n 1 \
+        | sed -e 's/=//g' -e 's/^ *//' -e 's/ *$//'
+}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+banner() { echo; echo "=== [$(elapsed)s] $*"; }
+
+# foreground step: name cap log command... (output to the terminal and the log)
+run_fg() {
+    local name=$1 cap=$2 log=$3 limit t0 rc
+    shift 3
+    limit=$(budget "$cap")
+    if ((limit < 20)); then
+        row "$name" SKIPPED 0 "no time left before DEADLINE=$DEADLINE s"
+        return
+    fi
+    banner "$name (timeout ${limit}s): $*"
+    t0=$(date +%s)
+    timeout -k 20 "$limit" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    row "$name" "$(status_of "$rc")" $(($(date +%s) - t0)) "${log#"$ROOT"/}"
+}
+
+# background step: name limit log command... (output to the log; rc and seconds to log.rc)
+run_bg() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    echo "  start $name (timeout ${limit}s) -> ${log#"$ROOT"/}"
+    (
+        t0=$(date +%s)
+        timeout -k 20 "$limit" "$@" >"$log" 2>&1
+        echo "$? $(($(date +%s) - t0))" >"$log.rc"
+    ) &
+}
+
+echo "run_gpu.sh: OUT=$OUT SHARDS=$SHARDS STEPS='$STEPS' DEADLINE=${DEADLINE}s"
+
+# ------------------------------------------------------------------------------------------ env
+if want env; then
+    banner "env"
+    {
+        nvidia-smi -L
+        nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,temperature.gpu,clocks.sm,clocks.max.sm \
+            --format=csv
+        git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "git: no repository here"
+        timeout 60 "$PY" - <<'EOF'
+import platform, sys
+import torch
+print(f"python {platform.python_version()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
+      f"cuDNN {torch.backends.cudnn.version()} | cudnn.allow_tf32 {torch.backends.cudnn.allow_tf32}")
+try:
+    import triton
+    print(f"triton {triton.__version__}")
+except Exception as exc:
+    print(f"triton: import failed ({type(exc).__name__}: {exc})")
+try:
+    import torchvision
+    print(f"torchvision {torchvision.__version__}")
+except Exception as exc:
+    print(f"torchvision: not importable ({type(exc).__name__}); its tests skip")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    free, total = torch.cuda.mem_get_info()
+    print(f"{torch.cuda.device_count()} GPU(s); 0: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+          f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+else:
+    print("torch.cuda.is_available() is False: the gpu tests will all be skipped", file=sys.stderr)
+    sys.exit(1)
+EOF
+    } 2>&1 | tee "$OUT/env.log"
+    rc=${PIPESTATUS[0]}
+    row env "$(status_of "$rc")" "$(elapsed)" "${OUT#"$ROOT"/}/env.log"
+fi
+
+# ---------------------------------------------------------------------------------------- tests
+if want tests; then
+    limit=$(budget "$T_TESTS")
+    banner "tests: tests/test_gpu.py in $SHARDS process(es), the rest of the suite beside them (timeout ${limit}s)"
+    if [[ $SHARDS == 1 ]]; then
+        NAMES=(gpu)
+        EXPRS=("")
+    else
+        # exclusive and exhaustive: each test id matches exactly one expression
+        NAMES=(gpu-cifar+misc gpu-fp16 gpu-bf16 gpu-fp32)
+        EXPRS=("cifar or not (fp16 or bf16 or fp32)" "fp16 and not cifar" "bf16 and not (cifar or fp16)"
+               "fp32 and not (cifar or fp16 or bf16)")
+    fi
+    for i in "${!NAMES[@]}"; do
+        args=(-v -m gpu tests/test_gpu.py --junitxml="$OUT/test_${NAMES[$i]}.xml" "${PYTEST_OPTS[@]}")
+        [[ -n ${EXPRS[$i]} ]] && args+=(-k "${EXPRS[$i]}")
+        run_bg "tests ${NAMES[$i]}" "$limit" "$OUT/test_${NAMES[$i]}.log" "${PYTEST[@]}" "${args[@]}"
+    done
+    NAMES+=(suite)
+    run_bg "tests suite" "$limit" "$OUT/test_suite.log" "${PYTEST[@]}" -q -m "not gpu" \
+        --junitxml="$OUT/test_suite.xml" "${PYTEST_OPTS[@]}"
+    wait
+    for name in "${NAMES[@]}"; do
+        log="$OUT/test_$name.log"
+        read -r rc secs <"$log.rc" 2>/dev/null || { rc=1; secs=0; }
+        echo "--- $name: $(status_of "$rc") in ${secs}s: $(pytest_summary "$log")"
+        grep -E "^(FAILED|ERROR) " "$log" | head -n 40
+        row "tests $name" "$(status_of "$rc")" "$secs" "$(pytest_summary "$log")"
+    done
+fi
+
+# ---------------------------------------------------------------------------------- benchmarks
+if want bench; then
+    run_fg bench "$T_BENCH" "$OUT/bench_blocks.log" "$PY" -m benchmarks.bench_blocks --quick --out "$OUT"
+fi
+if want main; then
+    run_fg "main resnet50 b256" "$T_MAIN" "$OUT/main.log" "$PY" -m resnet_fused --device cuda --dtype fp16 \
+        --channels-last --batch 256 --json "$OUT/main_resnet50_fp16_cl_b256.json"
+fi
+
+# ------------------------------------------------------------------------------------- summary
+{
+    echo
+    echo "=== summary ($(elapsed)s; logs and results in $OUT)"
+    printf '%-26s %-12s %6s  %s\n' step status secs "log / pytest counts"
+    printf '%s\n' "${ROWS[@]}"
+    ((FAILED)) && echo "SOME STEPS FAILED" || echo "ALL STEPS PASSED"
+} | tee "$OUT/summary.txt"
+exit "$FAILED"
