@@ -353,6 +353,35 @@ def test_fp32_ieee_when_tf32_is_off(name, poisoned_empty):
     assert rel_err(out_tf32, ref64) > 10 * err_ieee, "allow_tf32=True did not reach the kernel"
 
 
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_fp32_follows_cudnn_conv_fp32_precision(precision, poisoned_empty):
+    """torch's newer switch, ``torch.backends.cudnn.conv.fp32_precision``, set on its own.
+
+    With conv's and RNN's precisions different, merely *reading* the legacy
+    ``torch.backends.cudnn.allow_tf32`` raises RuntimeError ("a mix of the legacy and new APIs"),
+    so a kernel that decides TF32 by reading it fails for every float32 input (seen with torch 2.13
+    on the CPU interpreter path).
+    """
+    api = getattr(torch.backends.cudnn, "conv", None)
+    if api is None or not hasattr(api, "fp32_precision"):
+        pytest.skip("this torch has no torch.backends.cudnn.conv.fp32_precision")
+    (x, w, b, r), conv, relu = spec_case(R50["layer1.1.conv1"], FP32)
+    ref64 = conv_bias_act_reference(x, w, b, r, relu=relu, upcast=True, **conv)
+    before = api.fp32_precision
+    api.fp32_precision = precision
+    try:
+        out = conv_bias_act(x, w, b, r, **conv, relu=relu, backend="triton")
+        same = conv_bias_act_reference(x, w, b, r, relu=relu, **conv)
+    finally:
+        api.fp32_precision = before
+    if precision == "ieee":
+        assert_close(out, ref64, same, name="ieee")
+        assert rel_err(out, ref64) < 1e-5
+    else:
+        emu = conv_bias_act_reference(tf32(x), tf32(w), b, r, relu=relu, upcast=True, **conv)
+        assert_close(out, ref64, max(same, emu, key=lambda t: rel_err(t, ref64)), name="tf32")
+
+
 # ------------------------------------------------------------------------------ NaN and Inf
 def poke(t: torch.Tensor, points) -> None:
     with torch.no_grad():
