@@ -131,7 +131,9 @@ EOF
 fi
 
 # ---------------------------------------------------------------------------------------- tests
-if want tests; then
+if want tests && (($(budget "$T_TESTS") < 20)); then
+    row tests SKIPPED 0 "no time left before DEADLINE=$DEADLINE s"
+elif want tests; then
     limit=$(budget "$T_TESTS")
     banner "tests: tests/test_gpu.py in $SHARDS process(es), the rest of the suite beside them (timeout ${limit}s)"
     if [[ $SHARDS == 1 ]]; then
