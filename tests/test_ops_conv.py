@@ -465,3 +465,35 @@ def test_batch_split_keeps_row_index_in_int32(monkeypatch, fmt):
     monkeypatch.setattr(cba, "_MAX_ROWS", 5 * 4 - 1)
     with pytest.raises(ValueError, match="output pixels"):
         conv_bias_act(x, w, b, r, padding=1, backend="triton")
+
+
+@pytest.fixture
+def restore_tf32_flags():
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision)
+    yield
+    torch.backends.fp32_precision = saved[3]
+    cudnn.fp32_precision = saved[2]
+    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved[0], saved[1]
+
+
+def test_tf32_choice_follows_pytorchs_conv_setting(restore_tf32_flags):
+    """TF32 for fp32 convs exactly when cuDNN convs use it, through either API, and no crash when
+    conv and RNN were set apart (then the legacy ``allow_tf32`` read itself raises)."""
+    from resnet_fused.ops._common import conv_uses_tf32
+
+    cudnn = torch.backends.cudnn
+    cudnn.allow_tf32 = True
+    assert conv_uses_tf32()
+    cudnn.allow_tf32 = False
+    assert not conv_uses_tf32()
+    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = "ieee", "tf32"
+    with pytest.raises(RuntimeError):
+        cudnn.allow_tf32  # noqa: B018 - PyTorch's legacy read refuses this mix
+    assert not conv_uses_tf32()
+    if INTERPRET:  # the launcher reads the setting; it must not raise in this mixed state either
+        x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+        out = conv_bias_act(x, w, padding=1, backend="triton")
+        assert_close(out, conv_bias_act_reference(x, w, padding=1, upcast=True), conv_bias_act_reference(x, w, padding=1))
+    cudnn.conv.fp32_precision = "tf32"
+    assert conv_uses_tf32()

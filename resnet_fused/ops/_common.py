@@ -1,6 +1,8 @@
 """Small helpers shared by the fused ops: argument checks, geometry, layouts."""
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -53,3 +55,30 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def conv_uses_tf32() -> bool:
+    """Whether PyTorch runs float32 convolutions on TF32 tensor cores (cuDNN's setting).
+
+    Reads the per-operator API first (``torch.backends.cudnn.conv.fp32_precision``, then its
+    parents; the first that is not ``"none"`` decides, all ``"none"`` means IEEE). Reading the
+    legacy ``cudnn.allow_tf32`` raises once conv and RNN were set differently through that API,
+    so it is only the fallback for a torch that predates it.
+    """
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return bool(cudnn.allow_tf32)
+    for prec in (conv.fp32_precision, getattr(cudnn, "fp32_precision", "none"),
+                 getattr(torch.backends, "fp32_precision", "none")):
+        if prec != "none":
+            return prec == "tf32"
+    return False
+
+
+def device_guard(t: Tensor):
+    """Make ``t``'s CUDA device current while a Triton kernel is launched (Triton launches on the
+    current device and stream); a no-op context for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

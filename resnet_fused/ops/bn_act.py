@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import check_float_tensor, memory_format_of, triton_dtype_ok
+from ._common import check_float_tensor, device_guard, memory_format_of, triton_dtype_ok
 
 try:
     import triton
@@ -82,10 +82,11 @@ def _launch(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
     N, C, H, W = x.shape
     block = 1024 if x.device.type == "cuda" else 256
     grid = (triton.cdiv(numel, block),)
-    _bn_act_kernel[grid](x, scale.contiguous(), shift.contiguous(), residual if residual is not None else x, out,
-                         numel, C, H * W,
-                         HAS_RES=residual is not None, RELU=relu, CHANNELS_LAST=fmt == torch.channels_last,
-                         BLOCK=block, num_warps=4)
+    with device_guard(x):
+        _bn_act_kernel[grid](x, scale.contiguous(), shift.contiguous(), residual if residual is not None else x, out,
+                             numel, C, H * W,
+                             HAS_RES=residual is not None, RELU=relu, CHANNELS_LAST=fmt == torch.channels_last,
+                             BLOCK=block, num_warps=4)
     return out
 
 

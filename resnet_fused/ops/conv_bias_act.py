@@ -14,8 +14,8 @@ Shapes and layouts
     residual [N, Cout, OH, OW] or None, any float dtype and strides
     out      [N, Cout, OH, OW]     x's dtype (promoted with residual's, as ``conv(x) + residual``
                                    would be), in x's memory format
-fp32 inputs use TF32 tensor cores when ``torch.backends.cudnn.allow_tf32`` is set (cuDNN's own
-default for convolutions), IEEE fp32 otherwise. ``groups > 1`` and float64 run on the PyTorch path.
+fp32 inputs use TF32 tensor cores when PyTorch's cuDNN convolutions do (``cudnn.allow_tf32`` /
+``cudnn.conv.fp32_precision``; TF32 is cuDNN's default for convolutions), IEEE fp32 otherwise. ``groups > 1`` and float64 run on the PyTorch path.
 NaN and Inf propagate as ``torch.relu`` propagates them.
 
 Autograd: the Triton forward is wrapped in an ``autograd.Function`` whose backward uses the ReLU
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import check_float_tensor, conv_output_size, memory_format_of, pair, triton_dtype_ok
+from ._common import (check_float_tensor, conv_output_size, conv_uses_tf32, device_guard, memory_format_of, pair,
+                      triton_dtype_ok)
 
 IntPair = Union[int, Sequence[int]]
 
@@ -222,7 +223,7 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     res = residual if residual is not None else out  # dummy pointer, never read
     b = bias if bias is not None else out
     interpreting = x.device.type == "cpu"
-    precision = "tf32" if (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting) else "ieee"
+    precision = "tf32" if (x.dtype == torch.float32 and not interpreting and conv_uses_tf32()) else "ieee"
     args = (
         x, weight, b, res, out,
         M, COUT, CIN, H, W, OH, OW,
@@ -241,7 +242,8 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
         def grid(meta_):
             return (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(COUT, meta_["BLOCK_N"]),)
 
-        _conv_bias_act_kernel_tuned[grid](*args, **meta)
+        with device_guard(x):
+            _conv_bias_act_kernel_tuned[grid](*args, **meta)
 
 
 class _ConvBiasActFn(torch.autograd.Function):
