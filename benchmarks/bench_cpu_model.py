@@ -1,0 +1,79 @@
+"""Whole-model CPU comparison behind the README's CPU numbers: stock eager vs converted.
+
+Runs ``python -m resnet_fused`` (which checks equivalence against a float64 run before it times
+anything, and times stock and fused interleaved call by call) over a grid of batch sizes and
+layouts, collects its rows and writes one result file (JSON + CSV, schema of ``benchmarks.common``)::
+
+    python -m benchmarks.bench_cpu_model [--out benchmarks/results] [--iters 20] [--threads N]
+
+Each configuration is run ``--repeats`` times in fresh processes; every run's rows are kept, so the
+spread between runs (this is a shared 2-vCPU VM: expect a few percent) is visible in the data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks import common
+
+GRID = [  # (batch, channels_last, with the training step)
+    (1, False, False),
+    (8, False, True),
+    (8, True, False),
+    (32, False, False),
+]
+
+
+def run_config(batch: int, channels_last: bool, train: bool, iters: int, threads, model: str) -> list:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "resnet_fused", model, "--device", "cpu", "--batch", str(batch),
+               "--iters", str(iters), "--json", str(out)]
+        cmd += ["--channels-last"] if channels_last else []
+        cmd += [] if train else ["--no-train"]
+        cmd += ["--threads", str(threads)] if threads else []
+        env = dict(os.environ, PYTHONPATH=str(common.REPO_ROOT))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        print("\n".join(line for line in proc.stdout.splitlines() if line.startswith(("eval", "train step"))))
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+        rows = json.loads(out.read_text())["rows"]
+    for row in rows:  # name the layout in the shape column: the schema has no layout field
+        row["shape"] += "_cl" if channels_last else "_nchw"
+        row["bench"] = "cpu_model"
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for batch, cl, train in GRID:
+        for _ in range(args.repeats):
+            rows += run_config(batch, cl, train, args.iters, args.threads, args.model)
+    env = common.env_info()
+    paths = common.write_results(args.out, f"cpu_model_{args.model}", env, rows)
+    print("wrote", *paths)
+    table = []
+    for eager, fused in zip(rows[0::2], rows[1::2]):  # the main job writes each eager row, then its fused row
+        assert eager["provider"] == "eager" and fused["mode"] == eager["mode"], (eager, fused)
+        table.append((eager["mode"], eager["batch"], eager["shape"], eager["median_ms"], fused["median_ms"],
+                      f"{eager['median_ms'] / fused['median_ms']:.2f}x", fused["correct"]))
+    print(common.format_table(["mode", "batch", "shape", "eager ms", "fused ms", "speedup", "correct"], table,
+                              title=f"{args.model} on {env['gpu']} (torch {env['torch']}, commit {env['git_commit']})"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
