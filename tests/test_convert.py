@@ -607,3 +607,19 @@ def test_conv_bias_converts_and_odd_padding_is_skipped():
         out = rf.convert(block)
         assert out is block
         assert out.resnet_fused_report.skipped == [("", "conv1 is not a zero-padded nn.Conv2d")]
+
+
+def test_stem_rebind_shares_tensors_and_hooks_but_not_registries():
+    from resnet_fused.modules.stem import rebind
+
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    new = rebind(type("Sub", (nn.Conv2d,), {}), conv)
+    assert new.weight is conv.weight
+    new(torch.randn(1, 3, 5, 5))
+    assert seen == ["Sub"]  # the existing hook came along
+    new.register_forward_hook(lambda m, i, o: seen.append("new only"))
+    new.register_buffer("extra", torch.zeros(1))
+    conv(torch.randn(1, 3, 5, 5))
+    assert seen == ["Sub", "Conv2d"] and "extra" not in conv._buffers

@@ -25,8 +25,11 @@ def rebind(cls, old: nn.Module) -> nn.Module:
     """A new ``cls`` instance sharing every Parameter, buffer and submodule object of ``old``."""
     new = cls.__new__(cls)
     new.__dict__ = old.__dict__.copy()
-    for attr in ("_parameters", "_buffers", "_modules"):
-        setattr(new, attr, dict(getattr(old, attr)))
+    # Own copies of every registry (parameters, buffers, submodules, hook dicts): the same tensors
+    # and hooks, but registering on one module later must not change the other.
+    for attr, value in new.__dict__.items():
+        if isinstance(value, dict):
+            new.__dict__[attr] = type(value)(value)
     return new
 
 
