@@ -32,3 +32,20 @@ def _seed_and_backend():
     before = resnet_fused.get_backend()
     yield
     resnet_fused.set_backend(before)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The backend of every fused conv the modules run, in order (proves which path ran: empty
+    means the eager module-by-module forward)."""
+    from resnet_fused.modules import _base
+
+    calls = []
+    real = _base._conv_run
+
+    def spy(*a, **k):
+        calls.append(k.get("backend"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(_base, "_conv_run", spy)
+    return calls

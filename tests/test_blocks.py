@@ -17,7 +17,6 @@ from torch import nn
 
 import resnet_fused as rf
 from resnet_fused.models import reference as R
-from resnet_fused.modules import _base
 from resnet_fused.ops.fold import FoldCache
 from tests.utils import INTERPRET, assert_close, randomize_bn
 
@@ -118,20 +117,6 @@ def sgd_steps(ours, ref, make_x, steps=3, lr=0.05, momentum=0.9):
             o.zero_grad()
         assert_state_close(ours, ref, ref64, what=tag)
     return ref64
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the fused conv calls the blocks make (proves which path ran)."""
-    calls = []
-    real = _base._conv_run
-
-    def spy(*a, **k):
-        calls.append(k.get("backend"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(_base, "_conv_run", spy)
-    return calls
 
 
 def eval_compare(ours, ref, x, backend, ref64=None, grad=False):

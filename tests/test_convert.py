@@ -259,19 +259,6 @@ def train_compare(models, opts, make_x, steps):
         compare_state(models, tag=f"after step {step}: ", params=step == steps - 1)
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    calls = []
-    real = _base._conv_run
-
-    def spy(*a, **k):
-        calls.append(k.get("backend"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(_base, "_conv_run", spy)
-    return calls
-
-
 def tiny_input(step=0, fmt=torch.contiguous_format):
     return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(step)).to(memory_format=fmt)
 
