@@ -15,15 +15,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
+from ..ops._common import compute_dtype, conv_output_size, memory_format_of, triton_dtype_ok
+from ..ops.bn_act import _run as _bn_act_run
+from ..ops.conv_bias_act import _run as _conv_run
+from ..ops.fold import FoldCache, is_foldable_bn
 
 try:  # symbolic tracing only (torch.export / torch.compile trace real shapes through our checks)
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing as fx_tracing
 except ImportError:  # older torch
     from torch.fx._symbolic_trace import is_fx_tracing as fx_tracing
-from ..ops.bn_act import _run as _bn_act_run
-from ..ops.conv_bias_act import _run as _conv_run
-from ..ops._common import conv_output_size, memory_format_of, triton_dtype_ok
-from ..ops.fold import FoldCache, is_foldable_bn
 
 
 def conv_out_hw(conv: nn.Conv2d, h: int, w: int) -> Tuple[int, int]:
@@ -33,10 +33,14 @@ def conv_out_hw(conv: nn.Conv2d, h: int, w: int) -> Tuple[int, int]:
             conv_output_size(w, kw, conv.stride[1], conv.padding[1], conv.dilation[1]))
 
 
+def zero_padded(conv: nn.Conv2d) -> bool:
+    """Zero padding given as numbers (not 'same'/'valid' strings): what the fused conv computes."""
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 def is_plain_conv(m) -> bool:
-    """A Conv2d our fused conv computes exactly: zero padding, numeric (not 'same') padding."""
-    return (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-            and type(m).forward is nn.Conv2d.forward)
+    """A Conv2d whose forward is Conv2d's own and whose padding the fused conv computes exactly."""
+    return isinstance(m, nn.Conv2d) and zero_padded(m) and type(m).forward is nn.Conv2d.forward
 
 
 def is_plain_relu(m) -> bool:
@@ -63,10 +67,7 @@ class FusedBlockMixin:
 
     def _impl(self, x: Tensor) -> str:
         """Concrete backend for this forward ("triton" or "torch"; errors if one was pinned and is missing)."""
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type) and dtype != torch.float64:
-            dtype = torch.get_autocast_dtype(x.device.type)
-        return backends.resolve(self.backend, x, fusable=triton_dtype_ok(dtype))
+        return backends.resolve(self.backend, x, fusable=triton_dtype_ok(compute_dtype(x)))
 
     def _conv(self, key: str, impl: str, x: Tensor, conv: nn.Conv2d, norm: Optional[nn.Module] = None,
               residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
@@ -85,8 +86,6 @@ class FusedBlockMixin:
         """``relu(norm(x))`` for an eval BatchNorm, one pass."""
         scale, shift = self._fold.get(key, None, norm)
         return _bn_act_run(x, scale, shift, None, True, backend=impl)
-
-    # pickling/deepcopy keep working: FoldCache handles itself, backend is a plain attribute
 
 
 def all_foldable(*norms) -> bool:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import backends
 from ..ops.fold import is_foldable_bn, needs_autograd
-from ._base import FusedBlockMixin, fx_tracing
+from ._base import FusedBlockMixin, fx_tracing, zero_padded
 
 
 def rebind(cls, old: nn.Module) -> nn.Module:
@@ -71,7 +71,7 @@ class StemConv(FusedBlockMixin, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         bn = self.__dict__.get("_stem_bn")
-        if fx_tracing() or bn is None or not is_foldable_bn(bn) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+        if fx_tracing() or bn is None or not is_foldable_bn(bn) or not zero_padded(self):
             return super().forward(x)
         # The model applies its own in-place ReLU to this very tensor after bn1. When autograd
         # records, a ReLU fused here would save the tensor for backward and that in-place ReLU

@@ -16,6 +16,16 @@ def triton_dtype_ok(dtype: torch.dtype) -> bool:
     return dtype in TRITON_DTYPES
 
 
+def autocast_applies(x: Tensor) -> bool:
+    """Autocast is on for x's device and would cast a conv of x (it never casts float64)."""
+    return x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a conv of ``x`` computes in: the autocast dtype when autocast applies."""
+    return torch.get_autocast_dtype(x.device.type) if autocast_applies(x) else x.dtype
+
+
 def check_float_tensor(name: str, t, dims: Optional[int] = None, device: Optional[torch.device] = None) -> None:
     """Raise TypeError/ValueError naming ``name`` unless ``t`` is a floating tensor as expected."""
     if not isinstance(t, Tensor):

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import (check_float_tensor, conv_output_size, conv_uses_tf32, device_guard, memory_format_of, pair,
-                      triton_dtype_ok)
+from ._common import (autocast_applies, check_float_tensor, compute_dtype, conv_output_size, conv_uses_tf32,
+                      device_guard, memory_format_of, pair, triton_dtype_ok)
 
 IntPair = Union[int, Sequence[int]]
 
@@ -325,8 +325,8 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
             raise ValueError(f"residual: expected shape {[N, COUT, OH, OW]} (the conv output), "
                              f"got {list(residual.shape)}")
 
-    cdt = _compute_dtype(x)
-    if weight.dtype != x.dtype and not _autocast_applies(x):
+    cdt = compute_dtype(x)
+    if weight.dtype != x.dtype and not autocast_applies(x):
         raise TypeError(f"weight: expected dtype {x.dtype} (x's dtype), got {weight.dtype}")
     out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
     fusable = groups == 1 and triton_dtype_ok(cdt) and triton_dtype_ok(out_dtype)
@@ -337,16 +337,6 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
                 out_format=memory_format_of(x))
 
 
-def _autocast_applies(x: Tensor) -> bool:
-    """Autocast is on for x's device and would cast a conv of x (it never casts float64)."""
-    return x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a conv of ``x`` computes in: the autocast dtype when autocast applies."""
-    return torch.get_autocast_dtype(x.device.type) if _autocast_applies(x) else x.dtype
-
-
 def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: Tuple[int, int],
          padding: Tuple[int, int], dilation: Tuple[int, int], groups: int, relu: bool, *, backend: str,
          out_format: torch.memory_format) -> Tensor:
@@ -355,7 +345,7 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[T
     ``backend`` is a resolved backend ("triton" or "torch"); cases Triton has no kernel for run
     on the PyTorch path. ``out_format`` is the output's memory format.
     """
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     if cdt != x.dtype or weight.dtype != cdt:  # what autocast does to a conv: both operands in its dtype
         x, weight = x.to(cdt), weight.to(cdt)
     out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
