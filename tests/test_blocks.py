@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import io
 import pickle
 
 import pytest
@@ -18,7 +17,7 @@ from torch import nn
 import resnet_fused as rf
 from resnet_fused.models import reference as R
 from resnet_fused.ops.fold import FoldCache
-from tests.utils import INTERPRET, assert_close, randomize_bn
+from utils import INTERPRET, assert_close, copy_via, randomize_bn
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -300,13 +299,8 @@ def test_deepcopy_and_pickle_a_whole_block(how):
     ours, ref = build_pair("bottle-s2-ds-batch1")
     x = make_input("bottle-s2-ds-batch1", CL)
     y = eval_compare(ours, ref, x, "torch")  # fills the fold cache first
-    if how == "deepcopy":
-        twin = copy.deepcopy(ours)
-    else:
-        buf = io.BytesIO()
-        torch.save(ours, buf)
-        buf.seek(0)
-        twin = torch.load(buf, weights_only=False)
+    twin = copy_via(how, ours)
+    if how == "pickle":
         assert pickle.loads(pickle.dumps(ours)).state_dict().keys() == ours.state_dict().keys()
     assert type(twin) is rf.Bottleneck and not twin.training
     assert list(twin.state_dict()) == list(ours.state_dict())

@@ -6,7 +6,6 @@ own error) and its float64 twin (the truth), as in the block tests.
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 import resnet_fused as rf
 from resnet_fused.models import reference as R
 from resnet_fused.modules import StemBatchNorm, StemConv, _base
-from tests.utils import INTERPRET, assert_close, randomize_bn
+from utils import INTERPRET, assert_close, copy_via, randomize_bn
 
 CL = torch.channels_last
 
@@ -479,13 +478,7 @@ def test_copy_and_pickle_converted_model_after_eval_forward(how):
     x = tiny_input()
     with torch.no_grad():
         y = model(x)  # leaves fold caches and the stem's last-output marker behind
-    if how == "deepcopy":
-        twin = copy.deepcopy(model)
-    else:
-        buf = io.BytesIO()
-        torch.save(model, buf)
-        buf.seek(0)
-        twin = torch.load(buf, weights_only=False)
+    twin = copy_via(how, model)
     assert type(twin.conv1) is StemConv and twin.conv1._stem_bn is twin.bn1
     with torch.no_grad():
         assert torch.equal(twin(x), y)

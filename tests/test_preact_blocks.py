@@ -16,7 +16,7 @@ from torch import nn
 
 import resnet_fused as rf
 from resnet_fused.modules import _base
-from tests.utils import INTERPRET, assert_close, randomize_bn
+from utils import INTERPRET, assert_close, randomize_bn
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format

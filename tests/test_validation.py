@@ -17,7 +17,7 @@ from torch import nn
 import resnet_fused as rf
 from resnet_fused.models import reference as R
 from tests.test_preact_blocks import RefPreActBottleneck, RefWideBasic
-from tests.utils import INTERPRET, assert_close, assert_nonfinite_match, randomize_bn
+from utils import INTERPRET, assert_close, assert_nonfinite_match, randomize_bn
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1"))]

@@ -92,3 +92,17 @@ def randomize_bn(model, generator=None):
                 m.running_mean.normal_(0, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     return model
+
+
+def copy_via(how: str, module):
+    """A copy of ``module`` by ``copy.deepcopy`` (``how="deepcopy"``) or a torch.save/torch.load
+    round trip (``how="pickle"``): the two ways users duplicate whole modules."""
+    import copy
+    import io
+
+    if how == "deepcopy":
+        return copy.deepcopy(module)
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
