@@ -454,7 +454,7 @@ def test_batch_split_keeps_row_index_in_int32(monkeypatch, fmt):
     monkeypatch.setattr(cba, "_MAX_ROWS", 3 * 5 * 4 + 1)
     calls = []
     real = cba._launch_into
-    monkeypatch.setattr(cba, "_launch_into", lambda out, *a: (calls.append(out.shape[0]), real(out, *a)))
+    monkeypatch.setattr(cba, "_launch_into", lambda out, *a, **k: (calls.append(out.shape[0]), real(out, *a, **k)))
     x = torch.randn(7, 6, 5, 4).contiguous(memory_format=fmt)
     w = torch.randn(9, 6, 3, 3) / 54 ** 0.5
     b, r = torch.randn(9), torch.randn(7, 9, 5, 4)

@@ -90,3 +90,55 @@ class FusedBlockMixin:
 
 def all_foldable(*norms) -> bool:
     return all(is_foldable_bn(n) for n in norms)
+
+
+# ------------------------------------------------------------------------------- fused training
+def training_bn(m) -> bool:
+    """A BatchNorm (or SyncBatchNorm) normalising with batch statistics in this forward."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+
+
+def bias_free_conv(m) -> bool:
+    """A plain conv the fused training path computes exactly (no bias, groups = 1)."""
+    return is_plain_conv(m) and m.bias is None and m.groups == 1
+
+
+def _conv_spec(conv: nn.Conv2d):
+    from ..ops.block_train import ConvSpec
+
+    return ConvSpec(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation))
+
+
+def _bn_spec(norm: nn.Module):
+    from ..ops.batch_stats import sync_group
+    from ..ops.block_train import BNSpec
+
+    return BNSpec(float(norm.eps), norm.weight is not None, sync_group(norm))
+
+
+def run_block_train(x: Tensor, preact: bool, convs, norms, short_conv: Optional[nn.Conv2d] = None,
+                    short_norm: Optional[nn.Module] = None) -> Tensor:
+    """One fused training forward of a block (:class:`~resnet_fused.ops.block_train.BlockTrainFn`),
+    then each BatchNorm's running statistics updated exactly as ``nn.BatchNorm2d`` would.
+
+    ``convs``/``norms``: the main chain in order (post-activation: norm i after conv i;
+    pre-activation: norm i before conv i). ``short_conv``/``short_norm``: the projection shortcut.
+    """
+    from ..ops.batch_stats import update_running_stats
+    from ..ops.block_train import BlockSpec, BlockTrainFn
+
+    cl = torch.channels_last in (memory_format_of(x), memory_format_of(convs[0].weight))
+    spec = BlockSpec(preact, tuple(_conv_spec(c) for c in convs), tuple(_bn_spec(n) for n in norms),
+                     None if short_conv is None else _conv_spec(short_conv),
+                     None if short_norm is None else _bn_spec(short_norm), compute_dtype(x), cl)
+    params = [c.weight for c in convs] + [p for n in norms for p in (n.weight, n.bias)]
+    if short_conv is not None:
+        params.append(short_conv.weight)
+        if short_norm is not None:
+            params += [short_norm.weight, short_norm.bias]
+    out, *stats = BlockTrainFn.apply(spec, x, *params)
+    all_norms = list(norms) + ([short_norm] if short_norm is not None else [])
+    for i, norm in enumerate(all_norms):
+        count, mean, var = stats[3 * i:3 * i + 3]
+        update_running_stats(norm, mean, var, count)
+    return out

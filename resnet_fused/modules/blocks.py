@@ -1,10 +1,14 @@
 """Drop-in ``BasicBlock`` and ``Bottleneck``: torchvision's constructor, attributes and state_dict.
 
 Same function as torchvision's blocks in train and eval mode (ResNet v1.5: stride on the 3x3).
-Training runs the eager path (the block's own BatchNorm modules, so running statistics,
-``momentum=None`` and ``num_batches_tracked`` behave exactly as ``nn.BatchNorm2d``). Eval mode with
-foldable BatchNorms runs fused convs: conv + BN + ReLU, and conv + BN + residual + ReLU for the last
-conv, with the downsample branch's conv + BN fused the same way.
+
+- Training (Triton backend): one fused block (:mod:`resnet_fused.ops.block_train`): each conv's
+  epilogue produces its BN's batch statistics, each BN + ReLU is applied while the next conv loads
+  its input, and the tail is one BN (+ downsample BN) + add + ReLU pass; running statistics,
+  ``momentum=None`` and ``num_batches_tracked`` are updated as ``nn.BatchNorm2d`` does. The
+  ``"torch"`` backend (the default on CPU) runs the block module by module.
+- Eval with foldable BatchNorms: fused convs: conv + BN + ReLU, and conv + BN + residual + ReLU for
+  the last conv, with the downsample branch's conv + BN fused the same way.
 
 Input: x [N, inplanes, H, W] (NCHW or channels_last); output [N, planes * expansion, H', W'] in x's
 memory format, H' = ceil(H / stride).
@@ -16,8 +20,8 @@ from typing import Callable, List, Optional, Tuple
 from torch import Tensor, nn
 
 from .. import _validate
-from ._base import (FusedBlockMixin, all_foldable, conv_bn_pair, conv_out_hw, fx_tracing, is_plain_conv,
-                    is_plain_relu)
+from ._base import (FusedBlockMixin, all_foldable, bias_free_conv, conv_bn_pair, conv_out_hw, fx_tracing,
+                    is_plain_conv, is_plain_relu, run_block_train, training_bn)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -62,11 +66,26 @@ class _TorchvisionBlock(FusedBlockMixin, nn.Module):
             return False
         return all(is_plain_conv(c) for _, c, _ in pairs) and is_plain_relu(self.relu)
 
+    def _train_fusable(self, pairs, x: Tensor) -> bool:
+        """Training with batch statistics in every BN, plain bias-free convs: the fused training path
+        (an empty batch runs eager: nothing to fuse, and BatchNorm's own empty-batch rules apply)."""
+        if not self.training or x.shape[0] == 0 or not is_plain_relu(self.relu):
+            return False
+        if not all(training_bn(n) and bias_free_conv(c) for _, c, n in pairs):
+            return False
+        if self.downsample is None:
+            return True
+        pair = conv_bn_pair(self.downsample)
+        return pair is not None and bias_free_conv(pair[0]) and training_bn(pair[1])
+
     def forward(self, x: Tensor) -> Tensor:
         if fx_tracing():  # symbolic tracing sees the module-by-module forward (shape checks can't trace)
             return self._forward_eager(x)
         pairs = self._pairs()
         self._check(x, pairs)
+        if self._train_fusable(pairs, x) and self._impl(x) == "triton":
+            short = conv_bn_pair(self.downsample) or (None, None)
+            return run_block_train(x, False, [c for _, c, _ in pairs], [n for _, _, n in pairs], *short)
         if not self._fusable(pairs):
             return self._forward_eager(x)
         impl = self._impl(x)

@@ -4,6 +4,10 @@ Pre-activation order (He et al. 2016, Zagoruyko & Komodakis 2016): BN -> ReLU ->
 residual is added after the last conv with no activation. When the shape changes, the shortcut is
 a 1x1 (strided) conv applied to the *pre-activated* input; otherwise it is the raw input.
 
+Training, fused (Triton backend; :mod:`resnet_fused.ops.block_train`): batch statistics of x in one
+pass, then each conv applies its BN + ReLU while loading and produces the next BN's statistics in
+its epilogue; the last conv adds the shortcut. Active dropout (WideBasic, p > 0) runs eager.
+
 Eval mode, fused: the first BN + ReLU is one elementwise pass (:func:`~resnet_fused.ops.bn_act`);
 every later BN is folded into the conv before it (BN2 into conv1, ...), with its ReLU in that conv's
 epilogue; the last conv adds the shortcut in its epilogue. Dropout is the identity in eval.
@@ -18,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate
-from ._base import FusedBlockMixin, all_foldable, conv_out_hw, fx_tracing, is_plain_conv
+from ._base import (FusedBlockMixin, all_foldable, bias_free_conv, conv_out_hw, fx_tracing, is_plain_conv,
+                    run_block_train, training_bn)
 from .blocks import conv1x1, conv3x3
 
 
@@ -33,6 +38,9 @@ class _PreActBlock(FusedBlockMixin, nn.Module):
 
     def _dropout_between(self, i: int, out: Tensor) -> Tensor:
         return out
+
+    def _has_dropout(self) -> bool:
+        return False
 
     def _norm_plan(self, h: int, w: int):
         plan, cur = [], (h, w)
@@ -64,10 +72,23 @@ class _PreActBlock(FusedBlockMixin, nn.Module):
         return (not self.training and all_foldable(*(n for _, n, _ in chain))
                 and all(is_plain_conv(c) for _, _, c in chain) and (sc is None or is_plain_conv(sc)))
 
+    def _train_fusable(self, x: Tensor) -> bool:
+        """Training, every BN on batch statistics, plain bias-free convs, no active dropout (the
+        fused chain applies BN + ReLU inside the next conv, where dropout has no place)."""
+        if not self.training or x.shape[0] == 0 or self._has_dropout():
+            return False
+        sc = self._shortcut_module()
+        return (all(training_bn(n) and bias_free_conv(c) for _, n, c in self._chain())
+                and (sc is None or bias_free_conv(sc)))
+
     def forward(self, x: Tensor) -> Tensor:
         if fx_tracing():  # symbolic tracing sees the module-by-module forward (shape checks can't trace)
             return self._forward_eager(x)
         self._check(x)
+        if self._train_fusable(x) and self._impl(x) == "triton":
+            chain = self._chain()
+            return run_block_train(x, True, [c for _, _, c in chain], [n for _, n, _ in chain],
+                                   self._shortcut_module())
         if not self._fusable():
             return self._forward_eager(x)
         impl = self._impl(x)
@@ -118,6 +139,9 @@ class WideBasic(_PreActBlock):
 
     def _dropout_between(self, i: int, out: Tensor) -> Tensor:
         return F.dropout(out, p=self.dropout, training=self.training) if self.dropout > 0 else out
+
+    def _has_dropout(self) -> bool:
+        return self.training and self.dropout > 0
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}, stride={self.stride}"

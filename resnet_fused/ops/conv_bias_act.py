@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
+from .batch_stats import StatsPartials, tile_stats
 from ._common import (autocast_applies, check_float_tensor, compute_dtype, conv_output_size, conv_uses_tf32,
                       device_guard, memory_format_of, pair, triton_dtype_ok)
 
@@ -75,9 +76,25 @@ def _autotune_configs():
 if triton is not None:
 
     @triton.jit
+    def _bn_relu_prologue(a, mean_ptr, scale_ptr, shift_ptr, c, c_ok, a_ok):
+        """relu((a - mean[c]) * scale[c] + shift[c]) in fp32, back in a's dtype; zero where nothing
+        was loaded (the conv's zero padding pads the *activated* input, so it must stay zero).
+        Centred on the batch mean first, as BatchNorm computes it: a * scale + (shift - mean * scale)
+        would cancel catastrophically when |mean| >> std."""
+        mu = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+        s = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+        h = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+        v = (a.to(tl.float32) - mu) * s + h
+        v = tl.where(v < 0.0, 0.0, v)  # keeps NaN, as torch.relu does
+        return tl.where(a_ok, v, 0.0).to(a.dtype)
+
+    @triton.jit
     def _conv_bias_act_kernel(
         # pointers
         x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+        in_mean_ptr, in_scale_ptr, in_shift_ptr,  # PROLOGUE: per-input-channel batch BN applied at load
+        cnt_part_ptr, anchor_part_ptr, mean_part_ptr, m2_part_ptr,  # STATS: per-tile partials [tiles, COUT]
+        tile0,  # STATS: first partial row of this launch (the batch may be split over launches)
         # sizes: GEMM view M = N*OH*OW, COUT, and the image geometry
         M, COUT, CIN, H, W, OH, OW,
         # strides, in elements
@@ -90,6 +107,8 @@ if triton is not None:
         # meta-parameters
         KH: tl.constexpr, KW: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+        PROLOGUE: tl.constexpr,  # the input is relu((x - in_mean[c]) * in_scale[c] + in_shift[c]): BN + ReLU
+        STATS: tl.constexpr,  # write per-tile channel mean and M2 of the (rounded) output
         FLAT_K: tl.constexpr,  # small Cin (the 3-channel stem): one K loop over (kh, kw, c)
         PRECISION: tl.constexpr,  # "tf32" | "ieee" for fp32 operands
         UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so dot in fp32 there
@@ -132,6 +151,8 @@ if triton is not None:
                 a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a_off = n64[:, None] * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw + c[None, :].to(tl.int64) * sxc
                 a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
+                if PROLOGUE:
+                    a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :], k_ok[None, :], a_ok)
                 b_off = w_cols[None, :] + (c * swi + kh_ * swh + kw_ * sww)[:, None]
                 b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 if UPCAST:
@@ -149,8 +170,10 @@ if triton is not None:
                     for c0 in range(0, CIN, BLOCK_K):
                         c = c0 + rk
                         c_ok = c < CIN
-                        a = tl.load(x_ptr + a_row[:, None] + c[None, :].to(tl.int64) * sxc,
-                                    mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                        a_ok = pix_ok[:, None] & c_ok[None, :]
+                        a = tl.load(x_ptr + a_row[:, None] + c[None, :].to(tl.int64) * sxc, mask=a_ok, other=0.0)
+                        if PROLOGUE:
+                            a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :], c_ok[None, :], a_ok)
                         b = tl.load(w_ptr + b_tap[None, :] + (c * swi)[:, None],
                                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
                         if UPCAST:
@@ -168,53 +191,81 @@ if triton is not None:
         if RELU:
             # where(x < 0) rather than maximum: keeps NaN, as torch.relu does.
             acc = tl.where(acc < 0.0, 0.0, acc)
+        if STATS:
+            # statistics of the values as stored (rounded to the output dtype), as BatchNorm sees them
+            cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+            tile_stats(acc.to(out_ptr.dtype.element_ty).to(tl.float32), mask, cnt, COUT, rn, n_ok, tile0 + pid_m,
+                       anchor_part_ptr, mean_part_ptr, m2_part_ptr)
+            if pid_n == 0:
+                tl.store(cnt_part_ptr + tile0 + pid_m, cnt)
         o_off = (n64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None] + (rn.to(tl.int64) * soc)[None, :]
         tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     _conv_bias_act_kernel_tuned = triton.autotune(
         configs=_autotune_configs(),
-        key=["M", "COUT", "CIN", "KH", "KW", "stride_h", "FLAT_K", "HAS_RES"],
+        key=["M", "COUT", "CIN", "KH", "KW", "stride_h", "FLAT_K", "HAS_RES", "PROLOGUE", "STATS"],
     )(_conv_bias_act_kernel)
 
 
 # ---------------------------------------------------------------------------------------- launcher
 _FLAT_K_MAX_CIN = 8  # below this, a per-tap Cin loop would waste most of each K block
 _MAX_ROWS = 2**31 - 1024  # int32 GEMM row index, with room for the last tile's overhang
+_MIN_BLOCK_M = 32  # smallest BLOCK_M of any config: sizes the STATS partial buffers
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
             stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int], relu: bool,
-            out_dtype: torch.dtype, out_format: torch.memory_format) -> Tensor:
+            out_dtype: torch.dtype, out_format: torch.memory_format,
+            prologue: Optional[Tuple[Tensor, Tensor, Tensor]] = None, stats: bool = False):
+    """Allocate the output and launch (batch-split when needed). Returns ``out``, or with
+    ``stats=True`` ``(out, StatsPartials)``. ``prologue=(mean, scale, shift)``: fp32 [CIN] vectors,
+    the conv reads ``relu((x - mean) * scale + shift)``."""
     N, CIN, H, W = x.shape
     COUT, _, KH, KW = weight.shape
     OH = conv_output_size(H, KH, stride[0], padding[0], dilation[0])
     OW = conv_output_size(W, KW, stride[1], padding[1], dilation[1])
     out = torch.empty((N, COUT, OH, OW), dtype=out_dtype, device=x.device, memory_format=out_format)
     M = N * OH * OW
+    if OH * OW > _MAX_ROWS:
+        raise ValueError(f"x: one image gives {OH * OW} output pixels; the Triton conv handles < {_MAX_ROWS}")
+    # The GEMM row index (n, oh, ow) is int32 in the kernel (offsets are int64): split the batch so
+    # every launch stays below 2^31 rows. Slices are strided views; the kernel takes any strides.
+    per = max(1, _MAX_ROWS // max(1, OH * OW))
+    chunks = [slice(n0, n0 + per) for n0 in range(0, N, per)]
+    parts = None
+    if stats:
+        rows = sum(triton.cdiv(len(range(N)[c]) * OH * OW, _MIN_BLOCK_M) for c in chunks)
+        parts = StatsPartials(rows, COUT, x.device)
     if M == 0 or COUT == 0:
-        return out
+        return (out, parts) if stats else out
     if CIN == 0:  # empty reduction: the conv is zero, only the epilogue remains
         y = torch.zeros_like(out, dtype=torch.float32)
         if bias is not None:
             y += bias.float().view(1, -1, 1, 1)
         if residual is not None:
             y += residual.float()
-        return out.copy_(torch.relu(y) if relu else y)
+        out.copy_(torch.relu(y) if relu else y)
+        if stats:  # one "tile" holding the whole (constant per channel) output
+            yq = out.float()
+            parts.count[0] = M
+            parts.anchor[0] = 0.0
+            parts.mean[0] = yq.mean(dim=(0, 2, 3))
+            parts.m2[0] = ((yq - parts.mean[0].view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+        return (out, parts) if stats else out
     b = bias.contiguous() if bias is not None else None  # the kernel indexes bias densely: bias_ptr + channel
-    if OH * OW > _MAX_ROWS:
-        raise ValueError(f"x: one image gives {OH * OW} output pixels; the Triton conv handles < {_MAX_ROWS}")
-    # The GEMM row index (n, oh, ow) is int32 in the kernel (offsets are int64): split the batch so
-    # every launch stays below 2^31 rows. Slices are strided views; the kernel takes any strides.
-    per = max(1, _MAX_ROWS // (OH * OW))
-    for n0 in range(0, N, per):
-        rows = slice(n0, n0 + per)
-        _launch_into(out[rows], x[rows], weight, b, None if residual is None else residual[rows],
-                     stride, padding, dilation, relu)
-    return out
+    tile0 = 0
+    for rows in chunks:
+        xs = x[rows]
+        _launch_into(out[rows], xs, weight, b, None if residual is None else residual[rows],
+                     stride, padding, dilation, relu, prologue=prologue, parts=parts, tile0=tile0)
+        tile0 += triton.cdiv(xs.shape[0] * OH * OW, _MIN_BLOCK_M)
+    return (out, parts) if stats else out
 
 
 def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-                 stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int], relu: bool) -> None:
+                 stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int], relu: bool,
+                 prologue: Optional[Tuple[Tensor, Tensor, Tensor]] = None, parts: Optional[StatsPartials] = None,
+                 tile0: int = 0) -> None:
     """One kernel launch writing ``out`` (all shapes already checked, fewer than 2^31 GEMM rows)."""
     N, CIN, H, W = x.shape
     COUT, _, KH, KW = weight.shape
@@ -222,20 +273,24 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     M = N * OH * OW
     res = residual if residual is not None else out  # dummy pointer, never read
     b = bias if bias is not None else out
+    in_mean, in_scale, in_shift = prologue if prologue is not None else (out, out, out)
+    partials = (parts.count, parts.anchor, parts.mean, parts.m2) if parts is not None else (out,) * 4
     interpreting = x.device.type == "cpu"
     precision = "tf32" if (x.dtype == torch.float32 and not interpreting and conv_uses_tf32()) else "ieee"
     args = (
         x, weight, b, res, out,
+        in_mean, in_scale, in_shift, *partials, tile0,
         M, COUT, CIN, H, W, OH, OW,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
     )
     meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
+                PROLOGUE=prologue is not None, STATS=parts is not None,
                 FLAT_K=CIN < _FLAT_K_MAX_CIN, PRECISION=precision,
                 UPCAST=interpreting and x.dtype == torch.bfloat16)
     if interpreting:
         # The interpreter runs each program in numpy: one small fixed config, no autotuning.
-        bm, bn, bk = 32, 32, 16
+        bm, bn, bk = _MIN_BLOCK_M, 32, 16
         grid = (triton.cdiv(M, bm) * triton.cdiv(COUT, bn),)
         _conv_bias_act_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
     else:

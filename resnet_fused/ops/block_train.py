@@ -1,0 +1,294 @@
+"""Fused training of a whole residual block: forward and backward as one ``autograd.Function``.
+
+Post-activation blocks (torchvision ``BasicBlock`` with k = 2 convs, ``Bottleneck`` with k = 3)::
+
+    y1 = conv1(x)                          + statistics of y1  -> bn1 (batch mean, scale, shift)
+    yi = convi(relu(bn_{i-1}(y_{i-1})))    BN + ReLU applied while conv i loads; + statistics of yi
+    yd = conv_d(x)                         (downsample branch) + statistics of yd
+    out = relu(bn_k(y_k) + (x | bn_d(yd)))   one pass ("dual scale-bias-add-ReLU" with downsample)
+
+Pre-activation blocks (``WideBasic``, ``PreActBottleneck``)::
+
+    statistics of x                        -> bn1   (one reduction pass: no conv of ours made x)
+    y1 = conv1(relu(bn1(x)))               + statistics -> bn2, and so on
+    out = convk(relu(bn_k(y_{k-1}))) + (x | conv_s(relu(bn1(x))))   residual added in the epilogue
+
+Only the raw conv outputs ``y`` (and x) are kept for the backward: each normalised activation is
+recomputed in one elementwise pass when its conv's weight gradient needs it, and ReLU masks are
+recomputed from ``y`` and the statistics. The BatchNorm + ReLU backward is two passes per BN (one
+reduction, one apply; :mod:`resnet_fused.ops.bn_train`); convolution dgrad/wgrad call
+``aten.convolution_backward`` (cuDNN on GPU, oneDNN on CPU).
+
+Batch statistics are float32 whatever the activation dtype; under ``torch.autocast`` the convs run
+in the autocast dtype and gradients come back in each parameter's dtype, as in eager. With
+``nn.SyncBatchNorm`` the per-channel statistics (forward) and the two gradient sums (backward) are
+reduced across the process group. The Function returns each BatchNorm's batch ``(count, mean,
+var)`` so the caller updates running statistics exactly as ``nn.BatchNorm2d`` does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .batch_stats import StatsPartials, bn_affine, channel_stats_partials, finalize, merge_partials, sync_across_ranks
+from .bn_train import bn_relu_apply, bn_relu_bwd_apply, bn_relu_bwd_reduce
+from .conv_bn_train import conv_train
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class BNSpec:
+    eps: float
+    affine: bool
+    group: object = None  # a torch.distributed process group for SyncBatchNorm, else None
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What one block computes. ``convs``/``bns`` are the main chain in order; ``short_conv`` and
+    ``short_bn`` describe the shortcut (both None: identity)."""
+    preact: bool
+    convs: Tuple[ConvSpec, ...]
+    bns: Tuple[BNSpec, ...]
+    short_conv: Optional[ConvSpec]
+    short_bn: Optional[BNSpec]
+    compute_dtype: torch.dtype
+    channels_last: bool
+
+
+class _BN:
+    """One BatchNorm's batch state in a forward: statistics and the affine built from them."""
+
+    def __init__(self, spec: BNSpec, count: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                 bias: Optional[Tensor]) -> None:
+        self.spec, self.count, self.mean, self.var = spec, count, mean, var
+        self.scale, shift, self.invstd = bn_affine(mean, var, weight, None, spec.eps)
+        # centred form: z = (y - mean) * scale + shift, shift = beta (0 without affine)
+        self.shift = bias.float() if bias is not None else torch.zeros_like(mean)
+
+    def vecs(self) -> Tuple[Tensor, Tensor, Tensor]:
+        return self.mean, self.scale, self.shift
+
+
+def _stats(spec: BNSpec, count: Tensor, anchor: Tensor, mean: Tensor, m2: Tensor, weight, bias) -> _BN:
+    merged = StatsPartials(0, 0, count.device)
+    merged.count, merged.anchor, merged.mean, merged.m2 = count, anchor[None], mean[None], m2[None]
+    if spec.group is not None:
+        c, mu, var = sync_across_ranks(merged, spec.group)
+    else:
+        c, mu, var = finalize(merged)
+    return _BN(spec, c, mu, var, weight, bias)
+
+
+def _conv(x: Tensor, w: Tensor, cs: ConvSpec, spec: BlockSpec, pro: Optional[_BN] = None,
+          residual: Optional[Tensor] = None, stats: bool = False, out_dtype: Optional[torch.dtype] = None):
+    pv = pro.vecs() if pro is not None else (None, None, None)
+    return conv_train(x, w, *pv, residual, list(cs.stride), list(cs.padding), list(cs.dilation),
+                      spec.channels_last, stats, out_dtype or spec.compute_dtype)
+
+
+def _conv_bn(x, w, cs, spec, bns, pro=None, weight=None, bias=None) -> Tensor:
+    """Conv with a statistics epilogue; appends the resulting BN state to ``bns``; returns y."""
+    y, count, anchor, mean, m2 = _conv(x, w, cs, spec, pro, stats=True)
+    bns.append(_stats(spec.bns[len(bns)] if len(bns) < len(spec.bns) else spec.short_bn,
+                      count, anchor, mean, m2, weight, bias))
+    return y
+
+
+def _bn_backward(g: Tensor, y: Tensor, bn: _BN, r: Optional[Tensor] = None, r_bn: Optional[_BN] = None,
+                 r_dtype: Optional[torch.dtype] = None):
+    """``(dy, dr, (dgamma, dbeta), (r's dgamma, dbeta))`` of ``relu(bn(y) + R)`` given its output grad."""
+    rv = r_bn.vecs() if r_bn is not None else (None, None, None)
+    s_g, s_gy, s_gr = bn_relu_bwd_reduce(g, y, *bn.vecs(), r, *rv)
+    # gamma/beta gradients are this rank's sums, as nn.SyncBatchNorm gives them (DDP averages them)
+    grads = (bn.invstd * s_gy, s_g)
+    r_grads = (r_bn.invstd * s_gr, s_g) if r_bn is not None else (None, None)
+    if bn.spec.group is not None:  # SyncBatchNorm: dx needs the sums over every rank's batch
+        import torch.distributed as dist
+
+        packed = torch.stack([s_g, s_gy, s_gr])
+        dist.all_reduce(packed, group=bn.spec.group)
+        s_g, s_gy, s_gr = packed.unbind(0)
+    n = bn.count
+    k2 = -bn.scale * bn.invstd * bn.invstd * s_gy / n
+    k3 = -bn.scale * s_g / n
+    rk2 = rk3 = None
+    if r_bn is not None:
+        rk2 = -r_bn.scale * r_bn.invstd * r_bn.invstd * s_gr / n
+        rk3 = -r_bn.scale * s_g / n
+    dy, dr = bn_relu_bwd_apply(g, y, *bn.vecs(), k2, k3, r, *rv, rk2, rk3, r_dtype or y.dtype)
+    return dy, (dr if r is not None else None), grads, r_grads
+
+
+def _conv_backward(dy: Tensor, a: Tensor, w: Tensor, cs: ConvSpec, need_input: bool):
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        dy.to(a.dtype), a, w, None, list(cs.stride), list(cs.padding), list(cs.dilation), False, [0, 0], 1,
+        [need_input, True, False])
+    return dx, dw
+
+
+def _param_grad(g: Optional[Tensor], p: Optional[Tensor]) -> Optional[Tensor]:
+    return None if g is None or p is None else g.to(p.dtype)
+
+
+class BlockTrainFn(torch.autograd.Function):
+    """``(out, count_1, mean_1, var_1, ..., [shortcut BN's])`` = fused training block.
+
+    Inputs after ``spec``: x, the chain's conv weights, then (gamma, beta) per chain BN, then the
+    shortcut's conv weight and (post-activation) its BN's (gamma, beta); None where absent.
+    Statistics outputs are not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: BlockSpec, x: Tensor, *params):
+        k = len(spec.convs)
+        ws_p = params[:k]
+        gb = params[k:k + 2 * len(spec.bns)]
+        rest = params[k + 2 * len(spec.bns):]
+        cdt = spec.compute_dtype
+        fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+        ws = [w.to(cdt).contiguous(memory_format=fmt) for w in ws_p]
+        xc = x.to(cdt)
+        bns: List[_BN] = []
+        ys: List[Tensor] = []
+        with torch.autocast(x.device.type, enabled=False):
+            if spec.preact:
+                cnt, anc, mu, m2 = _channel_stats(x)
+                bns.append(_stats(spec.bns[0], cnt, anc, mu, m2, gb[0], gb[1]))
+                short = x
+                if spec.short_conv is not None:
+                    ws_s = rest[0].to(cdt).contiguous(memory_format=fmt)
+                    short = _conv(xc, ws_s, spec.short_conv, spec, pro=bns[0])[0]
+                    ws.append(ws_s)
+                cur = xc
+                for i in range(k - 1):
+                    cur = _conv_bn(cur, ws[i], spec.convs[i], spec, bns, pro=bns[i], weight=gb[2 * i + 2],
+                                   bias=gb[2 * i + 3])
+                    ys.append(cur)
+                out = _conv(cur, ws[k - 1], spec.convs[k - 1], spec, pro=bns[k - 1], residual=short,
+                            out_dtype=torch.promote_types(cdt, short.dtype))[0]
+            else:
+                cur = xc
+                for i in range(k):
+                    cur = _conv_bn(cur, ws[i], spec.convs[i], spec, bns, pro=bns[i - 1] if i else None,
+                                   weight=gb[2 * i], bias=gb[2 * i + 1])
+                    ys.append(cur)
+                r, r_bn = x, None
+                if spec.short_conv is not None:
+                    ws_s = rest[0].to(cdt).contiguous(memory_format=fmt)
+                    ws.append(ws_s)
+                    r = _conv_bn(xc, ws_s, spec.short_conv, spec, bns, weight=rest[1], bias=rest[2])
+                    ys.append(r)
+                    r_bn = bns[-1]
+                rv = r_bn.vecs() if r_bn is not None else (None, None, None)
+                out = bn_relu_apply(ys[k - 1], *bns[k - 1].vecs(), r, *rv, cdt)
+        ctx.spec = spec
+        ctx.bns = bns
+        ctx.x_dtype = x.dtype
+        ctx.params = [None if p is None else (p.dtype, p.requires_grad) for p in params]
+        ctx.save_for_backward(x, *ys, *ws)
+        stats = [t for bn in bns for t in (bn.count, bn.mean, bn.var)]
+        ctx.mark_non_differentiable(*stats)
+        return (out, *stats)
+
+    @staticmethod
+    def backward(ctx, g_out, *_):
+        spec: BlockSpec = ctx.spec
+        bns: List[_BN] = ctx.bns
+        saved = ctx.saved_tensors
+        k = len(spec.convs)
+        x = saved[0]
+        n_ys = (k - 1) if spec.preact else (k + (spec.short_conv is not None))
+        ys = saved[1:1 + n_ys]
+        ws = saved[1 + n_ys:]
+        cdt = spec.compute_dtype
+        xc = x.to(cdt)
+        need_x = ctx.needs_input_grad[1]
+        with torch.autocast(x.device.type, enabled=False):
+            if spec.preact:
+                grads = _preact_backward(spec, bns, x, xc, ys, ws, g_out, need_x)
+            else:
+                grads = _postact_backward(spec, bns, x, xc, ys, ws, g_out, need_x)
+        dx, dws, dbn, d_short = grads
+        out = [None, dx.to(ctx.x_dtype) if dx is not None else None]
+        out += list(dws)
+        for dg, db in dbn:
+            out += [dg, db]
+        out += list(d_short)
+        params = ctx.params
+        return tuple(out[:2]) + tuple(
+            None if meta is None else (None if g is None else g.to(meta[0]))
+            for g, meta in zip(out[2:], params))
+
+
+def _channel_stats(x: Tensor):
+    merged = merge_partials(channel_stats_partials(x))
+    return merged.count, merged.anchor[0], merged.mean[0], merged.m2[0]
+
+
+def _postact_backward(spec, bns, x, xc, ys, ws, g_out, need_x):
+    k = len(spec.convs)
+    has_short = spec.short_conv is not None
+    r, r_bn = (ys[k], bns[k]) if has_short else (x, None)
+    dy, dr, gk, gr = _bn_backward(g_out, ys[k - 1], bns[k - 1], r, r_bn, r_dtype=r.dtype)
+    dws: List[Optional[Tensor]] = [None] * k
+    dbn = [None] * k
+    dbn[k - 1] = gk
+    dx = None
+    for i in range(k - 1, -1, -1):
+        if i > 0:
+            a = bn_relu_apply(ys[i - 1], *bns[i - 1].vecs(), None, None, None, None, cdt_of(spec))
+            da, dws[i] = _conv_backward(dy, a, ws[i], spec.convs[i], True)
+            del a
+            dy, _, dbn[i - 1], _ = _bn_backward(da, ys[i - 1], bns[i - 1])
+        else:
+            dx, dws[0] = _conv_backward(dy, xc, ws[0], spec.convs[0], need_x)
+    if has_short:
+        dxs, dws_s = _conv_backward(dr, xc, ws[k], spec.short_conv, need_x)
+        if need_x:
+            dx = dx + dxs
+        d_short = (dws_s, *gr)
+    else:
+        if need_x:
+            dx = dx + dr
+        d_short = (None, None, None)
+    return dx, dws, [_or_none(t) for t in dbn], d_short
+
+
+def _preact_backward(spec, bns, x, xc, ys, ws, g_out, need_x):
+    k = len(spec.convs)
+    cdt = cdt_of(spec)
+    dws: List[Optional[Tensor]] = [None] * k
+    dbn = [None] * k
+    srcs = [x] + list(ys)  # input of conv i is relu(bn_i(srcs[i]))
+    dy = g_out
+    dx = None
+    d_short_w = None
+    for i in range(k - 1, -1, -1):
+        a = bn_relu_apply(srcs[i], *bns[i].vecs(), None, None, None, None, cdt)
+        da, dws[i] = _conv_backward(dy, a, ws[i], spec.convs[i], True)
+        if i == 0 and spec.short_conv is not None:
+            da_s, d_short_w = _conv_backward(g_out, a, ws[k], spec.short_conv, True)
+            da = da + da_s
+        del a
+        dy, _, dbn[i], _ = _bn_backward(da, srcs[i], bns[i])
+    if need_x:
+        dx = dy if spec.short_conv is not None else dy + g_out.to(dy.dtype)
+    return dx, dws, [_or_none(t) for t in dbn], (d_short_w,)
+
+
+def cdt_of(spec: BlockSpec) -> torch.dtype:
+    return spec.compute_dtype
+
+
+def _or_none(t):
+    return t if t is not None else (None, None)
