@@ -49,3 +49,20 @@ def fused_calls(monkeypatch):
 
     monkeypatch.setattr(_base, "_conv_run", spy)
     return calls
+
+
+@pytest.fixture
+def fused_train_calls(monkeypatch):
+    """The ``preact`` flag of every fused training block forward, in order (empty: the blocks
+    trained module by module)."""
+    from resnet_fused.modules import _base
+
+    calls = []
+    real = _base.run_block_train
+
+    def spy(x, preact, *a, **k):
+        calls.append(preact)
+        return real(x, preact, *a, **k)
+
+    monkeypatch.setattr(_base, "run_block_train", spy)
+    return calls

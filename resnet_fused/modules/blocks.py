@@ -20,8 +20,9 @@ from typing import Callable, List, Optional, Tuple
 from torch import Tensor, nn
 
 from .. import _validate
+from . import _base
 from ._base import (FusedBlockMixin, all_foldable, bias_free_conv, conv_bn_pair, conv_out_hw, fx_tracing,
-                    is_plain_conv, is_plain_relu, run_block_train, training_bn)
+                    is_plain_conv, is_plain_relu, training_bn)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -85,7 +86,7 @@ class _TorchvisionBlock(FusedBlockMixin, nn.Module):
         self._check(x, pairs)
         if self._train_fusable(pairs, x) and self._impl(x) == "triton":
             short = conv_bn_pair(self.downsample) or (None, None)
-            return run_block_train(x, False, [c for _, c, _ in pairs], [n for _, _, n in pairs], *short)
+            return _base.run_block_train(x, False, [c for _, c, _ in pairs], [n for _, _, n in pairs], *short)
         if not self._fusable(pairs):
             return self._forward_eager(x)
         impl = self._impl(x)
