@@ -5,14 +5,16 @@
     model = rf.convert(torchvision_model)   # or convert an existing model in place
     with rf.use_backend("triton"): ...
 
-Public API: BasicBlock, Bottleneck, WideBasic, PreActBottleneck, convert, models, ops, and the
-backend controls use_backend / set_backend / get_backend / available_backends.
+Public API: BasicBlock, Bottleneck, WideBasic, PreActBottleneck, convert, models, ops, the
+backend controls use_backend / set_backend / get_backend / available_backends, and the training
+memory switch set_low_memory / use_low_memory / low_memory.
 """
 from . import ops
 from .backends import (BackendUnavailableError, available_backends, get_backend, set_backend,
                        unavailable_reason, use_backend)
 from .convert import ConversionReport, convert
 from .modules import BasicBlock, Bottleneck, PreActBottleneck, WideBasic
+from .train_options import low_memory, set_low_memory, use_low_memory
 from . import models  # noqa: E402  (models import the modules above)
 
 __version__ = "0.1.0"
@@ -20,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BasicBlock", "Bottleneck", "WideBasic", "PreActBottleneck", "convert", "ConversionReport", "models",
     "ops", "use_backend", "set_backend", "get_backend", "available_backends", "unavailable_reason",
-    "BackendUnavailableError", "__version__",
+    "BackendUnavailableError", "low_memory", "set_low_memory", "use_low_memory", "__version__",
 ]

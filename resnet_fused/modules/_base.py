@@ -124,13 +124,16 @@ def run_block_train(x: Tensor, preact: bool, convs, norms, short_conv: Optional[
     ``convs``/``norms``: the main chain in order (post-activation: norm i after conv i;
     pre-activation: norm i before conv i). ``short_conv``/``short_norm``: the projection shortcut.
     """
+    from .. import train_options
     from ..ops.batch_stats import update_running_stats
     from ..ops.block_train import BlockSpec, BlockTrainFn
 
     cl = torch.channels_last in (memory_format_of(x), memory_format_of(convs[0].weight))
+    # low-memory mode: only where the recomputed conv is a cheap 1x1 (Bottleneck's conv3)
+    recompute = (train_options.low_memory() and not preact and tuple(convs[-1].kernel_size) == (1, 1))
     spec = BlockSpec(preact, tuple(_conv_spec(c) for c in convs), tuple(_bn_spec(n) for n in norms),
                      None if short_conv is None else _conv_spec(short_conv),
-                     None if short_norm is None else _bn_spec(short_norm), compute_dtype(x), cl)
+                     None if short_norm is None else _bn_spec(short_norm), compute_dtype(x), cl, recompute)
     params = [c.weight for c in convs] + [p for n in norms for p in (n.weight, n.bias)]
     if short_conv is not None:
         params.append(short_conv.weight)
