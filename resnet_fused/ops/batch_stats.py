@@ -259,19 +259,16 @@ def update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count: Tens
     with torch.no_grad():
         if norm.num_batches_tracked is not None:
             norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:  # cumulative moving average
-            f = 1.0 / norm.num_batches_tracked.to(torch.float32)
-        else:
-            f = torch.tensor(float(norm.momentum), dtype=torch.float32, device=mean.device)
         unbiased = var * (count / (count - 1).clamp(min=1))
         rm, rv = norm.running_mean, norm.running_var
-        rm.copy_(rm * (1 - f) + mean.to(rm.dtype) * f)
-        rv.copy_(rv * (1 - f) + unbiased.to(rv.dtype) * f)
-
-
-def norm_params(norm: nn.Module) -> Tuple[Optional[Tensor], Optional[Tensor], float]:
-    """``(weight, bias, eps)`` of a BatchNorm (weight/bias None when ``affine=False``)."""
-    return norm.weight, norm.bias, float(norm.eps)
+        if norm.momentum is None:  # cumulative moving average: factor 1 / num_batches_tracked, on device
+            f = 1.0 / norm.num_batches_tracked.to(torch.float32)
+            rm.copy_(rm * (1 - f) + mean.to(rm.dtype) * f)
+            rv.copy_(rv * (1 - f) + unbiased.to(rv.dtype) * f)
+        else:  # a Python float: no host-to-device copy, so CUDA graph capture works
+            m = float(norm.momentum)
+            rm.mul_(1 - m).add_(mean.to(rm.dtype), alpha=m)
+            rv.mul_(1 - m).add_(unbiased.to(rv.dtype), alpha=m)
 
 
 __all__: List[str] = ["StatsPartials", "batch_stats_reference", "merge_partials", "channel_stats_partials",
