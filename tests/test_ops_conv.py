@@ -497,3 +497,13 @@ def test_tf32_choice_follows_pytorchs_conv_setting(restore_tf32_flags):
         assert_close(out, conv_bias_act_reference(x, w, padding=1, upcast=True), conv_bias_act_reference(x, w, padding=1))
     cudnn.conv.fp32_precision = "tf32"
     assert conv_uses_tf32()
+
+
+def test_autotune_prunes_tiles_wider_than_the_problem():
+    """GPU autotuning skips tiles wider than Cout or taller than M, but always keeps one config."""
+    configs = cba._autotune_configs()
+    shape = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in cs}  # noqa: E731
+    assert shape(cba._prune_configs(configs, {"M": 802816, "COUT": 64})) == {(128, 64), (64, 64), (32, 64)}
+    assert len(cba._prune_configs(configs, {"M": 10**6, "COUT": 2048})) == len(configs)
+    tiny = cba._prune_configs(configs, {"M": 10, "COUT": 3})
+    assert len(tiny) == 1 and shape(tiny) == {(32, 64)}

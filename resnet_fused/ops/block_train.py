@@ -35,6 +35,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .batch_stats import StatsPartials, bn_affine, channel_stats_partials, finalize, merge_partials, sync_across_ranks
 from .bn_train import bn_relu_apply, bn_relu_bwd_apply, bn_relu_bwd_reduce
@@ -207,6 +208,7 @@ class BlockTrainFn(torch.autograd.Function):
         return (out, *stats)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_out, *_):
         spec: BlockSpec = ctx.spec
         bns: List[_BN] = ctx.bns

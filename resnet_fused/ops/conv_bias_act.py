@@ -73,6 +73,15 @@ def _autotune_configs():
     return configs
 
 
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles wider than the problem (a 128-wide N tile on 64 output channels is half idle):
+    fewer configs to compile and time on first use, none of them a likely winner."""
+    n_cap = max(32, triton.next_power_of_2(int(named_args["COUT"])))
+    m_cap = max(32, triton.next_power_of_2(int(named_args["M"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_M"] <= m_cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
 if triton is not None:
 
     @triton.jit
@@ -204,6 +213,7 @@ if triton is not None:
     _conv_bias_act_kernel_tuned = triton.autotune(
         configs=_autotune_configs(),
         key=["M", "COUT", "CIN", "KH", "KW", "stride_h", "FLAT_K", "HAS_RES", "PROLOGUE", "STATS"],
+        prune_configs_by={"early_config_prune": _prune_configs},
     )(_conv_bias_act_kernel)
 
 
