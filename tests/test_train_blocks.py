@@ -1,0 +1,518 @@
+"""Fused training of the drop-in blocks (``BasicBlock``, ``Bottleneck``, ``WideBasic``,
+``PreActBottleneck``): one ``BlockTrainFn`` per block when the backend resolves to "triton".
+
+Every numerical comparison runs ours (float32, fused), the plain reference in float32 (PyTorch's
+own error) and the reference in float64 (the truth): ours may be at most a few times further from
+the truth than PyTorch (tests/utils.py ``assert_close``). The ``fused_train_calls`` fixture proves
+which path ran (empty: the block trained module by module).
+
+Reused: tests/test_blocks.py (torchvision-structured blocks vs ``resnet_fused.models.reference``)
+and tests/test_preact_blocks.py (pre-activation blocks vs a reference written from the papers).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import resnet_fused as rf
+import test_blocks as tvb
+import test_preact_blocks as pab
+from resnet_fused.models import reference as R
+from resnet_fused.modules._base import FusedBlockMixin
+from test_blocks import assert_state_close, eval_compare, sgd_steps
+from utils import INTERPRET, assert_close, assert_nonfinite_match, randomize_bn
+
+pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                reason="the fused training path needs Triton (TRITON_INTERPRET=1 on CPU)")
+
+CL = torch.channels_last
+NCHW = torch.contiguous_format
+FMTS = dict(argnames="fmt", argvalues=[NCHW, CL], ids=["nchw", "channels_last"])
+
+# Cases the fused training path takes (names from test_blocks.CASES / test_preact_blocks.CASES):
+# identity and projection shortcuts, stride 2, odd channel counts, 7x7 and 5x6 inputs, batch 1 with
+# spatial > 1, dilation 2 (Bottleneck).
+FUSED_CASES = ["basic-identity-7x7", "basic-s2-ds-batch1", "basic-ds-5x6", "bottle-identity",
+               "bottle-s2-ds-batch1", "bottle-dilation2", "wide-identity-7x7", "wide-proj-s2-batch1",
+               "wide-proj-samech-s2", "preact-identity", "preact-proj-s2-batch1"]
+# One per block kind, for the more expensive variations.
+ONE_PER_KIND = ["basic-s2-ds-batch1", "bottle-s2-ds-batch1", "wide-proj-s2-batch1", "preact-identity"]
+
+
+def is_preact(case):
+    return case not in tvb.CASES
+
+
+def build(case, norm=None, seed=0, backend="triton"):
+    """(ours, reference) with one state_dict, both in training mode, ours pinned to ``backend``."""
+    if is_preact(case):
+        ours, ref = pab.build_pair(case, norm=norm or nn.BatchNorm2d, seed=seed)
+    else:
+        ours, ref = tvb.build_pair(case, norm_layer=norm, seed=seed)
+    ours.backend = backend
+    return ours.train(), ref.train()
+
+
+def make_x(case, fmt=NCHW, seed=1):
+    return (pab.make_input if is_preact(case) else tvb.make_input)(case, fmt, seed=seed)
+
+
+def memory_format(t):
+    return CL if t.is_contiguous(memory_format=CL) and not t.is_contiguous() else NCHW
+
+
+def bn_names(block):
+    return [n for n, m in block.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+# ------------------------------------------------------------------ 1. fused training, SGD steps
+@pytest.mark.parametrize(**FMTS)
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_train_three_sgd_steps(case, fmt, fused_train_calls):
+    ours, ref = build(case)
+    sgd_steps(ours, ref, lambda step: make_x(case, fmt, seed=step))  # output layout follows x's
+    assert fused_train_calls == [is_preact(case)] * 3, "each training forward must be one fused block"
+
+
+def test_backend_choice_decides_the_training_path(fused_train_calls):
+    """Global "auto" on CPU and "torch" train eagerly; "triton" (global or pinned) fuses; a block
+    pinned to "torch" stays eager inside ``use_backend("triton")``."""
+    case = "bottle-s2-ds-batch1"
+    ours, ref = build(case, backend=None)
+    rf.set_backend("auto")  # the conftest fixture restores the previous global choice
+    x = make_x(case)
+    ours(x)
+    with rf.use_backend("torch"):
+        ours(x)
+    assert fused_train_calls == []
+    with rf.use_backend("triton"):
+        ours(x)
+    assert fused_train_calls == [False]
+    ours.backend = "torch"
+    with rf.use_backend("triton"):
+        ours(x)
+    assert fused_train_calls == [False]
+    # the global route trains correctly too
+    ours, ref = build(case, backend=None)
+    with rf.use_backend("triton"):
+        sgd_steps(ours, ref, lambda step: make_x(case, CL, seed=step), steps=2)
+    assert fused_train_calls == [False] * 3
+
+
+LAYOUT_BUG = pytest.mark.xfail(strict=True, reason=(
+    "library bug: run_block_train picks the layout from x and convs[0].weight only; a 1x1 weight is "
+    "both NCHW- and channels_last-contiguous, so a Bottleneck/PreActBottleneck with channels_last "
+    "weights fed NCHW x answers NCHW where eager (and the fused eval path) answer channels_last"))
+
+
+@pytest.mark.parametrize("case", ["basic-ds-5x6", "wide-proj-s2-batch1",
+                                  pytest.param("bottle-identity", marks=LAYOUT_BUG),
+                                  pytest.param("preact-proj-s2-batch1", marks=LAYOUT_BUG)])
+def test_channels_last_weights_nchw_input_layout_follows_eager(case, fused_train_calls):
+    """PyTorch's conv gives channels_last when the input *or the weight* is: a block converted with
+    ``.to(memory_format=channels_last)`` fed NCHW input must answer in eager's layout."""
+    ours, ref = build(case)
+    ours.to(memory_format=CL)
+    ref.to(memory_format=CL)
+    x = make_x(case, NCHW)
+    ref64 = copy.deepcopy(ref).double()
+    y, y_ref, y64 = ours(x), ref(x), ref64(x.double())
+    assert fused_train_calls == [is_preact(case)]
+    assert memory_format(y) == memory_format(y_ref), f"strides {y.stride()} vs eager's {y_ref.stride()}"
+    assert_close(y, y64, y_ref, name="output")
+
+
+# --------------------------------------------- 2. momentum=None, affine=False, no running stats
+NORMS = {
+    "momentum-none": functools.partial(nn.BatchNorm2d, momentum=None),
+    "affine-false": functools.partial(nn.BatchNorm2d, affine=False),
+    "no-running-stats": functools.partial(nn.BatchNorm2d, track_running_stats=False),
+    "syncbn-one-process": nn.SyncBatchNorm,  # no process group: plain BatchNorm semantics
+}
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("case", ONE_PER_KIND)
+def test_batchnorm_variants(case, norm, fused_train_calls):
+    ours, ref = build(case, norm=NORMS[norm])
+    bns = [m for m in ours.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norm == "affine-false":
+        assert all(m.weight is None for m in bns)
+    if norm == "no-running-stats":
+        assert all(m.running_mean is None and m.num_batches_tracked is None for m in bns)
+        assert not list(ours.buffers())
+    steps = 4 if norm == "momentum-none" else 3  # cumulative average: factor 1/n changes each step
+    sgd_steps(ours, ref, lambda step: make_x(case, seed=step), steps=steps)
+    assert fused_train_calls == [is_preact(case)] * steps
+    if norm == "momentum-none":
+        assert all(int(m.num_batches_tracked) == steps for m in bns)
+
+
+# ------------------------------------------------------------------------ 3. zero_init_residual
+@pytest.mark.parametrize("case", ["basic-s2-ds-batch1", "bottle-identity"])
+def test_zero_init_residual_trains(case, fused_train_calls):
+    """Last BN's gamma = 0 (``zero_init_residual=True``): the block starts as relu(shortcut + beta),
+    yet that gamma gets a non-zero gradient equal to the reference's, and learns."""
+    ours, ref = build(case)
+    last = "bn3" if ours.expansion == 4 else "bn2"
+    for m in (ours, ref):
+        nn.init.zeros_(getattr(m, last).weight)
+    # what resnet_fused.models.resnet18/50(zero_init_residual=True) does to its blocks
+    model = rf.models.resnet18(zero_init_residual=True) if last == "bn2" else None
+    if model is not None:
+        assert all(float(b.bn2.weight.abs().sum()) == 0 for b in model.modules() if isinstance(b, rf.BasicBlock))
+    ref64 = copy.deepcopy(ref).double()
+    x = make_x(case, seed=0)
+    pab.run_step((ours, ref, ref64), x, tag="zero-init step: ")  # output, x.grad, every grad
+    g = getattr(ours, last).weight.grad
+    assert g is not None and float(g.abs().max()) > 1e-3, f"{last}.weight.grad must not vanish: {g}"
+    # the rest of the residual branch gets exactly nothing through gamma = 0, as in eager
+    assert float(ours.conv1.weight.grad.abs().max()) == 0.0 == float(ref.conv1.weight.grad.abs().max())
+    for m in (ours, ref, ref64):
+        m.zero_grad()
+    ref.load_state_dict(ours.state_dict())  # same starting point (running stats moved once in all)
+    sgd_steps(ours, ref, lambda step: make_x(case, seed=step))
+    assert float(getattr(ours, last).weight.abs().min()) > 0, "the zero-initialised gamma must learn"
+    assert fused_train_calls == [False] * 4
+
+
+# ---------------------------------------------------------------- 4. eval after fused training
+@pytest.mark.parametrize("case", ONE_PER_KIND + ["bottle-dilation2", "wide-identity-7x7"])
+def test_eval_after_fused_training(case, fused_train_calls):
+    ours, ref = build(case)
+    ref64 = sgd_steps(ours, ref, lambda step: make_x(case, seed=step))
+    assert fused_train_calls == [is_preact(case)] * 3
+    ours.backend = None  # follow the global choice, so both eval backends run
+    for backend in ("torch", "triton"):
+        for fmt in (NCHW, CL):
+            x = make_x(case, fmt, seed=9)
+            if is_preact(case):
+                with rf.use_backend(backend):
+                    pab.run_step((ours.eval(), ref.eval(), ref64.eval()), x, grad=False,
+                                 tag=f"eval after train ({backend}): ")
+            else:
+                eval_compare(ours, ref, x, backend, ref64=ref64)
+    assert fused_train_calls == [is_preact(case)] * 3, "eval must not take the training path"
+    # and back to fused training: the eval fold cache must not leak into it
+    ours.backend = "triton"
+    sgd_steps(ours.train(), ref.train(), lambda step: make_x(case, seed=10 + step), steps=1)
+    assert fused_train_calls == [is_preact(case)] * 4
+
+
+# ------------------------------------------------------------------- 5. the cancellation trap
+@pytest.mark.parametrize("where", ["input", "hidden"])
+@pytest.mark.parametrize("case", ONE_PER_KIND)
+def test_large_mean_small_spread(case, where, fused_train_calls):
+    """|mean| >> std in a BatchNorm's input, where sum(y^2) - sum(y)^2/n loses every digit.
+
+    "input": x = 1000 + 0.01 * randn (the first conv's output, or a pre-activation block's x).
+    "hidden": bn1's beta = 1000, so the next conv sees a ~1000-offset input and its output has a
+    mean thousands of times its spread: the statistics from a fused conv epilogue (with the BN+ReLU
+    prologue) must still be right.
+    """
+    ours, ref = build(case)
+    if where == "hidden":
+        with torch.no_grad():
+            for m in (ours, ref):
+                m.bn1.bias.add_(1000.0)
+
+    def make(step):
+        x = make_x(case, seed=step)
+        return 1000.0 + 0.01 * x if where == "input" else x
+
+    sgd_steps(ours, ref, make, steps=2, lr=0.01)  # running_var, output and every grad checked
+    assert fused_train_calls == [is_preact(case)] * 2
+    # the trap is real: the spread of the statistics' input is tiny next to its mean
+    with torch.no_grad():
+        probe = copy.deepcopy(ref).double()
+        seen = {}
+        name = "bn1" if where == "input" else "bn2"
+        getattr(probe, name).register_forward_pre_hook(lambda m, i: seen.__setitem__("y", i[0]))
+        probe(make(0).double())
+        y = seen["y"]
+        ratio = (y.mean(dim=(0, 2, 3)).abs() / y.std(dim=(0, 2, 3))).max()
+    assert ratio > 1e3, f"the test input is no trap: |mean|/std = {ratio:.3g}"
+
+
+# -------------------------------------------------------------------------------- 6. AMP on CPU
+@pytest.mark.parametrize("case", ["basic-identity-7x7", "bottle-s2-ds-batch1", "wide-identity-7x7",
+                                  "preact-proj-s2-batch1"])
+def test_autocast_bfloat16(case, fused_train_calls):
+    """float32 blocks under CPU autocast (bfloat16): output dtype equal to eager's (torchvision's own
+    forward, ``backend="torch"``), float32 parameter grads and running stats, values within 4x
+    eager-bfloat16's own error of the float64 reference."""
+    dt = torch.bfloat16
+    ours, ref = build(case)
+    eager = copy.deepcopy(ours)
+    eager.backend = "torch"
+    ref64 = copy.deepcopy(ref).double()
+    models = (ours, eager, ref64)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    for step in range(2):
+        x = make_x(case, seed=step)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()]
+        with torch.autocast("cpu", dtype=dt):
+            y, y_eager = ours(xs[0]), eager(xs[1])
+        y64 = ref64(xs[2])
+        tag = f"step {step}: "
+        assert y.dtype == y_eager.dtype, f"{tag}output dtype {y.dtype}, eager gives {y_eager.dtype}"
+        assert memory_format(y) == memory_format(y_eager)
+        assert_close(y, y64, y_eager, name=tag + "output", dtype=dt)
+        g = torch.randn(y64.shape, generator=torch.Generator().manual_seed(50 + step))
+        for o in (y, y_eager, y64):
+            (o * g.to(o.dtype)).sum().backward()
+        assert xs[0].grad.dtype == xs[1].grad.dtype == torch.float32
+        assert_close(xs[0].grad, xs[2].grad, xs[1].grad, name=tag + "x.grad", dtype=dt)
+        for (n, p), (_, pe), (_, p64) in zip(*(m.named_parameters() for m in models)):
+            assert p.grad is not None and p.grad.dtype == torch.float32, f"{tag}{n}.grad"
+            assert_close(p.grad, p64.grad, pe.grad, name=f"{tag}{n}.grad", dtype=dt)
+        for o in opts:
+            o.step()
+            o.zero_grad()
+        for (n, b), (_, be), (_, b64) in zip(*(m.named_buffers() for m in models)):
+            if n.endswith("num_batches_tracked"):
+                assert torch.equal(b, be) and int(b) == step + 1, f"{tag}{n}"
+            else:
+                assert b.dtype == torch.float32, f"{tag}{n} is {b.dtype}"
+                assert_close(b, b64, be, name=tag + n, dtype=dt)
+    assert fused_train_calls == [is_preact(case)] * 2
+
+
+# -------------------------------------------------------------------------------- 7. fallbacks
+@pytest.mark.parametrize("case", ["bottle-groups2-s2", "bottle-resnext-bw32", "preact-proj-seq", "wide-dropout"])
+def test_unfusable_blocks_train_eagerly(case, fused_train_calls):
+    """groups > 1, a shortcut that is not a bare conv, active dropout: eager, still exact."""
+    ours, ref = build(case)
+    if case == "wide-dropout":
+        assert ours.dropout == 0.3
+        pab.train_steps(ours, ref, case, dropout_seed=123)  # the same dropout mask in every copy
+    else:
+        sgd_steps(ours, ref, lambda step: make_x(case, seed=step))
+    assert fused_train_calls == []
+    if case == "wide-dropout":  # the same block without dropout fuses: dropout was the reason
+        ours, ref = pab.build_pair(case, dropout=0.0)
+        ours.backend = "triton"
+        sgd_steps(ours.train(), ref.train(), lambda step: make_x(case, seed=step), steps=1)
+        assert fused_train_calls == [True]
+
+
+@pytest.mark.parametrize("case,frozen", [("bottle-s2-ds-batch1", "bn1"), ("bottle-s2-ds-batch1", "bn3"),
+                                          ("bottle-s2-ds-batch1", "downsample.1"), ("basic-ds-5x6", "bn2"),
+                                          ("preact-proj-s2-batch1", "bn1"), ("wide-proj-s2-batch1", "bn2")])
+def test_frozen_batchnorm_inside_training_block(case, frozen, fused_train_calls):
+    """One BN in eval inside a training block (fine-tuning): eager, that BN's statistics untouched."""
+    ours, ref = build(case)
+    assert frozen in bn_names(ours)
+    sgd_steps(ours, ref, lambda step: make_x(case, seed=step), steps=1)  # all BNs training: fused
+    assert fused_train_calls == [is_preact(case)]
+    for m in (ours, ref):
+        m.get_submodule(frozen).eval()
+    before = {k: v.clone() for k, v in ours.get_submodule(frozen).state_dict().items() if "running" in k or "num" in k}
+    sgd_steps(ours, ref, lambda step: make_x(case, seed=5 + step), steps=2)
+    assert fused_train_calls == [is_preact(case)], "a frozen BN must send the block down the eager path"
+    for k, v in ours.get_submodule(frozen).state_dict().items():
+        if k in before:
+            assert torch.equal(v, before[k]), f"frozen {frozen}.{k} changed"
+
+
+def test_float64_block_trains_eagerly(fused_train_calls):
+    """No float64 Triton kernel: a double block pinned to "triton" trains on the PyTorch path."""
+    case = "bottle-s2-ds-batch1"
+    ours, ref = build(case)
+    ours.double()
+    ref64 = copy.deepcopy(ref).double()
+    x = make_x(case).double().requires_grad_()
+    x64 = x.detach().clone().requires_grad_()
+    y, y64 = ours(x), ref64(x64)
+    (y * y64.detach()).sum().backward()
+    (y64 * y64.detach()).sum().backward()
+    assert fused_train_calls == []
+    assert_close(y, y64, name="float64 output")
+    assert_close(x.grad, x64.grad, name="float64 x.grad")
+
+
+@pytest.mark.parametrize(**FMTS)
+@pytest.mark.parametrize("case", ONE_PER_KIND)
+def test_empty_batch_matches_eager(case, fmt, fused_train_calls):
+    """Batch 0: an empty output, and running stats / num_batches_tracked / grads exactly eager's."""
+    ours, ref = build(case)
+    x = make_x(case, fmt)[:0]
+    assert x.shape[0] == 0
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    y, y_ref = ours(xs[0]), ref(xs[1])
+    assert fused_train_calls == []
+    assert y.shape == y_ref.shape and y.numel() == 0 and y.dtype == y_ref.dtype
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert xs[0].grad.shape == x.shape
+    for (n, b), (_, b_ref) in zip(ours.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, b_ref, rtol=0, atol=0, equal_nan=True, msg=f"buffer {n}")
+    for (n, p), (_, p_ref) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert (p.grad is None) == (p_ref.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=0, equal_nan=True, msg=f"{n}.grad")
+    # a non-empty batch afterwards still fuses and matches
+    sgd_steps(ours, ref, lambda step: make_x(case, fmt, seed=step), steps=1)
+    assert fused_train_calls == [is_preact(case)]
+
+
+# ------------------------------------------------------------------------ 8. bad input, no side effects
+def _bad_inputs(case):
+    x = make_x(case)
+    n, c, h, w = x.shape
+    bad = {
+        "wrong-channels": (ValueError, torch.randn(n, c + 1, h, w)),
+        "float64": (TypeError, x.double()),
+        "float16-no-autocast": (TypeError, x.half()),
+        "int": (TypeError, x.to(torch.int64)),
+        "3-D": (ValueError, x[0]),
+        "batch1-1x1": (ValueError, torch.randn(1, c, 1, 1)),
+        "not-a-tensor": (TypeError, x.numpy()),
+    }
+    if (case not in tvb.CASES and pab.CASES[case][1].get("stride", 1) == 2) or \
+            (case in tvb.CASES and tvb.CASES[case][1].get("stride", 1) == 2):
+        # only a BN after the stride-2 conv sees a single value: the first BNs would have run
+        bad["batch1-2x2-stride2"] = (ValueError, torch.randn(1, c, 2, 2))
+    return bad
+
+
+@pytest.mark.parametrize("case", ONE_PER_KIND + ["preact-proj-s2-batch1"])
+def test_bad_input_raises_before_any_statistic_moves(case, fused_train_calls):
+    ours, _ = build(case)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    for what, (exc, x) in _bad_inputs(case).items():
+        with pytest.raises(exc, match="input x"):
+            ours(x)
+        for k, v in ours.state_dict().items():
+            assert torch.equal(v, before[k]), f"{what}: {k} changed before the error"
+        assert fused_train_calls == [], what
+    ours(make_x(case))  # the block is on the fused path for a good input
+    assert fused_train_calls == [is_preact(case)]
+    assert int(ours.bn1.num_batches_tracked) == int(before["bn1.num_batches_tracked"]) + 1
+
+
+# ------------------------------------------------------------------------- 9. NaN / Inf propagation
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("case", ONE_PER_KIND + ["bottle-identity"])
+def test_nonfinite_input_propagates_like_eager(case, value, fused_train_calls):
+    ours, ref = build(case)
+    x = make_x(case)
+    x[0, 0, 1, 1] = value
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    y, y_ref = ours(xs[0]), ref(xs[1])
+    assert fused_train_calls == [is_preact(case)]
+    assert not torch.isfinite(y_ref).all()  # the reference really goes non-finite
+    assert_nonfinite_match(y, y_ref, "output")
+    g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(3))
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert_nonfinite_match(xs[0].grad, xs[1].grad, "x.grad")
+    for (n, p), (_, p_ref) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert_nonfinite_match(p.grad, p_ref.grad, f"{n}.grad")
+    for (n, b), (_, b_ref) in zip(ours.named_buffers(), ref.named_buffers()):
+        assert_nonfinite_match(b, b_ref, n)
+
+
+# ------------------------------------------------------------------------------- 10. model level
+def _pin(model, backend):
+    for m in model.modules():
+        if isinstance(m, FusedBlockMixin):
+            m.backend = backend
+
+
+def _mini_postact(mod):
+    """A small torchvision-style net from ``mod``'s blocks: every block feeds the next one's x."""
+    def ds(cin, cout, stride):
+        return nn.Sequential(R.conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        mod.BasicBlock(8, 8), mod.BasicBlock(8, 12, 2, ds(8, 12, 2)), mod.Bottleneck(12, 3),
+        mod.Bottleneck(12, 4, 2, ds(12, 16, 2)), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+MODELS = {
+    "postact-chain": (lambda: _mini_postact(rf), lambda: _mini_postact(R), (2, 3, 8, 8), [False] * 4),
+    "wrn-10-1": (lambda: rf.models.wrn(10, 1), lambda: R.ref_wrn(10, 1), (2, 3, 8, 8), [True] * 3),
+    "preact-11": (lambda: rf.models.preact_resnet(11), lambda: R.ref_preact_resnet(11), (2, 3, 8, 8), [True] * 3),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_two_sgd_steps(name, fused_train_calls):
+    build_ours, build_ref, shape, per_forward = MODELS[name]
+    torch.manual_seed(0)
+    ref = randomize_bn(build_ref())
+    ours = build_ours()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    _pin(ours, "triton")
+    ref64 = sgd_steps(ours.train(), ref.train(),
+                      lambda s: torch.randn(shape, generator=torch.Generator().manual_seed(s)), steps=2)
+    assert fused_train_calls == per_forward * 2
+    assert_state_close(ours, ref, ref64, what=f"{name} after training: ")
+
+
+# ---------------------------------------------------------------------- 11. activation memory
+def _saved_activations(block, x):
+    """{storage: bytes} that autograd keeps for ``block(x)`` with x's batch dimension (4-D)."""
+    seen = {}
+
+    def pack(t):
+        if t.dim() == 4 and t.shape[0] == x.shape[0]:
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = block(x)
+    return seen, y
+
+
+@pytest.mark.parametrize("case", ["basic-identity-7x7", "basic-ds-5x6", "bottle-identity", "bottle-s2-ds-batch1",
+                                  "wide-identity-7x7", "wide-proj-s2-batch1", "preact-identity",
+                                  "preact-proj-s2-batch1"])
+def test_fused_block_saves_fewer_activation_bytes(case, fused_train_calls):
+    """Bytes of saved activations, derived from the shapes.
+
+    Post-activation, convs 1..k with outputs y_i, optional downsample output yd, block output out:
+      fused keeps x, y_1..y_k, yd (normalised activations and ReLU masks are recomputed);
+      eager keeps x, each y_i (BN input) and for i < k its ReLU output (next conv's input), yd and
+      the output (the final ReLU's result).
+    Pre-activation, a = relu(bn1(x)), y_i (i < k) the inner conv outputs:
+      fused keeps x, y_1..y_{k-1}; eager keeps x, a, each y_i and its ReLU output.
+    """
+    ours, ref = build(case)
+    x = make_x(case, seed=0).requires_grad_()
+    assert x.shape[0] == 2 and all(p.shape[0] != 2 for p in ours.parameters()), "batch dim must be unique"
+    with rf.use_low_memory(False):  # the default mode (an env var could switch it)
+        fused, y = _saved_activations(ours, x)
+    assert fused_train_calls == [is_preact(case)]
+    eager, _ = _saved_activations(ref, x)
+
+    # shapes of every intermediate, from an eager float64 run with hooks
+    shapes = {}
+    probe = copy.deepcopy(ref).double()
+    for name, m in probe.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, o.numel() * 4))
+    with torch.no_grad():
+        probe(x.detach().double())
+    xb, outb = x.numel() * 4, y.numel() * 4
+    if is_preact(case):
+        inner = [shapes[f"conv{i}"] for i in (1, 2, 3) if f"conv{i}" in shapes][:-1]
+        want_fused = xb + sum(inner)
+        want_eager = xb + xb + 2 * sum(inner)
+    else:
+        convs = [shapes[f"conv{i}"] for i in (1, 2, 3) if f"conv{i}" in shapes]
+        yd = shapes.get("downsample.0", 0)
+        want_fused = xb + sum(convs) + yd
+        want_eager = xb + 2 * sum(convs[:-1]) + convs[-1] + yd + outb
+    assert sum(eager.values()) == want_eager, "the accounting of eager's saved tensors is off"
+    assert sum(fused.values()) <= want_fused, \
+        f"fused keeps {sum(fused.values())} bytes, more than x and the raw conv outputs ({want_fused})"
+    ratio = sum(fused.values()) / sum(eager.values())
+    assert ratio <= want_fused / want_eager < 1, f"fused/eager saved bytes {ratio:.3f}"
