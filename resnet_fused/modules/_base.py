@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ..ops._common import compute_dtype, conv_output_size, memory_format_of, triton_dtype_ok
+from ..ops._common import compute_dtype, conv_output_size, memory_format_of, triton_dtype_ok, weight_memory_format
 from ..ops.bn_act import _run as _bn_act_run
 from ..ops.conv_bias_act import _run as _conv_run
 from ..ops.fold import FoldCache, is_foldable_bn
@@ -74,7 +74,7 @@ class FusedBlockMixin:
         """``relu?(norm(conv(x)) + residual)`` as one fused conv, ``norm`` (eval BN or None) folded."""
         # the Triton kernel reads channels_last weights; grouped convs run on the PyTorch path,
         # where a channels_last weight would only make PyTorch produce (then undo) that layout
-        w_fmt = memory_format_of(conv.weight)
+        w_fmt = weight_memory_format(conv.weight)
         fmt = torch.channels_last if impl == "triton" and conv.groups == 1 else w_fmt
         w, b = self._fold.get(key, conv, norm, memory_format=fmt)
         # PyTorch's rule for a conv's output: channels_last if the input or the weight is
@@ -128,7 +128,9 @@ def run_block_train(x: Tensor, preact: bool, convs, norms, short_conv: Optional[
     from ..ops.batch_stats import update_running_stats
     from ..ops.block_train import BlockSpec, BlockTrainFn
 
-    cl = torch.channels_last in (memory_format_of(x), memory_format_of(convs[0].weight))
+    # PyTorch's rule, followed through the chain: once a conv's input or weight is channels_last,
+    # its output is, and so is every later activation of the block
+    cl = torch.channels_last in [memory_format_of(x)] + [weight_memory_format(c.weight) for c in convs]
     # low-memory mode: only where the recomputed conv is a cheap 1x1 (Bottleneck's conv3)
     recompute = (train_options.low_memory() and not preact and tuple(convs[-1].kernel_size) == (1, 1))
     spec = BlockSpec(preact, tuple(_conv_spec(c) for c in convs), tuple(_bn_spec(n) for n in norms),

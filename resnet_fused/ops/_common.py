@@ -67,6 +67,18 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def weight_memory_format(w: Tensor) -> torch.memory_format:
+    """The memory format PyTorch reads a conv weight as: by its strides, as ATen's
+    ``suggest_memory_format`` does. Unlike :func:`memory_format_of`, a 1x1 weight converted with
+    ``.to(memory_format=torch.channels_last)`` counts as channels_last (it is both), and makes the
+    conv's output channels_last, as in eager."""
+    try:
+        from torch._prims_common import suggest_memory_format
+    except ImportError:  # pragma: no cover - older torch
+        return memory_format_of(w)
+    return suggest_memory_format(w) if w.dim() == 4 else torch.contiguous_format
+
+
 def conv_uses_tf32() -> bool:
     """Whether PyTorch runs float32 convolutions on TF32 tensor cores (cuDNN's setting).
 
