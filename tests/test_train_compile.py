@@ -14,7 +14,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import resnet_fused as rf
 from resnet_fused.models import reference as R
