@@ -25,14 +25,6 @@ pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU tensors: the Triton b
 CL = torch.channels_last
 NCHW = torch.contiguous_format
 
-PREACT_XFAIL = pytest.mark.xfail(
-    strict=True, raises=torch._dynamo.exc.Unsupported,
-    reason="library bug: the pre-activation fused training path computes x's batch statistics with raw "
-           "Triton launches (batch_stats.channel_stats_partials / merge_partials from "
-           "block_train._channel_stats), not a torch.library custom op like every other fused-training "
-           "kernel, so dynamo cannot trace it (graph break -> error under fullgraph=True)")
-
-
 def _preact(kind):
     torch.manual_seed(0)
     if kind == "wide":
@@ -159,7 +151,7 @@ def _run_two_steps(case, backend, recorder=None):
     return compiled
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=PREACT_XFAIL) if c in PREACT else c for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_compile_aot_eager_fullgraph_two_steps(case):
     from torch._dynamo.testing import AotEagerAndRecordGraphs
 

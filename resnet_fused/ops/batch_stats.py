@@ -193,6 +193,22 @@ def channel_stats_partials(x: Tensor) -> StatsPartials:
     return parts
 
 
+@torch.library.custom_op("resnet_fused::channel_stats", mutates_args=())
+def channel_stats(x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-channel ``(count [1], anchor [C], mean offset [C], m2 [C])`` of ``x`` [N, C, H, W]
+    (dense NCHW or channels_last), merged; :func:`finalize` turns it into mean and variance.
+    A custom op, so ``torch.compile`` traces blocks that call it."""
+    merged = merge_partials(channel_stats_partials(x))
+    return merged.count, merged.anchor[0], merged.mean[0], merged.m2[0]
+
+
+@channel_stats.register_fake
+def _(x):
+    C = x.shape[1]
+    return (x.new_empty((1,), dtype=torch.float32),
+            *(x.new_empty((C,), dtype=torch.float32) for _ in range(3)))
+
+
 # ------------------------------------------------------------------------ the BN from batch stats
 def finalize(merged: StatsPartials) -> Tuple[Tensor, Tensor, Tensor]:
     """``(count [1], mean [C], biased var [C])`` float32 from a merged row. An empty batch gives
@@ -272,4 +288,5 @@ def update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count: Tens
 
 
 __all__: List[str] = ["StatsPartials", "batch_stats_reference", "merge_partials", "channel_stats_partials",
+                      "channel_stats",
                       "finalize", "tile_stats", "pixel_channel_offsets", "sync_across_ranks", "sync_group", "bn_affine", "update_running_stats"]

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .batch_stats import StatsPartials, bn_affine, channel_stats_partials, finalize, merge_partials, sync_across_ranks
+from .batch_stats import StatsPartials, bn_affine, channel_stats, finalize, sync_across_ranks
 from .bn_train import bn_relu_apply, bn_relu_bwd_apply, bn_relu_bwd_reduce
 from .conv_bn_train import conv_train
 
@@ -167,7 +167,7 @@ class BlockTrainFn(torch.autograd.Function):
         ys: List[Tensor] = []
         with torch.autocast(x.device.type, enabled=False):
             if spec.preact:
-                cnt, anc, mu, m2 = _channel_stats(x)
+                cnt, anc, mu, m2 = channel_stats(x)
                 bns.append(_stats(spec.bns[0], cnt, anc, mu, m2, gb[0], gb[1]))
                 short = x
                 if spec.short_conv is not None:
@@ -236,11 +236,6 @@ class BlockTrainFn(torch.autograd.Function):
         return tuple(out[:2]) + tuple(
             None if meta is None else (None if g is None else g.to(meta[0]))
             for g, meta in zip(out[2:], params))
-
-
-def _channel_stats(x: Tensor):
-    merged = merge_partials(channel_stats_partials(x))
-    return merged.count, merged.anchor[0], merged.mean[0], merged.m2[0]
 
 
 def _postact_backward(spec, bns, x, xc, ys, ws, g_out, need_x):
