@@ -46,7 +46,6 @@ CASES = {
     "widebasic-proj-s2": (lambda: _preact("wide"), (2, 4, 7, 7), NCHW),
     "preact-bottleneck-proj-s2": (lambda: _preact("preact"), (2, 8, 7, 7), NCHW),
 }
-PREACT = {"widebasic-proj-s2", "preact-bottleneck-proj-s2"}
 
 
 @pytest.fixture(autouse=True, scope="module")
