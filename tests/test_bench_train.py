@@ -1,0 +1,180 @@
+"""benchmarks/bench_train.py: the CPU mode end to end (a subprocess, Triton kernels through the
+interpreter), a broken provider recorded as wrong and untimed (in process, monkeypatched), the AMP
+step on the PyTorch path, and the GPU configuration checked without a GPU (case names, state_dict
+compatibility, probe names, output shapes).
+
+The subprocess runs with one intra-op thread, as tests/test_bench_and_main.py does.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: import it from the tree
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import bench_train, common  # noqa: E402
+from resnet_fused import backends  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(not backends.triton_interpreting(),
+                                       reason="in-process CPU Triton needs TRITON_INTERPRET=1 at import")
+
+
+def _rows(out_dir: Path):
+    files = sorted(out_dir.glob("*_train.json"))
+    assert len(files) == 1, files
+    data = json.loads(files[0].read_text())
+    assert tuple(data) == ("env", "rows") and tuple(data["env"]) == common.ENV_KEYS
+    with open(files[0].with_suffix(".csv")) as f:
+        assert len(list(csv.DictReader(f))) == len(data["rows"])
+    return data["rows"]
+
+
+def _check_timed(row, dtype="fp32"):
+    assert tuple(row) == common.ROW_KEYS
+    assert row["bench"] == "train" and row["mode"] == "train_step" and row["dtype"] == dtype
+    assert row["correct"] is True, row
+    assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
+    assert math.isclose(row["images_per_s"], row["batch"] * 1e3 / row["median_ms"], rel_tol=1e-3)
+    assert row["peak_mem_mb"] is None  # CPU
+
+
+def _check_untimed(row):
+    assert row["correct"] is False
+    assert row["median_ms"] is None and row["p20_ms"] is None and row["p80_ms"] is None
+    assert row["images_per_s"] is None and row["peak_mem_mb"] is None
+
+
+# ------------------------------------------------------------------------------------ end to end
+def test_cpu_mode_end_to_end(tmp_path):
+    pytest.importorskip("triton")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--device", "cpu", "--out", str(tmp_path)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = _rows(tmp_path)
+    names = ["resnet50.layer1.1", "resnet50.layer2.0", "wrn10-1"]
+    assert [(x["model"], x["provider"]) for x in rows] == [(n, p) for n in names for p in ("eager", "triton")]
+    for row in rows:
+        _check_timed(row)
+        assert row["batch"] == 2
+    assert {x["model"]: x["shape"] for x in rows} == {"resnet50.layer1.1": "16x8x8", "resnet50.layer2.0": "16x8x8",
+                                                      "wrn10-1": "3x8x8"}
+    # the triton provider really trained through the fused blocks (one per Bottleneck, three in WRN-10-1)
+    fused = {m: int(n) for m, p, n in re.findall(r"^  (\S+) b2 fp32 (\w+) *; ok .*fused blocks/step (\d+)",
+                                                  r.stdout, re.M) if p == "triton"}
+    assert fused == {"resnet50.layer1.1": 1, "resnet50.layer2.0": 1, "wrn10-1": 3}, r.stdout
+    assert "eager/triton" in r.stdout and "WRONG" not in r.stdout + r.stderr
+
+
+@needs_interpreter
+@pytest.mark.parametrize("how", ["wrong", "raises"])
+def test_broken_provider_is_recorded_wrong_and_untimed(tmp_path, monkeypatch, capsys, how):
+    from resnet_fused.modules import _base
+
+    real = _base.run_block_train
+
+    def broken(*args, **kwargs):
+        if how == "raises":
+            raise RuntimeError("deliberately broken kernel")
+        return real(*args, **kwargs) * 1.01  # 1% off: far beyond 4x eager's fp32 error
+
+    monkeypatch.setattr(_base, "run_block_train", broken)
+    rc = bench_train.main(["--device", "cpu", "--cases", "resnet50.layer1.1", "--out", str(tmp_path)])
+    assert rc == 1
+    rows = _rows(tmp_path)
+    assert [x["provider"] for x in rows] == ["eager", "triton"]
+    _check_timed(rows[0])
+    _check_untimed(rows[1])
+    err = capsys.readouterr().err
+    assert ("WRONG resnet50.layer1.1 b2 fp32 triton" if how == "wrong" else "FAILED resnet50.layer1.1") in err, err
+
+
+def test_triton_skipped_with_a_note_without_the_interpreter(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_train.backends, "triton_interpreting", lambda: False)
+    rc = bench_train.main(["--device", "cpu", "--cases", "resnet50.layer2.0", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path)
+    assert [x["provider"] for x in rows] == ["eager"]
+    _check_timed(rows[0])
+    assert "triton skipped" in capsys.readouterr().out
+
+
+def test_amp_step_on_the_pytorch_path(tmp_path):
+    """fp16 autocast, the static loss scale and the block's output gradient, judged by the same
+    checks (the "torch" provider runs our modules module by module: eager's numerics)."""
+    rc = bench_train.main(["--device", "cpu", "--providers", "eager", "torch", "--dtypes", "fp16",
+                           "--cases", "resnet50.layer2.0", "wrn10-1", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path)
+    assert [(x["model"], x["provider"]) for x in rows] == [
+        ("resnet50.layer2.0", "eager"), ("resnet50.layer2.0", "torch"), ("wrn10-1", "eager"), ("wrn10-1", "torch")]
+    for row in rows:
+        _check_timed(row, dtype="fp16")
+
+
+# ---------------------------------------------------------------------- GPU configuration, on CPU
+def test_gpu_job_lists():
+    quick = [(j.case.name, j.batch, j.dtype) for j in bench_train.gpu_jobs(quick=True)]
+    assert quick == [("resnet50.layer1.1", 256, "fp16"), ("resnet50.layer2.0", 256, "fp16"),
+                     ("resnet50", 256, "fp16"), ("wrn28-10", 128, "fp16")]
+    full = [(j.case.name, j.batch, j.dtype) for j in bench_train.gpu_jobs(quick=False)]
+    assert len(full) == 8 + 1 + 2 and full[-2:] == [("wrn28-10", 128, "fp16"), ("wrn28-10", 128, "fp32")]
+    assert {j.case.chw for j in bench_train.gpu_jobs(quick=False) if j.case.kind == "model"} == {(3, 224, 224),
+                                                                                                 (3, 32, 32)}
+    args = bench_train.parse_args(["--quick", "--device", "cpu", "--no-compile"])
+    assert bench_train.make_config(args).deadline is not None  # --quick stops starting providers in time
+    with pytest.raises(SystemExit, match="--cases"):
+        bench_train.make_config(bench_train.parse_args(["--device", "cpu", "--cases", "resnet7"]))
+
+
+def test_gpu_cases_build_probe_and_shape():
+    """Every full-mode case: ours takes the reference's state_dict, the checked parameters and
+    buffers exist in both, and a block's declared output shape is its real one."""
+    seen = set()
+    for job in bench_train.gpu_jobs(quick=False):
+        case = job.case
+        if case.name in seen:
+            continue
+        seen.add(case.name)
+        ref, ours = case.build_ref(), case.build_ours("triton")
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        for m in (ref, ours):
+            params, bufs = dict(m.named_parameters()), dict(m.named_buffers())
+            assert all(p in params for p in case.probes), (case.name, [p for p in case.probes if p not in params])
+            assert all(b in bufs for b in case.buffers), (case.name, [b for b in case.buffers if b not in bufs])
+        if case.kind == "block":
+            with torch.no_grad():
+                out = ref.eval()(torch.randn(1, *case.chw))
+            assert tuple(out.shape[1:]) == case.out_chw, case.name
+        del ref, ours
+
+
+def test_strict_fp32_restores_the_switches():
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    with bench_train.strict_fp32():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_judge_missing_quantity_and_eager_bound():
+    ref = {"out": torch.ones(4, dtype=torch.float64), "grad w": torch.ones(3, dtype=torch.float64)}
+    good = {"out": torch.ones(4), "grad w": torch.ones(3)}
+    assert bench_train.judge(good, ref, None, "fp32").ok
+    v = bench_train.judge({"out": torch.ones(4), "grad w": None}, ref, None, "fp32")
+    assert not v.ok and v.worst_key == "grad w"
+    noisy = {"out": torch.ones(4) * 1.01, "grad w": torch.ones(3)}
+    assert not bench_train.judge(noisy, ref, good, "fp32").ok       # eager exact: floor bound
+    assert bench_train.judge(noisy, ref, noisy, "fp32").ok          # eager as far off: within 4x
