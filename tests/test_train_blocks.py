@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import statistics
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ import test_preact_blocks as pab
 from resnet_fused.models import reference as R
 from resnet_fused.modules._base import FusedBlockMixin
 from test_blocks import assert_state_close, eval_compare, sgd_steps
-from utils import INTERPRET, assert_close, assert_nonfinite_match, randomize_bn
+from utils import FLOOR, INTERPRET, assert_close, assert_nonfinite_match, randomize_bn, rel_err
 
 pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                                 reason="the fused training path needs Triton (TRITON_INTERPRET=1 on CPU)")
@@ -110,8 +111,8 @@ LAYOUT_BUG = pytest.mark.xfail(strict=True, reason=(
 
 
 @pytest.mark.parametrize("case", ["basic-ds-5x6", "wide-proj-s2-batch1",
-                                  pytest.param("bottle-identity", marks=LAYOUT_BUG),
-                                  pytest.param("preact-proj-s2-batch1", marks=LAYOUT_BUG)])
+                                  "bottle-identity",
+                                  "preact-proj-s2-batch1"])
 def test_channels_last_weights_nchw_input_layout_follows_eager(case, fused_train_calls):
     """PyTorch's conv gives channels_last when the input *or the weight* is: a block converted with
     ``.to(memory_format=channels_last)`` fed NCHW input must answer in eager's layout."""
@@ -204,82 +205,146 @@ def test_eval_after_fused_training(case, fused_train_calls):
 
 
 # ------------------------------------------------------------------- 5. the cancellation trap
-@pytest.mark.parametrize("where", ["input", "hidden"])
-@pytest.mark.parametrize("case", ONE_PER_KIND)
-def test_large_mean_small_spread(case, where, fused_train_calls):
-    """|mean| >> std in a BatchNorm's input, where sum(y^2) - sum(y)^2/n loses every digit.
+def train_compare(ours, ref, make, steps, lr=0.01, momentum=0.9):
+    """``sgd_steps`` for blocks some of whose parameters are frozen (``requires_grad=False``):
+    output, x.grad, every trainable parameter's grad and every buffer, against fp32 and fp64."""
+    ref64 = copy.deepcopy(ref).double()
+    models = (ours, ref, ref64)
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+            for m in models]
+    for step in range(steps):
+        x = make(step)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()]
+        outs = [m(xi) for m, xi in zip(models, xs)]
+        g = torch.randn(outs[1].shape, generator=torch.Generator().manual_seed(100 + step))
+        for o in outs:
+            (o * g.to(o.dtype)).sum().backward()
+        tag = f"step {step}: "
+        assert_close(outs[0], outs[2], outs[1], name=tag + "output")
+        assert_close(xs[0].grad, xs[2].grad, xs[1].grad, name=tag + "x.grad")
+        for (n, p0), (_, p1), (_, p2) in zip(*(m.named_parameters() for m in models)):
+            if p0.requires_grad:
+                assert_close(p0.grad, p2.grad, p1.grad, name=f"{tag}{n}.grad")
+            else:
+                assert p0.grad is None and p1.grad is None
+        for o in opts:
+            o.step()
+            o.zero_grad()
+        assert_state_close(ours, ref, ref64, what=tag)
 
-    "input": x = 1000 + 0.01 * randn (the first conv's output, or a pre-activation block's x).
-    "hidden": bn1's beta = 1000, so the next conv sees a ~1000-offset input and its output has a
-    mean thousands of times its spread: the statistics from a fused conv epilogue (with the BN+ReLU
-    prologue) must still be right.
-    """
+
+# (case, how the trap is set, the BatchNorms whose input has |mean| >> std, frozen parameters)
+TRAPS = {
+    # x = 1000 + 0.01 randn: a 1x1 conv (Bottleneck conv1, the downsample) keeps x's offset; a
+    # pre-activation block normalises x itself. (A zero-padded 3x3 conv does not: its border
+    # outputs miss part of the offset, so its output spreads widely.)
+    "basic-input": ("basic-s2-ds-batch1", "input", ["downsample.1"], []),
+    "bottle-input": ("bottle-s2-ds-batch1", "input", ["bn1", "downsample.1"], []),
+    "wide-input": ("wide-proj-s2-batch1", "input", ["bn1"], []),
+    "preact-input": ("preact-identity", "input", ["bn1"], []),
+    # beta = 1000 on the BN before a 1x1 conv: that conv's output (statistics from the fused
+    # epilogue, input through the BN+ReLU prologue) has a mean thousands of times its spread.
+    # Bottleneck: bn2's beta then has an exactly zero gradient (the ReLU after it never cuts, and
+    # bn3 removes any shift of conv3's output), so its fp32 value is rounding noise around 0 in
+    # PyTorch as in ours, no measure of accuracy: it is frozen. (In the pre-activation block the
+    # projection shortcut reads the shifted activation, so bn1's beta has a real gradient.)
+    "bottle-hidden": ("bottle-s2-ds-batch1", "bn2", ["bn3"], ["bn2.bias"]),
+    "preact-hidden": ("preact-proj-s2-batch1", "bn1", ["bn2"], []),
+}
+
+
+@pytest.mark.parametrize("trap", list(TRAPS))
+def test_large_mean_small_spread(trap, fused_train_calls):
+    """|mean| >> std in a BatchNorm's input, where sum(y^2)/n - mean^2 loses every digit: running
+    stats, output and every gradient still within 4x PyTorch's own fp32 error."""
+    case, how, trapped, frozen = TRAPS[trap]
     ours, ref = build(case)
-    if where == "hidden":
-        with torch.no_grad():
-            for m in (ours, ref):
-                m.bn1.bias.add_(1000.0)
+    with torch.no_grad():
+        for m in (ours, ref):
+            if how != "input":
+                m.get_submodule(how).bias.add_(1000.0)
+            for name in frozen:
+                m.get_parameter(name).requires_grad_(False)
 
     def make(step):
         x = make_x(case, seed=step)
-        return 1000.0 + 0.01 * x if where == "input" else x
+        return 1000.0 + 0.01 * x if how == "input" else x
 
-    sgd_steps(ours, ref, make, steps=2, lr=0.01)  # running_var, output and every grad checked
-    assert fused_train_calls == [is_preact(case)] * 2
-    # the trap is real: the spread of the statistics' input is tiny next to its mean
+    # the trap is real: in float64, every trapped BN's input has |mean| / std > 1000 somewhere
+    probe, seen = copy.deepcopy(ref).double(), {}
+    for name in trapped:
+        probe.get_submodule(name).register_forward_pre_hook(
+            lambda m, i, name=name: seen.__setitem__(name, i[0].detach()))
     with torch.no_grad():
-        probe = copy.deepcopy(ref).double()
-        seen = {}
-        name = "bn1" if where == "input" else "bn2"
-        getattr(probe, name).register_forward_pre_hook(lambda m, i: seen.__setitem__("y", i[0]))
         probe(make(0).double())
-        y = seen["y"]
-        ratio = (y.mean(dim=(0, 2, 3)).abs() / y.std(dim=(0, 2, 3))).max()
-    assert ratio > 1e3, f"the test input is no trap: |mean|/std = {ratio:.3g}"
+    for name in trapped:
+        y = seen[name]
+        ratio = float((y.mean(dim=(0, 2, 3)).abs() / y.std(dim=(0, 2, 3))).max())
+        assert ratio > 1e3, f"{name}: |mean|/std = {ratio:.3g}, no trap"
+
+    train_compare(ours, ref, make, steps=2)
+    assert fused_train_calls == [is_preact(case)] * 2
 
 
 # -------------------------------------------------------------------------------- 6. AMP on CPU
+AMP_DRAWS = 5
+
+
 @pytest.mark.parametrize("case", ["basic-identity-7x7", "bottle-s2-ds-batch1", "wide-identity-7x7",
                                   "preact-proj-s2-batch1"])
 def test_autocast_bfloat16(case, fused_train_calls):
-    """float32 blocks under CPU autocast (bfloat16): output dtype equal to eager's (torchvision's own
-    forward, ``backend="torch"``), float32 parameter grads and running stats, values within 4x
-    eager-bfloat16's own error of the float64 reference."""
+    """float32 blocks trained under CPU autocast (bfloat16), fused vs eager under the same autocast
+    (torchvision's own forward: the block with ``backend="torch"``) vs float64.
+
+    Output: eager's dtype and layout, within 4x eager-bf16's error, every draw. Parameter grads
+    and x.grad float32, running stats float32 (the latter within 4x eager's error every draw).
+    Gradients: the *median* over independent draws within 4x eager's median. A single draw is no
+    measure there: a pre-activation within bf16 rounding of 0 flips its ReLU mask, an O(1) change
+    of that element's gradient that BN's backward spreads over the channel. That happens to eager
+    and fused alike (about one flip per ReLU layer at these sizes), so one draw's error is either
+    ~4e-3 or several times that, by luck; a systematic precision loss would raise every draw's
+    error, and so the median.
+    """
     dt = torch.bfloat16
-    ours, ref = build(case)
-    eager = copy.deepcopy(ours)
-    eager.backend = "torch"
-    ref64 = copy.deepcopy(ref).double()
-    models = (ours, eager, ref64)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
-    for step in range(2):
-        x = make_x(case, seed=step)
+    grad_errs = {}
+    for draw in range(AMP_DRAWS):
+        ours, ref = build(case, seed=draw)
+        eager = copy.deepcopy(ours)
+        eager.backend = "torch"
+        ref64 = copy.deepcopy(ref).double()
+        models = (ours, eager, ref64)
+        x = make_x(case, seed=10 + draw)
         xs = [x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()]
         with torch.autocast("cpu", dtype=dt):
             y, y_eager = ours(xs[0]), eager(xs[1])
         y64 = ref64(xs[2])
-        tag = f"step {step}: "
+        tag = f"draw {draw}: "
         assert y.dtype == y_eager.dtype, f"{tag}output dtype {y.dtype}, eager gives {y_eager.dtype}"
         assert memory_format(y) == memory_format(y_eager)
         assert_close(y, y64, y_eager, name=tag + "output", dtype=dt)
-        g = torch.randn(y64.shape, generator=torch.Generator().manual_seed(50 + step))
+        g = torch.randn(y64.shape, generator=torch.Generator().manual_seed(50 + draw))
         for o in (y, y_eager, y64):
             (o * g.to(o.dtype)).sum().backward()
         assert xs[0].grad.dtype == xs[1].grad.dtype == torch.float32
-        assert_close(xs[0].grad, xs[2].grad, xs[1].grad, name=tag + "x.grad", dtype=dt)
+        grads = [("x.grad", xs[0].grad, xs[1].grad, xs[2].grad)]
         for (n, p), (_, pe), (_, p64) in zip(*(m.named_parameters() for m in models)):
-            assert p.grad is not None and p.grad.dtype == torch.float32, f"{tag}{n}.grad"
-            assert_close(p.grad, p64.grad, pe.grad, name=f"{tag}{n}.grad", dtype=dt)
-        for o in opts:
-            o.step()
-            o.zero_grad()
+            assert p.grad is not None and p.grad.dtype == torch.float32 == pe.grad.dtype, f"{tag}{n}.grad"
+            grads.append((n + ".grad", p.grad, pe.grad, p64.grad))
+        for n, a, e, r in grads:
+            grad_errs.setdefault(n, []).append((rel_err(a, r), rel_err(e, r)))
         for (n, b), (_, be), (_, b64) in zip(*(m.named_buffers() for m in models)):
             if n.endswith("num_batches_tracked"):
-                assert torch.equal(b, be) and int(b) == step + 1, f"{tag}{n}"
+                assert torch.equal(b, be) and int(b) == 1, f"{tag}{n}"
             else:
                 assert b.dtype == torch.float32, f"{tag}{n} is {b.dtype}"
                 assert_close(b, b64, be, name=tag + n, dtype=dt)
-    assert fused_train_calls == [is_preact(case)] * 2
+    assert fused_train_calls == [is_preact(case)] * AMP_DRAWS
+    for n, errs in grad_errs.items():
+        ours_med = statistics.median(e for e, _ in errs)
+        eager_med = statistics.median(e for _, e in errs)
+        bound = max(FLOOR[dt], 4 * eager_med)
+        assert ours_med <= bound, (f"{n}: median relative error {ours_med:.3e} over {AMP_DRAWS} draws > "
+                                   f"{bound:.3e} (4x eager's median {eager_med:.3e}); per draw (ours, eager): {errs}")
 
 
 # -------------------------------------------------------------------------------- 7. fallbacks
@@ -396,25 +461,50 @@ def test_bad_input_raises_before_any_statistic_moves(case, fused_train_calls):
 
 
 # ------------------------------------------------------------------------- 9. NaN / Inf propagation
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("case", ONE_PER_KIND + ["bottle-identity"])
-def test_nonfinite_input_propagates_like_eager(case, value, fused_train_calls):
+def _nonfinite_run(case, value):
     ours, ref = build(case)
     x = make_x(case)
     x[0, 0, 1, 1] = value
     xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
     y, y_ref = ours(xs[0]), ref(xs[1])
-    assert fused_train_calls == [is_preact(case)]
-    assert not torch.isfinite(y_ref).all()  # the reference really goes non-finite
-    assert_nonfinite_match(y, y_ref, "output")
     g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(3))
     (y * g).sum().backward()
     (y_ref * g).sum().backward()
+    return ours, ref, xs, y, y_ref
+
+
+def _bn_biases(block):
+    return {f"{n}.bias" for n in bn_names(block)}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("case", ONE_PER_KIND + ["bottle-identity"])
+def test_nonfinite_input_propagates_like_eager(case, value, fused_train_calls):
+    """One NaN/Inf in x: the output, x.grad, the conv and gamma grads and the running statistics
+    have eager's NaN/Inf pattern (BN betas: see the xfail test below)."""
+    ours, ref, xs, y, y_ref = _nonfinite_run(case, value)
+    assert fused_train_calls == [is_preact(case)]
+    assert not torch.isfinite(y_ref).all()  # the reference really goes non-finite
+    assert_nonfinite_match(y, y_ref, "output")
     assert_nonfinite_match(xs[0].grad, xs[1].grad, "x.grad")
+    betas = _bn_biases(ours)
     for (n, p), (_, p_ref) in zip(ours.named_parameters(), ref.named_parameters()):
-        assert_nonfinite_match(p.grad, p_ref.grad, f"{n}.grad")
+        if n not in betas:
+            assert_nonfinite_match(p.grad, p_ref.grad, f"{n}.grad")
     for (n, b), (_, b_ref) in zip(ours.named_buffers(), ref.named_buffers()):
         assert_nonfinite_match(b, b_ref, n)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug: the fused BN+ReLU backward masks the gradient with (z > 0), which is False for a "
+    "NaN pre-activation, so beta's gradient (sum of the masked gradient) is 0 where eager's is NaN: "
+    "PyTorch's ReLU backward (threshold_backward: z <= 0 ? 0 : g) lets the gradient through at NaN"))
+@pytest.mark.parametrize("case,value", [("bottle-identity", float("nan")), ("preact-identity", float("inf"))])
+def test_nonfinite_input_beta_grads_like_eager(case, value):
+    ours, ref, _, _, _ = _nonfinite_run(case, value)
+    for (n, p), (_, p_ref) in zip(ours.named_parameters(), ref.named_parameters()):
+        if n in _bn_biases(ours):
+            assert_nonfinite_match(p.grad, p_ref.grad, f"{n}.grad")
 
 
 # ------------------------------------------------------------------------------- 10. model level
@@ -486,8 +576,9 @@ def test_fused_block_saves_fewer_activation_bytes(case, fused_train_calls):
       fused keeps x, y_1..y_{k-1}; eager keeps x, a, each y_i and its ReLU output.
     """
     ours, ref = build(case)
-    x = make_x(case, seed=0).requires_grad_()
-    assert x.shape[0] == 2 and all(p.shape[0] != 2 for p in ours.parameters()), "batch dim must be unique"
+    # a batch size no weight has as its first dimension, so the filter sees activations only
+    n = next(n for n in (2, 3, 5, 7) if all(p.shape[0] != n for p in ours.parameters()))
+    x = torch.randn(n, *make_x(case).shape[1:], generator=torch.Generator().manual_seed(0)).requires_grad_()
     with rf.use_low_memory(False):  # the default mode (an env var could switch it)
         fused, y = _saved_activations(ours, x)
     assert fused_train_calls == [is_preact(case)]
