@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything a GPU session runs, in one device call: about 9 minutes on an H100 machine.
+# Everything a GPU session runs: about 12 minutes on an H100 machine (the first four steps, about
+# 9 minutes, fit one 10-minute device call; see "More than one device call" in benchmarks/README.md).
 #
 #   bash benchmarks/run_gpu.sh        # logs and results under $OUT (default ./gpu_out)
 #
@@ -12,10 +13,13 @@
 #          (-m "not gpu") on the GPU without TRITON_INTERPRET; all end before the benchmarks start
 #   bench  python -m benchmarks.bench_blocks --quick --out $OUT
 #   main   python -m resnet_fused --device cuda --dtype fp16 --channels-last --batch 256
+#   train  python -m benchmarks.bench_train --quick --out $OUT (training step: eager vs fused vs
+#          torch.compile; it starts no provider after 150 s and rewrites its results after each case)
 #
 # Environment knobs: OUT; SHARDS (4, or 1 for one plain pytest process); STEPS (default
-# "env tests bench main"); T_TESTS / T_BENCH / T_MAIN (seconds per step, default 270 / 170 / 80);
-# DEADLINE (seconds for the whole script, default 540: a step gets at most what is left).
+# "env tests bench main train"); T_TESTS / T_BENCH / T_MAIN / T_TRAIN (seconds per step, default
+# 270 / 170 / 80 / 170); DEADLINE (seconds for the whole script, default 710 = 10 for env + the four
+# step caps + 10 for the summary: a step gets at most what is left).
 # No network and no installs: the repository runs from PYTHONPATH.
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,11 +32,12 @@ export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}  # later processes 
 unset TRITON_INTERPRET                                        # real kernels, compiled for the GPU
 PY=${PYTHON:-python}
 SHARDS=${SHARDS:-4}
-STEPS=${STEPS:-"env tests bench main"}
+STEPS=${STEPS:-"env tests bench main train"}
 T_TESTS=${T_TESTS:-270}
 T_BENCH=${T_BENCH:-170}
 T_MAIN=${T_MAIN:-80}
-DEADLINE=${DEADLINE:-540}
+T_TRAIN=${T_TRAIN:-170}
+DEADLINE=${DEADLINE:-710}
 START=$(date +%s)
 
 # pytest that turns timeout's SIGTERM into KeyboardInterrupt: a timed-out run still prints its
@@ -170,6 +175,9 @@ fi
 if want main; then
     run_fg "main resnet50 b256" "$T_MAIN" "$OUT/main.log" "$PY" -m resnet_fused --device cuda --dtype fp16 \
         --channels-last --batch 256 --json "$OUT/main_resnet50_fp16_cl_b256.json"
+fi
+if want train; then  # last: the steps before it keep their place in the first 9 minutes
+    run_fg train "$T_TRAIN" "$OUT/bench_train.log" "$PY" -m benchmarks.bench_train --quick --out "$OUT"
 fi
 
 # ------------------------------------------------------------------------------------- summary
