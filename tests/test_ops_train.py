@@ -179,6 +179,21 @@ def test_conv_train_stats_off_same_output():
     assert_close(y, ref64, same, name="y")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("shape", ["3x3_5to7_flatk", "3x3s2_9to5"])
+def test_conv_train_nan_propagates(shape):
+    """A NaN input survives the prologue's ReLU (as torch.relu keeps it) and reaches the outputs
+    whose window holds it, and from them every channel's statistics."""
+    x, wt, pro, r, conv = make_conv_case(CONV_SHAPES[shape], torch.float32, prologue=True)
+    x[0, 1, 2, 3] = float("nan")
+    y, count, anchor, offset, m2 = run_conv_train(x, wt, pro, r, conv)
+    ref64, same = conv_refs(x, wt, pro, r, conv)
+    assert torch.isnan(ref64).any() and not torch.isnan(ref64).all()
+    assert_close(y, ref64, same, name="y")
+    check_stats(y, count, anchor, offset, m2)
+    assert torch.isnan(anchor + offset).all()
+
+
 # ------------------------------------------------------------------------ prologue zero padding
 @pytest.mark.parametrize("shape", [(2, 3, 6, 5, 4, 3, 1, 1, 1), (1, 8, 6, 7, 5, 3, 2, 2, 1)],
                          ids=["flatk_pad1", "pertap_s2_pad2"])
@@ -355,7 +370,7 @@ def test_channel_stats_partials(case, center, spread, poisoned_empty):
     data = x.permute(0, 2, 3, 1).reshape(-1, shape[1])  # [pixels, C]
     check_merged(merge_partials(channel_stats_partials(x)), data, name=case)
     if shape[0] * shape[2] * shape[3] == 1:
-        assert torch.equal(finalize(merge_partials(channel_stats_partials(x)))[2], torch.zeros(shape[1]))
+        assert torch.equal(finalize(merge_partials(channel_stats_partials(x)))[2], torch.zeros(shape[1], device=DEVICE))
 
 
 # ======================================================================== batch split + stats
@@ -381,8 +396,10 @@ def test_batch_split_keeps_stats(monkeypatch, out_cl, poisoned_empty):
 BN_SHAPE = (2, 37, 9, 9)  # 162 pixels: two pixel blocks; 37 channels: two channel blocks
 
 
-def make_bn_case(res, dtype=torch.float32, fmt=NCHW, shape=BN_SHAPE, r_dtype=None):
-    """y with its batch (mean, scale, shift), and the residual with its own BN for res == 2."""
+def make_bn_case(res, dtype=torch.float32, fmt=NCHW, shape=BN_SHAPE, r_dtype=None, center=(3.0, -2.0),
+                 spread=(2.0, 3.0)):
+    """y with its batch (mean, scale, shift), and the residual with its own BN for res == 2
+    (``center``/``spread``: of y and r)."""
     c = shape[1]
 
     def bn_of(t):
@@ -390,11 +407,12 @@ def make_bn_case(res, dtype=torch.float32, fmt=NCHW, shape=BN_SHAPE, r_dtype=Non
         gamma = torch.randn(c, device=DEVICE)  # mixed signs
         return mean.float(), (gamma / (var + 1e-5).sqrt()).float(), 0.5 * torch.randn(c, device=DEVICE)
 
-    y = (3.0 + 2.0 * torch.randn(shape, device=DEVICE)).to(dtype).contiguous(memory_format=fmt)
+    y = (center[0] + spread[0] * torch.randn(shape, device=DEVICE)).to(dtype).contiguous(memory_format=fmt)
     vecs = bn_of(y)
     r, rvecs = None, (None, None, None)
     if res:
-        r = (-2.0 + 3.0 * torch.randn(shape, device=DEVICE)).to(r_dtype or dtype).contiguous(memory_format=fmt)
+        r = (center[1] + spread[1] * torch.randn(shape, device=DEVICE)).to(r_dtype or dtype)
+        r = r.contiguous(memory_format=fmt)
         if res == 2:
             rvecs = bn_of(r)
     return y, vecs, r, rvecs
@@ -425,6 +443,20 @@ def test_bn_relu_apply(res, fmt, poisoned_empty):
     ref64 = apply_reference(y, vecs, r, rvecs, torch.float32, upcast=True)
     assert (ref64 == 0).any() and (ref64 > 0).any()
     assert_close(out, ref64, apply_reference(y, vecs, r, rvecs, torch.float32, upcast=False), name="out")
+
+
+def test_bn_relu_apply_centres_before_scaling(poisoned_empty):
+    """y ~1000 +- 1e-2 and r ~-1000 +- 1e-2 with their batch BNs: (y - mean) * scale + shift is
+    exact, where the folded y * scale + (shift - mean * scale) would lose every digit."""
+    y, vecs, r, rvecs = make_bn_case(2, shape=(2, 5, 7, 7), center=(1000.0, -1000.0), spread=(1e-2, 1e-2))
+    out = ops.bn_relu_apply(y, *vecs, r, *rvecs, torch.float32)
+    ref64 = apply_reference(y, vecs, r, rvecs, torch.float32, upcast=True)
+    same = apply_reference(y, vecs, r, rvecs, torch.float32, upcast=False)
+    assert (ref64 > 0).any()
+    assert_close(out, ref64, same, name="out")
+    v = (1, -1, 1, 1)
+    folded = torch.relu(sum(t * s.view(v) + (h - mu * s).view(v) for t, (mu, s, h) in ((y, vecs), (r, rvecs))))
+    assert rel_err(folded, ref64) > 100 * max(1e-5, 4 * rel_err(same, ref64))
 
 
 @pytest.mark.parametrize("y_dtype,r_dtype,out_dtype", [
@@ -544,13 +576,13 @@ def test_update_running_stats_matches_batchnorm(cfg):
     statistics follow nn.BatchNorm2d's rule, num_batches_tracked exactly."""
     kw = RUNNING[cfg]
     c = 6
-    ours, ref32 = nn.BatchNorm2d(c, **kw), nn.BatchNorm2d(c, **kw)
+    ours, ref32 = nn.BatchNorm2d(c, **kw).to(DEVICE), nn.BatchNorm2d(c, **kw).to(DEVICE)
     if ours.running_mean is not None:
         with torch.no_grad():
             for m in (ours, ref32):
                 m.running_mean.copy_(torch.linspace(-1, 1, c))
                 m.running_var.copy_(torch.linspace(0.5, 2, c))
-    ref64 = nn.BatchNorm2d(c, **kw).double()
+    ref64 = nn.BatchNorm2d(c, **kw).to(DEVICE, torch.float64)
     ref64.load_state_dict(ref32.state_dict())
     for shape, center in [((3, c, 4, 5), 2.0), ((1, c, 2, 3), -1.0), ((2, c, 1, 1), 0.5), ((2, c, 3, 3), 4.0)]:
         x = center + torch.randn(shape, device=DEVICE)
@@ -570,9 +602,9 @@ def test_update_running_stats_matches_batchnorm(cfg):
 # ======================================================================== custom op registration
 def _opcheck_cases():
     x, wt, pro, r, conv = make_conv_case((1, 3, 5, 5, 4, 3, 1, 1, 1), torch.float32, True, True)
-    y, vecs, rr, rvecs = make_bn_case(2, shape=(2, 3, 4, 4))
+    y, vecs, rr, rvecs = make_bn_case(2, fmt=CL, shape=(2, 3, 4, 4))  # a fake with the wrong layout shows
     g = torch.randn_like(y)
-    k = torch.randn(3)
+    k = torch.randn(3, device=DEVICE)
     return {
         "conv_train": (ops.conv_train.default,
                        (x, wt, *pro, r, conv["stride"], conv["padding"], conv["dilation"], True, True, torch.float32)),
@@ -593,6 +625,7 @@ def test_custom_ops_registered_and_opcheck(name):
 
 
 # ================================================================================ empty inputs
+@pytest.mark.filterwarnings("ignore:var\\(\\):UserWarning")  # statistics of nothing
 @pytest.mark.parametrize("out_cl", [False, True], ids=["out_nchw", "out_cl"])
 def test_conv_train_empty_batch(out_cl):
     x, wt, pro, r, conv = make_conv_case((0, 5, 9, 7, 6, 3, 2, 1, 1), torch.float32, True, True)
@@ -621,14 +654,15 @@ def test_conv_train_empty_batch_with_stats():
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-2000:]}"
 
 
+@pytest.mark.filterwarnings("ignore:var\\(\\):UserWarning")  # statistics of nothing
 @pytest.mark.parametrize("res", [0, 1, 2], ids=["res0", "res1_identity", "res2_bn"])
 def test_bn_ops_empty(res):
     y, vecs, r, rvecs = make_bn_case(res, shape=(0, 4, 3, 3))
     out = ops.bn_relu_apply(y, *vecs, r, *rvecs, torch.bfloat16)
     assert out.shape == (0, 4, 3, 3) and out.dtype == torch.bfloat16
     sums = ops.bn_relu_bwd_reduce(y, y, *vecs, r, *rvecs)
-    assert all(torch.equal(s, torch.zeros(4)) for s in sums)
-    k = torch.zeros(4)
+    assert all(torch.equal(s, torch.zeros(4, device=DEVICE)) for s in sums)
+    k = torch.zeros(4, device=DEVICE)
     rk = (k, k) if res == 2 else (None, None)
     dy, dr = ops.bn_relu_bwd_apply(y, y, *vecs, k, k, r, *rvecs, *rk, torch.float32)
     assert dy.shape == y.shape and dr.shape == (y.shape if res else (0,))
