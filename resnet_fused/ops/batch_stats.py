@@ -86,38 +86,44 @@ if triton is not None:
                       T, C, TILES_PER_PROG,
                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
         # Program (g, cb) merges partial rows [g * TILES_PER_PROG, ...) of channels cb*BLOCK_C...
-        # around one anchor: its first row's (so every offset below is small when |mean| >> std).
+        # Means are carried as offsets from an anchor that is a value of the data (the anchor of
+        # the first written row), so every offset below is small when |mean| >> std.
         g = tl.program_id(0)
         rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = rc < C
         t_begin = g * TILES_PER_PROG
-        t_end = tl.minimum(t_begin + TILES_PER_PROG, T)
-        k0 = tl.load(anchor_in + t_begin.to(tl.int64) * C + rc, mask=c_ok, other=0.0)
-        k0 = tl.where(tl.load(cnt_in + t_begin) > 0, k0, 0.0)  # an unwritten row holds garbage
+        t_end = tl.minimum(t_begin + TILES_PER_PROG, T)  # > t_begin: every program gets a row
         n_acc = tl.sum(tl.zeros((BLOCK_T,), dtype=tl.float32), axis=0)
+        k_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         mean_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         m2_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for t0 in range(t_begin, t_end, BLOCK_T):
             rt = t0 + tl.arange(0, BLOCK_T)
             t_ok = rt < t_end
             cnt = tl.load(cnt_in + rt, mask=t_ok, other=0.0)
-            ok = (t_ok & (cnt > 0))[:, None] & c_ok[None, :]
+            written = t_ok & (cnt > 0)
+            ok = written[:, None] & c_ok[None, :]
+            # this chunk's anchor: its first written row's (rows with count 0 hold garbage)
+            first = tl.minimum(tl.min(tl.where(written, rt, t_end), axis=0), t_end - 1)
+            kc = tl.load(anchor_in + first.to(tl.int64) * C + rc, mask=c_ok, other=0.0)
             off = rt.to(tl.int64)[:, None] * C + rc[None, :]
-            m = (tl.load(anchor_in + off, mask=ok, other=0.0) - k0[None, :]) + tl.load(mean_in + off, mask=ok, other=0.0)
+            m = (tl.load(anchor_in + off, mask=ok, other=0.0) - kc[None, :]) + tl.load(mean_in + off, mask=ok, other=0.0)
+            m = tl.where(ok, m, 0.0)  # a chunk with no written row has a garbage anchor
             q = tl.load(m2_in + off, mask=ok, other=0.0)
-            # this chunk as one piece (deviations from its own mean), then Chan into the total
+            # the chunk as one piece (deviations from its own mean), then Chan into the total
             n_b = tl.sum(cnt, axis=0)
             mean_b = tl.sum(cnt[:, None] * m, axis=0) / tl.maximum(n_b, 1.0)
             d = tl.where(ok, m - mean_b[None, :], 0.0)
             m2_b = tl.sum(q, axis=0) + tl.sum(cnt[:, None] * d * d, axis=0)
+            k_acc = tl.where(n_acc > 0, k_acc, tl.where(n_b > 0, kc, 0.0))  # the first data seen anchors
             n = n_acc + n_b
             w_b = n_b / tl.maximum(n, 1.0)
-            delta = mean_b - mean_acc
+            delta = tl.where(n_b > 0, (kc - k_acc) + mean_b - mean_acc, 0.0)
             mean_acc = mean_acc + delta * w_b
             m2_acc = m2_acc + m2_b + delta * delta * (n_acc * w_b)
             n_acc = n
         out = g.to(tl.int64) * C + rc
-        tl.store(anchor_out + out, k0, mask=c_ok)
+        tl.store(anchor_out + out, k_acc, mask=c_ok)
         tl.store(mean_out + out, mean_acc, mask=c_ok)
         tl.store(m2_out + out, m2_acc, mask=c_ok)
         if tl.program_id(1) == 0:
@@ -163,7 +169,12 @@ def merge_partials(parts: StatsPartials) -> StatsPartials:
     cnt, anchor, mean, m2 = parts.count, parts.anchor, parts.mean, parts.m2
     C = mean.shape[1]
     block_t, block_c = (64, 32) if interpreting(mean) else (32, 64)
-    per = _ROWS_PER_PROG
+    per = max(2, _ROWS_PER_PROG)  # 1 would never shrink
+    if cnt.shape[0] == 0:  # nothing was written (an empty batch): count 0, NaN statistics later
+        out = StatsPartials(1, C, mean.device)
+        for t in (out.anchor, out.mean, out.m2):
+            t.zero_()
+        return out
     with device_guard(mean):
         while True:
             T = cnt.shape[0]
