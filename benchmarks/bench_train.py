@@ -24,8 +24,9 @@ Providers: ``eager`` (the plain reference network of :mod:`resnet_fused.models.r
 compile time (the wall time of its first step, compile included) cannot be a result-file column
 (:data:`benchmarks.common.ROW_KEYS` is fixed) and is printed in the log and the summary table.
 Optional: ``torch`` (our network on the PyTorch path: module by module when training).
-``eager`` and ``triton`` run first for every case; ``compile`` runs after all of them, so a run cut
-short by a timeout keeps the fused-vs-eager answer (results are rewritten after every case).
+``eager`` and ``triton`` run first for every case; ``compile`` runs after all of them (whole models
+first), so a run cut short by a timeout keeps the fused-vs-eager answer (results are rewritten after
+every case; ``--quick`` starts no provider later than 150 s after the start: ``--deadline``).
 
 Correctness before timing: every provider takes one step from the same state on the same batch;
 its output, loss (whole models) or input gradient (blocks), a few parameter gradients and
@@ -36,8 +37,8 @@ the rest). Each relative error must be within max(dtype floor, 4 x eager's error
 time. The log also says how many fused training blocks ran per step (0 for triton would mean the
 fused path was not taken).
 
-Timing: CUDA events per step after 7 warm-up steps (the first three of the harness's estimate
-included), 20 timed steps (``--reps``), median with the 20th/80th percentiles, the same input copies
+Timing: CUDA events per step after 7 untimed steps (the harness's first call, its 5-step estimate
+and 1 warm-up), 20 timed steps (``--reps``), median with the 20th/80th percentiles, the same input copies
 for every provider, providers one after another; no CUDA graphs. ``peak_mem_mb``: the most CUDA
 memory allocated during the timed steps minus what was allocated just before them (parameters,
 momentum buffers and inputs excluded: activations, gradients, workspaces and temporaries).
@@ -580,10 +581,11 @@ def _mb(v: Optional[float]) -> str:
 
 # -------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(common.RESULTS_DIR), help="directory for the JSON and CSV results")
     p.add_argument("--quick", action="store_true",
-                   help="GPU: blocks layer1.1 and layer2.0, ResNet-50 and WRN-28-10, fp16 only (< 3 min on an H100)")
+                   help="GPU: blocks layer1.1 and layer2.0, ResNet-50, WRN-28-10, fp16 only (meant for < 3 min "
+                        "on an H100)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     p.add_argument("--no-compile", action="store_true", help="GPU: leave out torch.compile")
     p.add_argument("--providers", nargs="+", choices=TRAIN_PROVIDERS, default=None,
@@ -668,10 +670,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             common.write_results(args.out, BENCH, env, rows)
 
     try:
-        for providers in (early, late):
+        # late providers (compile) take the whole models first: the headline numbers before the blocks
+        late_jobs = sorted(cfg.jobs, key=lambda j: j.case.kind != "model")
+        for providers, jobs in ((early, cfg.jobs), (late, late_jobs)):
             if not providers:
                 continue
-            for job in cfg.jobs:
+            for job in jobs:
                 run_job(job, providers, cfg, rows, infos)
                 save()  # after every case: a run cut short keeps what it measured
     finally:
