@@ -268,3 +268,17 @@ def test_bad_inputs(case, backend):
 def test_cuda_backend_is_refused_with_the_reason():
     with pytest.raises(BackendUnavailableError, match="not built"):
         bn_act(*make_case(SHAPES["2x5x7x7"], torch.float32), backend="cuda")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1")
+def test_backward_lets_gradient_through_nan_like_relu():
+    """PyTorch's ReLU backward zeroes the gradient only where the pre-activation is <= 0: at a NaN
+    it passes. The fused backward must do the same (it recomputes the mask from the output)."""
+    x = torch.randn(2, 3, 4, 5)
+    x[0, 1, 2, 3] = float("nan")
+    scale, shift = torch.rand(3) + 0.5, torch.randn(3)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    bn_act(xs[0], scale, shift, backend="triton").backward(torch.ones(2, 3, 4, 5))
+    bn_act_reference(xs[1], scale, shift).backward(torch.ones(2, 3, 4, 5))
+    assert xs[0].grad[0, 1, 2, 3] == xs[1].grad[0, 1, 2, 3] == scale[1]
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)

@@ -507,3 +507,17 @@ def test_autotune_prunes_tiles_wider_than_the_problem():
     assert len(cba._prune_configs(configs, {"M": 10**6, "COUT": 2048})) == len(configs)
     tiny = cba._prune_configs(configs, {"M": 10, "COUT": 3})
     assert len(tiny) == 1 and shape(tiny) == {(32, 64)}
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1")
+def test_backward_lets_gradient_through_nan_like_relu():
+    """A NaN output of the fused ReLU passes its gradient back, as ``torch.relu``'s backward does."""
+    x = torch.randn(1, 2, 4, 4)
+    x[0, 0, 1, 1] = float("nan")
+    w = torch.randn(3, 2, 1, 1)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    conv_bias_act(xs[0], w, backend="triton").sum().backward()
+    conv_bias_act_reference(xs[1], w).sum().backward()
+    # the NaN pixel's output is NaN in every channel; its gradient is the sum of the weights
+    torch.testing.assert_close(xs[0].grad[0, :, 1, 1], w.sum(dim=(0, 2, 3)))
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)

@@ -496,10 +496,6 @@ def test_nonfinite_input_propagates_like_eager(case, value, fused_train_calls):
         assert_nonfinite_match(b, b_ref, n)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: the fused BN+ReLU backward masks the gradient with (z > 0), which is False for a "
-    "NaN pre-activation, so beta's gradient (sum of the masked gradient) is 0 where eager's is NaN: "
-    "PyTorch's ReLU backward (threshold_backward: z <= 0 ? 0 : g) lets the gradient through at NaN"))
 @pytest.mark.parametrize("case,value", [("bottle-identity", float("nan")), ("preact-identity", float("inf"))])
 def test_nonfinite_input_beta_grads_like_eager(case, value):
     ours, ref, _, _, _ = _nonfinite_run(case, value)

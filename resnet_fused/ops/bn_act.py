@@ -104,7 +104,7 @@ class _BnActFn(torch.autograd.Function):
         x, scale, out = ctx.saved_tensors
         g = grad_out.float()
         if ctx.relu:
-            g = torch.where(out > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            g = torch.where(out <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)  # as threshold_backward: NaN passes
         xdt, sdt, hdt, rdt = ctx.dtypes
         need_x, need_s, need_h, need_r = ctx.needs_input_grad[:4]
         grad_x = (g * scale.float().view(1, -1, 1, 1)).to(xdt) if need_x else None

@@ -15,7 +15,8 @@ Backward, given ``g = dL/dout``, the ReLU mask is recomputed from the inputs (no
 stored) and the BatchNorm backward takes two passes:
 
 1. reduce: per channel ``sum(gz)`` and ``sum(gz * (y - mean))`` (and the same for ``r``), where
-   ``gz = g * (z > 0)``. Per-tile partial rows, summed after (deterministic).
+   ``gz`` is 0 where ``z <= 0`` and g elsewhere (PyTorch's ReLU backward: a NaN z passes g).
+   Per-tile partial rows, summed after (deterministic).
 2. apply: ``dy = scale * gz + k2 * (y - mean) + k3`` with ``k2 = -scale * invstd^2 * sum(gz (y -
    mean)) / n`` and ``k3 = -scale * sum(gz) / n``; ``dr = gz`` (RES = 1) or the same formula for
    ``r`` (RES = 2). Then ``dgamma = invstd * sum(gz (y - mean))``, ``dbeta = sum(gz)``.
@@ -112,7 +113,8 @@ if triton is not None:
         yc, rc_, z = _preact(y_ptr, mean_ptr, scale_ptr, shift_ptr, r_ptr, rmean_ptr, rscale_ptr, rshift_ptr,
                              off, ok, rc, c_ok, RES)
         g = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        gz = tl.where(z > 0.0, g, 0.0)  # relu's backward: NaN z passes no gradient, as in PyTorch
+        # relu's backward as PyTorch's threshold_backward: zero where z <= 0, so a NaN z passes g
+        gz = tl.where(z <= 0.0, 0.0, g)
         row = pid_p.to(tl.int64) * C + rc
         tl.store(sum_g_ptr + row, tl.sum(gz, axis=0), mask=c_ok)
         tl.store(sum_gy_ptr + row, tl.sum(gz * yc, axis=0), mask=c_ok)
@@ -133,7 +135,7 @@ if triton is not None:
         yc, rc_, z = _preact(y_ptr, mean_ptr, scale_ptr, shift_ptr, r_ptr, rmean_ptr, rscale_ptr, rshift_ptr,
                              off, ok, rc, c_ok, RES)
         g = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        gz = tl.where(z > 0.0, g, 0.0)
+        gz = tl.where(z <= 0.0, 0.0, g)
         s = tl.load(scale_ptr + rc, mask=c_ok, other=0.0)
         k2 = tl.load(k2_ptr + rc, mask=c_ok, other=0.0)
         k3 = tl.load(k3_ptr + rc, mask=c_ok, other=0.0)

@@ -330,7 +330,7 @@ class _ConvBiasActFn(torch.autograd.Function):
         stride, padding, dilation, relu = ctx.conf
         g = grad_out
         if relu:
-            g = torch.where(out > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            g = torch.where(out <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)  # as threshold_backward: NaN passes
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_r = None
         if need_x or need_w:
