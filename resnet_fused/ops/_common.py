@@ -98,6 +98,12 @@ def conv_uses_tf32() -> bool:
     return False
 
 
+def interpreting(t: Tensor) -> bool:
+    """Whether a Triton kernel on ``t`` runs through Triton's CPU interpreter (CPU tensors only
+    reach Triton that way): small fixed blocks there, no autotuning."""
+    return t.device.type == "cpu"
+
+
 def device_guard(t: Tensor):
     """Make ``t``'s CUDA device current while a Triton kernel is launched (Triton launches on the
     current device and stream); a no-op context for CPU tensors (the interpreter)."""

@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._common import device_guard
+from ._common import device_guard, interpreting
 
 try:
     import triton
@@ -51,6 +51,13 @@ class StatsPartials:
         self.mean = torch.empty((rows, channels), dtype=torch.float32, device=device)
         self.m2 = torch.empty((rows, channels), dtype=torch.float32, device=device)
         self.count = torch.zeros((rows,), dtype=torch.float32, device=device)
+
+    @classmethod
+    def row(cls, count: Tensor, anchor: Tensor, mean: Tensor, m2: Tensor) -> "StatsPartials":
+        """One merged row from its parts (``count [1]``, the others ``[C]``), as the ops return them."""
+        merged = cls.__new__(cls)
+        merged.count, merged.anchor, merged.mean, merged.m2 = count, anchor[None], mean[None], m2[None]
+        return merged
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -134,16 +141,23 @@ if triton is not None:
                               CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         # One tile of [pixels, channels] of a dense NCHW or NHWC tensor -> one partial row.
         pid_p = tl.program_id(0)
-        rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = rc < C
-        ok = (rp < P)[:, None] & c_ok[None, :]
-        off = pixel_channel_offsets(rp, rc, C, HW, CHANNELS_LAST)
+        rc, c_ok, ok, off = pixel_channel_tile(P, C, HW, CHANNELS_LAST, BLOCK_P, BLOCK_C)
         y = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
         cnt = tl.minimum(P - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
         tile_stats(y, ok, cnt, C, rc, c_ok, pid_p, anchor_ptr, mean_ptr, m2_ptr)
         if tl.program_id(1) == 0:
             tl.store(cnt_ptr + pid_p, cnt)
+
+    @triton.jit
+    def pixel_channel_tile(P, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's tile of a dense [N, C, H, W] tensor seen as [P = N*H*W pixels, C]: program
+        (p, c) takes pixels p*BLOCK_P... and channels c*BLOCK_C... Returns (channels, channel
+        mask, element mask, element offsets)."""
+        rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = rc < C
+        ok = (rp < P)[:, None] & c_ok[None, :]
+        return rc, c_ok, ok, pixel_channel_offsets(rp, rc, C, HW, CHANNELS_LAST)
 
     @triton.jit
     def pixel_channel_offsets(rp, rc, C, HW, CHANNELS_LAST: tl.constexpr):
@@ -156,11 +170,6 @@ if triton is not None:
 
 
 _ROWS_PER_PROG = 1024  # partial rows one merge program takes (more: another merge round)
-
-
-def interpreting(t: Tensor) -> bool:
-    """Triton runs on CPU tensors only through its interpreter (small fixed blocks there)."""
-    return t.device.type == "cpu"
 
 
 def merge_partials(parts: StatsPartials) -> StatsPartials:
@@ -269,12 +278,12 @@ def sync_group(norm: nn.Module):
 
 def bn_affine(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
               eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(scale, shift, invstd)`` [C] float32 with ``bn(y) = y * scale + shift`` for batch stats."""
+    """``(scale, shift, invstd)`` [C] float32 with ``bn(y) = (y - mean) * scale + shift`` for batch
+    statistics: ``scale = gamma * invstd``, ``shift = beta`` (1 and 0 without affine). The centred
+    form the kernels use: ``y * scale + (shift - mean * scale)`` cancels when |mean| >> std."""
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else weight.float() * invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.float()
+    shift = bias.float() if bias is not None else torch.zeros_like(mean)
     return scale, shift, invstd
 
 
@@ -300,4 +309,4 @@ def update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count: Tens
 
 __all__: List[str] = ["StatsPartials", "batch_stats_reference", "merge_partials", "channel_stats_partials",
                       "channel_stats",
-                      "finalize", "tile_stats", "pixel_channel_offsets", "sync_across_ranks", "sync_group", "bn_affine", "update_running_stats"]
+                      "finalize", "tile_stats", "pixel_channel_tile", "pixel_channel_offsets", "sync_across_ranks", "sync_group", "bn_affine", "update_running_stats"]

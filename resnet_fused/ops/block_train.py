@@ -76,17 +76,14 @@ class _BN:
     def __init__(self, spec: BNSpec, count: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
                  bias: Optional[Tensor]) -> None:
         self.spec, self.count, self.mean, self.var = spec, count, mean, var
-        self.scale, shift, self.invstd = bn_affine(mean, var, weight, None, spec.eps)
-        # centred form: z = (y - mean) * scale + shift, shift = beta (0 without affine)
-        self.shift = bias.float() if bias is not None else torch.zeros_like(mean)
+        self.scale, self.shift, self.invstd = bn_affine(mean, var, weight, bias, spec.eps)
 
     def vecs(self) -> Tuple[Tensor, Tensor, Tensor]:
         return self.mean, self.scale, self.shift
 
 
 def _stats(spec: BNSpec, count: Tensor, anchor: Tensor, mean: Tensor, m2: Tensor, weight, bias) -> _BN:
-    merged = StatsPartials(0, 0, count.device)
-    merged.count, merged.anchor, merged.mean, merged.m2 = count, anchor[None], mean[None], m2[None]
+    merged = StatsPartials.row(count, anchor, mean, m2)
     if spec.group is not None:
         c, mu, var = sync_across_ranks(merged, spec.group)
     else:
@@ -199,7 +196,7 @@ class BlockTrainFn(torch.autograd.Function):
         ctx.spec = spec
         ctx.bns = bns
         ctx.x_dtype = x.dtype
-        ctx.params = [None if p is None else (p.dtype, p.requires_grad) for p in params]
+        ctx.param_dtypes = [None if p is None else p.dtype for p in params]
         if spec.recompute_last and not spec.preact:
             ys[k - 1] = torch.empty(0, device=x.device)  # recomputed from y_{k-1} in the backward
         ctx.save_for_backward(x, *ys, *ws)
@@ -218,28 +215,19 @@ class BlockTrainFn(torch.autograd.Function):
         n_ys = (k - 1) if spec.preact else (k + (spec.short_conv is not None))
         ys = saved[1:1 + n_ys]
         ws = saved[1 + n_ys:]
-        cdt = spec.compute_dtype
-        xc = x.to(cdt)
         need_x = ctx.needs_input_grad[1]
         with torch.autocast(x.device.type, enabled=False):
-            if spec.preact:
-                grads = _preact_backward(spec, bns, x, xc, ys, ws, g_out, need_x)
-            else:
-                grads = _postact_backward(spec, bns, x, xc, ys, ws, g_out, need_x)
-        dx, dws, dbn, d_short = grads
-        out = [None, dx.to(ctx.x_dtype) if dx is not None else None]
-        out += list(dws)
-        for dg, db in dbn:
-            out += [dg, db]
-        out += list(d_short)
-        params = ctx.params
-        return tuple(out[:2]) + tuple(
-            None if meta is None else (None if g is None else g.to(meta[0]))
-            for g, meta in zip(out[2:], params))
+            backward = _preact_backward if spec.preact else _postact_backward
+            dx, dws, dbn, d_short = backward(spec, bns, x, ys, ws, g_out, need_x)
+        grads = list(dws) + [g for pair in dbn for g in pair] + list(d_short)
+        # each gradient in its parameter's dtype (fp32 masters under autocast), None for absent ones
+        return (None, None if dx is None else dx.to(ctx.x_dtype)) + tuple(
+            None if dt is None or g is None else g.to(dt) for g, dt in zip(grads, ctx.param_dtypes))
 
 
-def _postact_backward(spec, bns, x, xc, ys, ws, g_out, need_x):
+def _postact_backward(spec, bns, x, ys, ws, g_out, need_x):
     k = len(spec.convs)
+    xc = x.to(spec.compute_dtype)
     has_short = spec.short_conv is not None
     if spec.recompute_last:
         # the same kernel variant (statistics epilogue included) as the forward: bit-identical y_k
@@ -254,7 +242,7 @@ def _postact_backward(spec, bns, x, xc, ys, ws, g_out, need_x):
     dx = None
     for i in range(k - 1, -1, -1):
         if i > 0:
-            a = bn_relu_apply(ys[i - 1], *bns[i - 1].vecs(), None, None, None, None, cdt_of(spec))
+            a = bn_relu_apply(ys[i - 1], *bns[i - 1].vecs(), None, None, None, None, spec.compute_dtype)
             da, dws[i] = _conv_backward(dy, a, ws[i], spec.convs[i], True)
             del a
             dy, _, dbn[i - 1], _ = _bn_backward(da, ys[i - 1], bns[i - 1])
@@ -269,12 +257,12 @@ def _postact_backward(spec, bns, x, xc, ys, ws, g_out, need_x):
         if need_x:
             dx = dx + dr
         d_short = (None, None, None)
-    return dx, dws, [_or_none(t) for t in dbn], d_short
+    return dx, dws, dbn, d_short
 
 
-def _preact_backward(spec, bns, x, xc, ys, ws, g_out, need_x):
+def _preact_backward(spec, bns, x, ys, ws, g_out, need_x):
     k = len(spec.convs)
-    cdt = cdt_of(spec)
+    cdt = spec.compute_dtype
     dws: List[Optional[Tensor]] = [None] * k
     dbn = [None] * k
     srcs = [x] + list(ys)  # input of conv i is relu(bn_i(srcs[i]))
@@ -291,12 +279,4 @@ def _preact_backward(spec, bns, x, xc, ys, ws, g_out, need_x):
         dy, _, dbn[i], _ = _bn_backward(da, srcs[i], bns[i])
     if need_x:
         dx = dy if spec.short_conv is not None else dy + g_out.to(dy.dtype)
-    return dx, dws, [_or_none(t) for t in dbn], (d_short_w,)
-
-
-def cdt_of(spec: BlockSpec) -> torch.dtype:
-    return spec.compute_dtype
-
-
-def _or_none(t):
-    return t if t is not None else (None, None)
+    return dx, dws, dbn, (d_short_w,)

@@ -32,8 +32,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._common import device_guard, memory_format_of
-from .batch_stats import interpreting, pixel_channel_offsets
+from ._common import device_guard, interpreting, memory_format_of
+from .batch_stats import pixel_channel_tile
 
 try:
     import triton
@@ -85,14 +85,17 @@ if triton is not None:
         return yc, rc_, z
 
     @triton.jit
+    def _relu_grad(g_ptr, off, ok, z):
+        """The gradient at z of relu's output, as PyTorch's threshold_backward: zero where z <= 0,
+        so a NaN z passes its gradient."""
+        g = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        return tl.where(z <= 0.0, 0.0, g)
+
+    @triton.jit
     def _apply_kernel(y_ptr, mean_ptr, scale_ptr, shift_ptr, r_ptr, rmean_ptr, rscale_ptr, rshift_ptr, out_ptr,
                       P, C, HW,
                       RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = rc < C
-        ok = (rp < P)[:, None] & c_ok[None, :]
-        off = pixel_channel_offsets(rp, rc, C, HW, CHANNELS_LAST)
+        rc, c_ok, ok, off = pixel_channel_tile(P, C, HW, CHANNELS_LAST, BLOCK_P, BLOCK_C)
         _, _, z = _preact(y_ptr, mean_ptr, scale_ptr, shift_ptr, r_ptr, rmean_ptr, rscale_ptr, rshift_ptr,
                           off, ok, rc, c_ok, RES)
         z = tl.where(z < 0.0, 0.0, z)  # keeps NaN, as torch.relu does
@@ -104,18 +107,11 @@ if triton is not None:
                            P, C, HW,
                            RES: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid_p = tl.program_id(0)
-        rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = rc < C
-        ok = (rp < P)[:, None] & c_ok[None, :]
-        off = pixel_channel_offsets(rp, rc, C, HW, CHANNELS_LAST)
+        rc, c_ok, ok, off = pixel_channel_tile(P, C, HW, CHANNELS_LAST, BLOCK_P, BLOCK_C)
         yc, rc_, z = _preact(y_ptr, mean_ptr, scale_ptr, shift_ptr, r_ptr, rmean_ptr, rscale_ptr, rshift_ptr,
                              off, ok, rc, c_ok, RES)
-        g = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        # relu's backward as PyTorch's threshold_backward: zero where z <= 0, so a NaN z passes g
-        gz = tl.where(z <= 0.0, 0.0, g)
-        row = pid_p.to(tl.int64) * C + rc
+        gz = _relu_grad(g_ptr, off, ok, z)
+        row = tl.program_id(0).to(tl.int64) * C + rc
         tl.store(sum_g_ptr + row, tl.sum(gz, axis=0), mask=c_ok)
         tl.store(sum_gy_ptr + row, tl.sum(gz * yc, axis=0), mask=c_ok)
         if RES == 2:
@@ -127,15 +123,10 @@ if triton is not None:
                           P, C, HW,
                           RES: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = rc < C
-        ok = (rp < P)[:, None] & c_ok[None, :]
-        off = pixel_channel_offsets(rp, rc, C, HW, CHANNELS_LAST)
+        rc, c_ok, ok, off = pixel_channel_tile(P, C, HW, CHANNELS_LAST, BLOCK_P, BLOCK_C)
         yc, rc_, z = _preact(y_ptr, mean_ptr, scale_ptr, shift_ptr, r_ptr, rmean_ptr, rscale_ptr, rshift_ptr,
                              off, ok, rc, c_ok, RES)
-        g = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        gz = tl.where(z <= 0.0, 0.0, g)
+        gz = _relu_grad(g_ptr, off, ok, z)
         s = tl.load(scale_ptr + rc, mask=c_ok, other=0.0)
         k2 = tl.load(k2_ptr + rc, mask=c_ok, other=0.0)
         k3 = tl.load(k3_ptr + rc, mask=c_ok, other=0.0)

@@ -33,7 +33,7 @@ from torch import Tensor
 from .. import backends
 from .batch_stats import StatsPartials, tile_stats
 from ._common import (autocast_applies, check_float_tensor, compute_dtype, conv_output_size, conv_uses_tf32,
-                      device_guard, memory_format_of, pair, triton_dtype_ok)
+                      device_guard, interpreting, memory_format_of, pair, triton_dtype_ok)
 
 IntPair = Union[int, Sequence[int]]
 
@@ -285,8 +285,8 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     b = bias if bias is not None else out
     in_mean, in_scale, in_shift = prologue if prologue is not None else (out, out, out)
     partials = (parts.count, parts.anchor, parts.mean, parts.m2) if parts is not None else (out,) * 4
-    interpreting = x.device.type == "cpu"
-    precision = "tf32" if (x.dtype == torch.float32 and not interpreting and conv_uses_tf32()) else "ieee"
+    interp = interpreting(x)
+    precision = "tf32" if (x.dtype == torch.float32 and not interp and conv_uses_tf32()) else "ieee"
     args = (
         x, weight, b, res, out,
         in_mean, in_scale, in_shift, *partials, tile0,
@@ -297,8 +297,8 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
                 PROLOGUE=prologue is not None, STATS=parts is not None,
                 FLAT_K=CIN < _FLAT_K_MAX_CIN, PRECISION=precision,
-                UPCAST=interpreting and x.dtype == torch.bfloat16)
-    if interpreting:
+                UPCAST=interp and x.dtype == torch.bfloat16)
+    if interp:
         # The interpreter runs each program in numpy: one small fixed config, no autotuning.
         bm, bn, bk = _MIN_BLOCK_M, 32, 16
         grid = (triton.cdiv(M, bm) * triton.cdiv(COUT, bn),)
