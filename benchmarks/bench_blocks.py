@@ -237,7 +237,7 @@ def summary_table(rows: List[dict], errs: Dict, providers: Sequence[str]) -> str
     for (model, shape, batch, dtype), prov in by_key.items():
         e = prov.get("eager", {})
         e_ms = e.get("median_ms")
-        line = [model, shape, batch, dtype, _ms(e_ms)]
+        line = [model, shape, batch, dtype, common.fmt_ms(e_ms)]
         for p in others:
             r = prov.get(p)
             if r is None:
@@ -248,15 +248,12 @@ def summary_table(rows: List[dict], errs: Dict, providers: Sequence[str]) -> str
                 line += ["-", "WRONG" if chk is not None else "FAILED", _err(chk.err if chk else None)]
                 continue
             ratio = e_ms / r["median_ms"] if e_ms and r["median_ms"] else None
-            line += [_ms(r["median_ms"]), "" if ratio is None else f"{ratio:.2f}x", _err(chk.err if chk else None)]
+            line += [common.fmt_ms(r["median_ms"]), "" if ratio is None else f"{ratio:.2f}x",
+                     _err(chk.err if chk else None)]
         chk_e = next((errs.get((model, batch, dtype, p)) for p in others if errs.get((model, batch, dtype, p))), None)
         line.append(_err(chk_e.eager_err if chk_e else None))
         lines.append(line)
     return common.format_table(headers, lines)
-
-
-def _ms(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.3f}"
 
 
 def _err(v: Optional[float]) -> str:
@@ -337,13 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for batch in cfg.batches:
                 run_case(case, batch, dtype, cfg, rows, errs)
     print(summary_table(rows, errs, cfg.block_providers))
-    if not args.no_write:
-        json_path, csv_path = common.write_results(args.out, BENCH, env, rows)
-        print(f"wrote {json_path}\nwrote {csv_path}")
-    wrong = [r for r in rows if not r["correct"]]
-    if wrong:
-        print(f"{len(wrong)} provider result(s) wrong or failed", file=sys.stderr)
-    return 1 if wrong else 0
+    return common.finish(rows, args.out, BENCH, env, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,8 @@ named ``<date>_<device>_<commit>_memory``, rows
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused path needs a Triton backend for CPU tensors;
@@ -96,22 +93,6 @@ def measure(model_name: str, batch: int, dtype_name: str, layout: str = "channel
                             round(sizes[p] / sizes["eager"], 4)))) for p in PROVIDERS]
 
 
-def write(out_dir, env: dict, rows: List[dict]):
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = common.result_stem(env, BENCH)
-    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
-    with open(json_path, "w") as f:
-        json.dump({"env": env, "method": "saved tensors under FakeTensorMode; see benchmarks/bench_memory.py",
-                   "rows": rows}, f, indent=1)
-        f.write("\n")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(KEYS))
-        w.writeheader()
-        w.writerows(rows)
-    return json_path, csv_path
-
-
 def main(argv: Optional[List[str]] = None, cases: Optional[list] = None,
          log: Callable[[str], None] = print) -> List[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -128,7 +109,8 @@ def main(argv: Optional[List[str]] = None, cases: Optional[list] = None,
                             title="activations saved for the backward (channels_last, training mode)"))
     if not args.no_write:
         env = common.env_info(torch.device("cpu"))
-        paths = write(args.out, env, rows)
+        paths = common.write_results(args.out, BENCH, env, rows, keys=KEYS, extra={
+            "method": "saved tensors under FakeTensorMode; see benchmarks/bench_memory.py"})
         log("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

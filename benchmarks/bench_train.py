@@ -555,7 +555,8 @@ def summary_table(rows: List[dict], infos: Dict, providers: Sequence[str]) -> st
     for (model, shape, batch, dtype), prov in by_key.items():
         e = prov.get("eager", {})
         e_ms = e.get("median_ms")
-        line = [model, shape, batch, dtype, _ms(e_ms) if e.get("correct", True) else "WRONG", _mb(e.get("peak_mem_mb"))]
+        line = [model, shape, batch, dtype, common.fmt_ms(e_ms) if e.get("correct", True) else "WRONG",
+                _mb(e.get("peak_mem_mb"))]
         for p in others:
             r = prov.get(p)
             if r is None:
@@ -565,16 +566,12 @@ def summary_table(rows: List[dict], infos: Dict, providers: Sequence[str]) -> st
                 line += ["-", "WRONG" if info is not None and info.verdict is not None else "FAILED", "-"]
             else:
                 ratio = e_ms / r["median_ms"] if e_ms and r["median_ms"] else None
-                line += [_ms(r["median_ms"]), "" if ratio is None else f"{ratio:.2f}x", _mb(r["peak_mem_mb"])]
+                line += [common.fmt_ms(r["median_ms"]), "" if ratio is None else f"{ratio:.2f}x", _mb(r["peak_mem_mb"])]
         if "compile" in others:
             info = infos.get((model, batch, dtype, "compile"))
             line.append("-" if info is None or info.first_s is None else f"{info.first_s:.1f}")
         lines.append(line)
     return common.format_table(headers, lines)
-
-
-def _ms(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.3f}"
 
 
 def _mb(v: Optional[float]) -> str:
@@ -685,13 +682,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(summary_table(rows, infos, cfg.providers))
     for note in cfg.notes:
         print(f"note: {note}")
-    if not args.no_write and rows:
-        json_path, csv_path = common.write_results(args.out, BENCH, env, rows)
-        print(f"wrote {json_path}\nwrote {csv_path}")
-    wrong = [r for r in rows if not r["correct"]]
-    if wrong:
-        print(f"{len(wrong)} provider result(s) wrong or failed", file=sys.stderr)
-    return 1 if wrong else 0
+    return common.finish(rows, args.out, BENCH, env, write=not args.no_write and bool(rows))
 
 
 if __name__ == "__main__":

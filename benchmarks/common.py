@@ -31,6 +31,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,26 +355,48 @@ def result_stem(env: dict, bench: str) -> str:
     return f"{date}_{slug(env.get('gpu') or 'unknown')}_{short}_{slug(bench)}"
 
 
-def write_results(out_dir, bench: str, env: dict, rows: List[dict]) -> Tuple[Path, Path]:
-    """Write ``{"env": env, "rows": rows}`` as JSON and the rows as CSV; return both paths."""
+def write_results(out_dir, bench: str, env: dict, rows: List[dict], keys: Sequence[str] = ROW_KEYS,
+                  extra: Optional[dict] = None) -> Tuple[Path, Path]:
+    """Write ``{"env": env, **extra, "rows": rows}`` as JSON and the rows as CSV; return both paths.
+
+    ``keys``: the row schema, in order (default: the timing schema :data:`ROW_KEYS` our tools read;
+    a benchmark answering another question passes its own and documents it).
+    """
     missing = [k for k in ENV_KEYS if k not in env]
     if missing:
         raise ValueError(f"env: missing keys {missing} (build it with env_info())")
     for i, row in enumerate(rows):
-        if tuple(row) != ROW_KEYS:
-            raise ValueError(f"rows[{i}]: expected keys {ROW_KEYS} in order, got {tuple(row)}")
+        if tuple(row) != tuple(keys):
+            raise ValueError(f"rows[{i}]: expected keys {tuple(keys)} in order, got {tuple(row)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(env, bench)
     json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
     with open(json_path, "w") as f:
-        json.dump({"env": {k: env[k] for k in ENV_KEYS}, "rows": rows}, f, indent=1)
+        json.dump({"env": {k: env[k] for k in ENV_KEYS}, **(extra or {}), "rows": rows}, f, indent=1)
         f.write("\n")
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(ROW_KEYS))
+        writer = csv.DictWriter(f, fieldnames=list(keys))
         writer.writeheader()
         writer.writerows(rows)
     return json_path, csv_path
+
+
+def finish(rows: List[dict], out_dir, bench: str, env: dict, write: bool = True) -> int:
+    """A benchmark's last step: write the results (when ``write``), say how many provider results
+    were wrong; the process exit code (1 if any was)."""
+    if write:
+        json_path, csv_path = write_results(out_dir, bench, env, rows)
+        print(f"wrote {json_path}\nwrote {csv_path}")
+    wrong = [r for r in rows if not r["correct"]]
+    if wrong:
+        print(f"{len(wrong)} provider result(s) wrong or failed", file=sys.stderr)
+    return 1 if wrong else 0
+
+
+def fmt_ms(v: Optional[float]) -> str:
+    """Milliseconds for a table cell ("-" for no time)."""
+    return "-" if v is None else f"{v:.3f}"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: Optional[str] = None) -> str:

@@ -114,7 +114,8 @@ if triton is not None:
             first = tl.minimum(tl.min(tl.where(written, rt, t_end), axis=0), t_end - 1)
             kc = tl.load(anchor_in + first.to(tl.int64) * C + rc, mask=c_ok, other=0.0)
             off = rt.to(tl.int64)[:, None] * C + rc[None, :]
-            m = (tl.load(anchor_in + off, mask=ok, other=0.0) - kc[None, :]) + tl.load(mean_in + off, mask=ok, other=0.0)
+            m = tl.load(anchor_in + off, mask=ok, other=0.0) - kc[None, :]
+            m += tl.load(mean_in + off, mask=ok, other=0.0)
             m = tl.where(ok, m, 0.0)  # a chunk with no written row has a garbage anchor
             q = tl.load(m2_in + off, mask=ok, other=0.0)
             # the chunk as one piece (deviations from its own mean), then Chan into the total
@@ -209,7 +210,8 @@ def channel_stats_partials(x: Tensor) -> StatsPartials:
     if P and C:
         with device_guard(x):
             _channel_stats_kernel[(triton.cdiv(P, bp), triton.cdiv(C, bc))](
-                x, parts.count, parts.anchor, parts.mean, parts.m2, P, C, H * W, CHANNELS_LAST=cl, BLOCK_P=bp, BLOCK_C=bc)
+                x, parts.count, parts.anchor, parts.mean, parts.m2, P, C, H * W,
+                CHANNELS_LAST=cl, BLOCK_P=bp, BLOCK_C=bc)
     return parts
 
 
@@ -308,5 +310,5 @@ def update_running_stats(norm: nn.Module, mean: Tensor, var: Tensor, count: Tens
 
 
 __all__: List[str] = ["StatsPartials", "batch_stats_reference", "merge_partials", "channel_stats_partials",
-                      "channel_stats",
-                      "finalize", "tile_stats", "pixel_channel_tile", "pixel_channel_offsets", "sync_across_ranks", "sync_group", "bn_affine", "update_running_stats"]
+                      "channel_stats", "finalize", "tile_stats", "pixel_channel_tile", "pixel_channel_offsets",
+                      "sync_across_ranks", "sync_group", "bn_affine", "update_running_stats"]
