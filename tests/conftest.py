@@ -66,3 +66,18 @@ def fused_train_calls(monkeypatch):
 
     monkeypatch.setattr(_base, "run_block_train", spy)
     return calls
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """``torch.empty`` returns NaN-filled floating tensors: an output element (or statistics row) a
+    kernel should have written but did not stays NaN and fails the NaN-pattern checks, where a
+    zeroed page could pass for a ReLU zero."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    assert torch.isnan(torch.empty(3)).all()  # the poison is really in place

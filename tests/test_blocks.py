@@ -89,11 +89,13 @@ def assert_state_close(ours, ref32, ref64, what=""):
 def sgd_steps(ours, ref, make_x, steps=3, lr=0.05, momentum=0.9):
     """``steps`` SGD+momentum steps on ours, the reference and a float64 reference; check everything.
 
+    Frozen parameters (``requires_grad=False``) are not stepped and must get no gradient.
     Returns the float64 reference (already stepped) so callers can go on comparing.
     """
     ref64 = copy.deepcopy(ref).double()
     models = (ours, ref, ref64)
-    opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in models]
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+            for m in models]
     for step in range(steps):
         x = make_x(step)
         xs = [x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_(),
@@ -109,6 +111,9 @@ def sgd_steps(ours, ref, make_x, steps=3, lr=0.05, momentum=0.9):
         assert_close(xs[0].grad, xs[2].grad, xs[1].grad, name=tag + "x.grad")
         for (n0, p0), (n1, p1), (n2, p2) in zip(*(m.named_parameters() for m in models)):
             assert n0 == n1 == n2
+            if not p0.requires_grad:
+                assert p0.grad is None and p1.grad is None, f"{tag}{n0} is frozen but got a gradient"
+                continue
             assert p0.grad is not None, f"{tag}{n0} got no gradient"
             assert_close(p0.grad, p2.grad, p1.grad, name=f"{tag}{n0}.grad")
         for o in opts:

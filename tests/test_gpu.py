@@ -128,18 +128,6 @@ def cudnn_tf32(enabled: bool):
         torch.backends.cudnn.allow_tf32 = before
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """``torch.empty`` returns NaN-filled float tensors: an output element never written stays NaN."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
 def make_conv(n, cin, hw, cout, k, stride=1, padding=0, dilation=1, *, dtype, fmt=CL, w_fmt=CL, bias=True,
               residual=False, res_fmt=None, res_dtype=None):
     """[x, weight, bias, residual] on the GPU and the conv keyword arguments.

@@ -85,7 +85,8 @@ CASES = {
 
 
 def build_pair(case, norm=nn.BatchNorm2d, seed=0, dropout=None):
-    kind, kw, sc, _ = CASES[case]
+    """(ours, reference) with one state: ``case`` names a :data:`CASES` entry or is such a tuple."""
+    kind, kw, sc, _ = CASES[case] if isinstance(case, str) else case
     kw = dict(kw)
     if dropout is not None:
         kw["dropout"] = dropout

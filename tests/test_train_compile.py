@@ -16,26 +16,17 @@ import pytest
 import torch
 
 import resnet_fused as rf
-from resnet_fused.models import reference as R
 from test_blocks import build_pair
-from utils import INTERPRET, assert_close, randomize_bn, rel_err
+from test_preact_blocks import build_pair as build_preact_pair
+from utils import INTERPRET, assert_close, rel_err
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1")
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
 
-def _preact(kind):
-    torch.manual_seed(0)
-    if kind == "wide":
-        ref, ours = R.RefWideBasic(4, 6, stride=2), rf.WideBasic(4, 6, stride=2)
-    else:
-        ref = R.RefPreActBottleneck(8, 2, stride=2, downsample=R.conv1x1(8, 8, 2))
-        ours = rf.PreActBottleneck(8, 2, stride=2, downsample=R.conv1x1(8, 8, 2))
-    randomize_bn(ref)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ours, ref
-
+WIDE_PROJ = ("wide", dict(cin=4, cout=6, stride=2), None, None)
+PREACT_PROJ = ("preact", dict(cin=8, planes=2, stride=2), "conv", None)
 
 # name: (build () -> (ours, reference) with one state, input [N, C, H, W], memory format)
 CASES = {
@@ -43,8 +34,8 @@ CASES = {
                          (2, 6, 7, 7), NCHW),
     "basic-identity-cl": (lambda: build_pair(("BasicBlock", dict(inplanes=5, planes=5), False, None)),
                           (2, 5, 6, 6), CL),
-    "widebasic-proj-s2": (lambda: _preact("wide"), (2, 4, 7, 7), NCHW),
-    "preact-bottleneck-proj-s2": (lambda: _preact("preact"), (2, 8, 7, 7), NCHW),
+    "widebasic-proj-s2": (lambda: build_preact_pair(WIDE_PROJ), (2, 4, 7, 7), NCHW),
+    "preact-bottleneck-proj-s2": (lambda: build_preact_pair(PREACT_PROJ), (2, 8, 7, 7), NCHW),
 }
 
 

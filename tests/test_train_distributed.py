@@ -34,6 +34,7 @@ from torch import nn
 import resnet_fused as rf
 from resnet_fused.models import reference as R
 from test_blocks import build_pair
+from test_preact_blocks import build_pair as build_preact_pair
 from utils import assert_close, randomize_bn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,16 +48,8 @@ def _post(kind, kw, ds, n):
     return build_pair((kind, kw, ds, (n, 0, 0)))
 
 
-def _preact(kind, n):
-    torch.manual_seed(0)
-    if kind == "wide":
-        ref, ours = R.RefWideBasic(4, 6, stride=2), rf.WideBasic(4, 6, stride=2)
-    else:
-        ref = R.RefPreActBottleneck(8, 2, stride=2, downsample=R.conv1x1(8, 8, 2))
-        ours = rf.PreActBottleneck(8, 2, stride=2, downsample=R.conv1x1(8, 8, 2))
-    randomize_bn(ref)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ours, ref
+WIDE_PROJ = ("wide", dict(cin=4, cout=6, stride=2), None, None)
+PREACT_PROJ = ("preact", dict(cin=8, planes=2, stride=2), "conv", None)
 
 
 # name: (build () -> (ours, ref) with plain BatchNorm2d and one state, input [C, H, W], images per
@@ -69,8 +62,8 @@ SYNC_CASES = {
                                  (6, 7, 7), (3, 1), NCHW),
     "basic-identity-cl": (lambda: _post("BasicBlock", dict(inplanes=5, planes=5), False, 4),
                           (5, 6, 6), (2, 2), CL),
-    "widebasic-proj": (lambda: _preact("wide", 4), (4, 7, 7), (2, 2), NCHW),
-    "preact-bottleneck-proj-uneven-1-3": (lambda: _preact("preact", 4), (8, 7, 7), (1, 3), NCHW),
+    "widebasic-proj": (lambda: build_preact_pair(WIDE_PROJ), (4, 7, 7), (2, 2), NCHW),
+    "preact-bottleneck-proj-uneven-1-3": (lambda: build_preact_pair(PREACT_PROJ), (8, 7, 7), (1, 3), NCHW),
 }
 
 

@@ -6,7 +6,6 @@ import importlib
 
 import pytest
 import torch
-from torch import nn
 
 import resnet_fused as rf
 from resnet_fused import train_options
