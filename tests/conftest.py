@@ -81,3 +81,13 @@ def poisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     assert torch.isnan(torch.empty(3)).all()  # the poison is really in place
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests: on a small shared machine OpenMP
+    threads only add spin-wait (up to 100x slower eager references there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -32,6 +32,7 @@ from torch import nn
 
 import resnet_fused as rf
 from resnet_fused.models import reference as R
+from test_gpu import cudnn_tf32  # IEEE fp32 for cuDNN and our fp32 kernels alike
 from utils import assert_close, randomize_bn, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -65,17 +66,6 @@ def _pair(name):
     ours = make(rf)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours.to(DEV).train(), ref.to(DEV).train()
-
-
-@contextlib.contextmanager
-def _ieee_fp32():
-    """cuDNN (and our fp32 kernels, which follow ``cudnn.allow_tf32``) in IEEE float32."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
 
 
 def _precision(dtype):
@@ -112,7 +102,7 @@ def _train_and_compare(ours, ref, shape, fmt, dtype, steps, tag=""):
         _load_params((ours, eager), dict(ref64.named_parameters()))
         ref64.zero_grad(set_to_none=True)
         x = torch.randn(shape, device=DEV, generator=gen).contiguous(memory_format=fmt)
-        with _ieee_fp32():
+        with cudnn_tf32(False):
             xi = x.clone().requires_grad_()
             with _precision(dtype):
                 out = ours(xi)
@@ -168,7 +158,7 @@ def test_cuda_graph_capture_training_step(fused_train_calls):
     shape, out_shape = (4, 64, 56, 56), (4, 256, 56, 56)
     static_x = torch.randn(shape, device=DEV).contiguous(memory_format=CL).requires_grad_()
     static_g = torch.randn(out_shape, device=DEV).contiguous(memory_format=CL)
-    with _ieee_fp32():
+    with cudnn_tf32(False):
         # warm up on a side stream (compiles and autotunes every kernel), as PyTorch's docs say
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -327,7 +317,7 @@ def test_compile_fullgraph_inductor_cuda(block):
     opt = torch.optim.SGD(ref64.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator(device=DEV).manual_seed(1)
     try:
-        with _ieee_fp32():
+        with cudnn_tf32(False):
             for step in range(2):
                 t = f"step {step}: "
                 _load_params((ours, uncompiled, eager), dict(ref64.named_parameters()))

@@ -20,7 +20,8 @@ from test_blocks import build_pair
 from test_preact_blocks import build_pair as build_preact_pair
 from utils import INTERPRET, assert_close, rel_err
 
-pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("one_thread")]
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
@@ -37,15 +38,6 @@ CASES = {
     "widebasic-proj-s2": (lambda: build_preact_pair(WIDE_PROJ), (2, 4, 7, 7), NCHW),
     "preact-bottleneck-proj-s2": (lambda: build_preact_pair(PREACT_PROJ), (2, 8, 7, 7), NCHW),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only add spin-wait on a small shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -37,6 +37,8 @@ from test_blocks import build_pair
 from test_preact_blocks import build_pair as build_preact_pair
 from utils import assert_close, randomize_bn
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 CL = torch.channels_last
@@ -183,15 +185,6 @@ def _worker(rank: int, world: int, init_file: str, job_path: str, out_path: str)
     torch.save(results, out_path)
     dist.barrier()
     dist.destroy_process_group()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP threads only add spin-wait on a small shared machine (100x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
