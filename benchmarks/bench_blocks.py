@@ -282,9 +282,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    dev = common.pick_device(args.device)
     if dev.type == "cuda":
         batches = [32, 256] if args.quick else [1, 32, 256]
         dtypes = ["fp16"] if args.quick else ["fp16", "bf16", "fp32"]

@@ -601,9 +601,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    dev = common.pick_device(args.device)
     notes: List[str] = []
     if dev.type == "cuda":
         jobs = gpu_jobs(args.quick)

@@ -117,6 +117,14 @@ def device_name(device: Optional[torch.device] = None) -> str:
     return f"cpu: {cpu_name()}"
 
 
+def pick_device(name: Optional[str]) -> torch.device:
+    """The ``--device`` a benchmark runs on: as given, else CUDA when there is one, else CPU."""
+    dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return dev
+
+
 def env_info(device: Optional[torch.device] = None) -> Dict[str, Optional[str]]:
     """The environment a result was measured in (keys :data:`ENV_KEYS`)."""
     try:
