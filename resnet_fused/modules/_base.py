@@ -18,7 +18,10 @@ from .. import backends
 from ..ops._common import compute_dtype, conv_output_size, memory_format_of, triton_dtype_ok, weight_memory_format
 from ..ops.bn_act import _run as _bn_act_run
 from ..ops.conv_bias_act import _run as _conv_run
+from ..ops.batch_stats import sync_group, update_running_stats
+from ..ops.block_train import BlockSpec, BlockTrainFn, BNSpec, ConvSpec
 from ..ops.fold import FoldCache, is_foldable_bn
+from ..train_options import low_memory
 
 try:  # symbolic tracing only (torch.export / torch.compile trace real shapes through our checks)
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing as fx_tracing
@@ -103,16 +106,11 @@ def bias_free_conv(m) -> bool:
     return is_plain_conv(m) and m.bias is None and m.groups == 1
 
 
-def _conv_spec(conv: nn.Conv2d):
-    from ..ops.block_train import ConvSpec
-
+def _conv_spec(conv: nn.Conv2d) -> ConvSpec:
     return ConvSpec(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation))
 
 
-def _bn_spec(norm: nn.Module):
-    from ..ops.batch_stats import sync_group
-    from ..ops.block_train import BNSpec
-
+def _bn_spec(norm: nn.Module) -> BNSpec:
     return BNSpec(float(norm.eps), norm.weight is not None, sync_group(norm))
 
 
@@ -124,15 +122,11 @@ def run_block_train(x: Tensor, preact: bool, convs, norms, short_conv: Optional[
     ``convs``/``norms``: the main chain in order (post-activation: norm i after conv i;
     pre-activation: norm i before conv i). ``short_conv``/``short_norm``: the projection shortcut.
     """
-    from .. import train_options
-    from ..ops.batch_stats import update_running_stats
-    from ..ops.block_train import BlockSpec, BlockTrainFn
-
     # PyTorch's rule, followed through the chain: once a conv's input or weight is channels_last,
     # its output is, and so is every later activation of the block
     cl = torch.channels_last in [memory_format_of(x)] + [weight_memory_format(c.weight) for c in convs]
     # low-memory mode: only where the recomputed conv is a cheap 1x1 (Bottleneck's conv3)
-    recompute = (train_options.low_memory() and not preact and tuple(convs[-1].kernel_size) == (1, 1))
+    recompute = (low_memory() and not preact and tuple(convs[-1].kernel_size) == (1, 1))
     spec = BlockSpec(preact, tuple(_conv_spec(c) for c in convs), tuple(_bn_spec(n) for n in norms),
                      None if short_conv is None else _conv_spec(short_conv),
                      None if short_norm is None else _bn_spec(short_norm), compute_dtype(x), cl, recompute)

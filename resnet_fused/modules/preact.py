@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import _validate
 from . import _base
 from ._base import (FusedBlockMixin, all_foldable, bias_free_conv, conv_out_hw, fx_tracing, is_plain_conv,
-                    run_block_train, training_bn)
+                    training_bn)
 from .blocks import conv1x1, conv3x3
 
 
@@ -89,7 +89,7 @@ class _PreActBlock(FusedBlockMixin, nn.Module):
         if self._train_fusable(x) and self._impl(x) == "triton":
             chain = self._chain()
             return _base.run_block_train(x, True, [c for _, _, c in chain], [n for _, n, _ in chain],
-                                   self._shortcut_module())
+                                         self._shortcut_module())
         if not self._fusable():
             return self._forward_eager(x)
         impl = self._impl(x)

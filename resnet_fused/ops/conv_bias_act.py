@@ -242,10 +242,9 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
     # every launch stays below 2^31 rows. Slices are strided views; the kernel takes any strides.
     per = max(1, _MAX_ROWS // max(1, OH * OW))
     chunks = [slice(n0, n0 + per) for n0 in range(0, N, per)]
-    parts = None
-    if stats:
-        rows = sum(triton.cdiv(len(range(N)[c]) * OH * OW, _MIN_BLOCK_M) for c in chunks)
-        parts = StatsPartials(rows, COUT, x.device)
+    # each launch's partial rows: room for its tiles at the smallest BLOCK_M
+    chunk_tiles = [triton.cdiv(len(range(N)[c]) * OH * OW, _MIN_BLOCK_M) for c in chunks]
+    parts = StatsPartials(sum(chunk_tiles), COUT, x.device) if stats else None
     if M == 0 or COUT == 0:
         return (out, parts) if stats else out
     if CIN == 0:  # empty reduction: the conv is zero, only the epilogue remains
@@ -264,11 +263,10 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
         return (out, parts) if stats else out
     b = bias.contiguous() if bias is not None else None  # the kernel indexes bias densely: bias_ptr + channel
     tile0 = 0
-    for rows in chunks:
-        xs = x[rows]
-        _launch_into(out[rows], xs, weight, b, None if residual is None else residual[rows],
+    for rows, tiles in zip(chunks, chunk_tiles):
+        _launch_into(out[rows], x[rows], weight, b, None if residual is None else residual[rows],
                      stride, padding, dilation, relu, prologue=prologue, parts=parts, tile0=tile0)
-        tile0 += triton.cdiv(xs.shape[0] * OH * OW, _MIN_BLOCK_M)
+        tile0 += tiles
     return (out, parts) if stats else out
 
 
