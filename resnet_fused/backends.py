@@ -2,13 +2,17 @@
 
 Names
 -----
-``"auto"``   the fastest correct backend for the tensor's device and shape: Triton for CUDA
-             tensors (PyTorch where Triton has no kernel for the case), the PyTorch path with
-             BatchNorm folded on CPU. Falls back with at most one warning per reason.
+``"auto"``   the default: Triton for CUDA tensors; for CPU tensors the compiled library's C++
+             kernels (oneDNN convolutions, our fused memory-bound passes). Where those are
+             unavailable, or have no kernel for the case, the PyTorch path, with at most one
+             warning per reason.
 ``"triton"`` our Triton kernels. CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
              before Triton was imported (how CI proves the kernels).
-``"cuda"``   the C++/CUDA extension. Not built in this release: asking for it raises
-             :class:`BackendUnavailableError` with the reason.
+``"cuda"``   the compiled C++/CUDA library (``csrc/``, loaded by :mod:`resnet_fused._ext`, built on
+             first use): CUTLASS convolutions with our epilogues and CUDA kernels for CUDA
+             tensors, C++ kernels for CPU tensors. Asking for it where it is unavailable raises
+             :class:`BackendUnavailableError` with the reason (not built, build failed, built for
+             another torch, built without CUDA).
 ``"torch"``  plain PyTorch (cuDNN / oneDNN convolutions), BatchNorm folded in eval mode.
 
 The process-wide choice starts from the ``RESNET_FUSED_BACKEND`` environment variable (default
@@ -131,9 +135,12 @@ def triton_interpreting() -> bool:
     return _TRITON_INTERPRETING
 
 
-def cuda_extension_error() -> Optional[str]:
+def cuda_extension_error(device: Optional[torch.device] = None) -> Optional[str]:
+    """Why the compiled library cannot run (on ``device``'s type, if given), or None."""
     from . import _ext
 
+    if device is not None and device.type == "cuda":
+        return _ext.cuda_error()
     return _ext.load_error()
 
 
@@ -151,12 +158,9 @@ def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Opti
     if name in ("auto", "torch"):
         return None
     if name == "cuda":
-        err = cuda_extension_error()
-        if err is not None:
-            return err
-        if device is not None and device.type != "cuda":
-            return f"the C++/CUDA extension runs on CUDA tensors, got a tensor on {device}"
-        return None
+        if device is not None and device.type not in ("cuda", "cpu"):
+            return f"the C++/CUDA extension runs CPU and CUDA tensors, got a tensor on {device}"
+        return cuda_extension_error(device)
     # triton
     err = triton_import_error()
     if err is not None:
@@ -208,7 +212,15 @@ def resolve(requested: Optional[str], x: torch.Tensor, *, fusable: bool = True) 
             raise BackendUnavailableError(f"backend {name!r} requested but unavailable: {reason}")
         return name if fusable else "torch"
     # auto
-    if x.device.type != "cuda" or not fusable:
+    if not fusable:
+        return "torch"
+    if x.device.type == "cpu":
+        reason = unavailable_reason("cuda", x.device)
+        if reason is None:
+            return "cuda"
+        _warn_once("auto-cpu", f"resnet_fused: the C++ kernels are unavailable ({reason}); using the PyTorch path")
+        return "torch"
+    if x.device.type != "cuda":
         return "torch"
     reason = unavailable_reason("triton", x.device)
     if reason is None:

@@ -69,16 +69,18 @@ class FusedBlockMixin:
         self._fold = FoldCache()
 
     def _impl(self, x: Tensor) -> str:
-        """Concrete backend for this forward ("triton" or "torch"; errors if one was pinned and is missing)."""
+        """Concrete backend for this forward ("triton", "cuda" or "torch"; errors if one was pinned and is
+        missing)."""
         return backends.resolve(self.backend, x, fusable=triton_dtype_ok(compute_dtype(x)))
 
     def _conv(self, key: str, impl: str, x: Tensor, conv: nn.Conv2d, norm: Optional[nn.Module] = None,
               residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
         """``relu?(norm(conv(x)) + residual)`` as one fused conv, ``norm`` (eval BN or None) folded."""
-        # the Triton kernel reads channels_last weights; grouped convs run on the PyTorch path,
-        # where a channels_last weight would only make PyTorch produce (then undo) that layout
+        # the Triton and CUTLASS kernels read channels_last weights; grouped convs run on the PyTorch
+        # path, where a channels_last weight would only make PyTorch produce (then undo) that layout
         w_fmt = weight_memory_format(conv.weight)
-        fmt = torch.channels_last if impl == "triton" and conv.groups == 1 else w_fmt
+        fused_cl = impl == "triton" or (impl == "cuda" and x.is_cuda)
+        fmt = torch.channels_last if fused_cl and conv.groups == 1 else w_fmt
         w, b = self._fold.get(key, conv, norm, memory_format=fmt)
         # PyTorch's rule for a conv's output: channels_last if the input or the weight is
         out_fmt = torch.channels_last if torch.channels_last in (w_fmt, memory_format_of(x)) else torch.contiguous_format
@@ -114,13 +116,17 @@ def _bn_spec(norm: nn.Module) -> BNSpec:
     return BNSpec(float(norm.eps), norm.weight is not None, sync_group(norm))
 
 
+TRAIN_BACKENDS = ("triton", "cuda")  # backends with a fused training block
+
+
 def run_block_train(x: Tensor, preact: bool, convs, norms, short_conv: Optional[nn.Conv2d] = None,
-                    short_norm: Optional[nn.Module] = None) -> Tensor:
+                    short_norm: Optional[nn.Module] = None, *, backend: str = "triton") -> Tensor:
     """One fused training forward of a block (:class:`~resnet_fused.ops.block_train.BlockTrainFn`),
     then each BatchNorm's running statistics updated exactly as ``nn.BatchNorm2d`` would.
 
     ``convs``/``norms``: the main chain in order (post-activation: norm i after conv i;
     pre-activation: norm i before conv i). ``short_conv``/``short_norm``: the projection shortcut.
+    ``backend``: whose kernels, ``"triton"`` or ``"cuda"`` (the compiled library).
     """
     # PyTorch's rule, followed through the chain: once a conv's input or weight is channels_last,
     # its output is, and so is every later activation of the block
@@ -129,7 +135,8 @@ def run_block_train(x: Tensor, preact: bool, convs, norms, short_conv: Optional[
     recompute = (low_memory() and not preact and tuple(convs[-1].kernel_size) == (1, 1))
     spec = BlockSpec(preact, tuple(_conv_spec(c) for c in convs), tuple(_bn_spec(n) for n in norms),
                      None if short_conv is None else _conv_spec(short_conv),
-                     None if short_norm is None else _bn_spec(short_norm), compute_dtype(x), cl, recompute)
+                     None if short_norm is None else _bn_spec(short_norm), compute_dtype(x), cl, recompute,
+                     backend)
     params = [c.weight for c in convs] + [p for n in norms for p in (n.weight, n.bias)]
     if short_conv is not None:
         params.append(short_conv.weight)

@@ -22,6 +22,10 @@ block, and the block keeps 6 instead of 10 width-sized tensors where eager keeps
 reduction, one apply; :mod:`resnet_fused.ops.bn_train`); convolution dgrad/wgrad call
 ``aten.convolution_backward`` (cuDNN on GPU, oneDNN on CPU).
 
+The kernels come from the block's backend (``BlockSpec.backend``): ``"triton"`` (the conv with its
+BN prologue and statistics epilogue fused, :mod:`.conv_bn_train`) or ``"cuda"``, the compiled
+library (:mod:`._ext_ops`: the same passes as separate kernels around a CUTLASS / library conv).
+
 Batch statistics are float32 whatever the activation dtype; under ``torch.autocast`` the convs run
 in the autocast dtype and gradients come back in each parameter's dtype, as in eager. With
 ``nn.SyncBatchNorm`` the per-channel statistics (forward) and the two gradient sums (backward) are
@@ -31,15 +35,14 @@ var)`` so the caller updates running statistics exactly as ``nn.BatchNorm2d`` do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .batch_stats import StatsPartials, bn_affine, channel_stats, finalize, sync_across_ranks
-from .bn_train import bn_relu_apply, bn_relu_bwd_apply, bn_relu_bwd_reduce
-from .conv_bn_train import conv_train
+from . import _ext_ops, batch_stats, bn_train, conv_bn_train
+from .batch_stats import StatsPartials, bn_affine, finalize, sync_across_ranks
 
 
 @dataclass(frozen=True)
@@ -68,49 +71,73 @@ class BlockSpec:
     compute_dtype: torch.dtype
     channels_last: bool
     recompute_last: bool = False  # post-activation: keep y_k out of memory, recompute it in the backward
+    backend: str = "triton"  # whose kernels: "triton" or "cuda" (the compiled library)
+
+
+class _Kernels(NamedTuple):
+    """One backend's kernels, all with the signatures of the Triton custom ops."""
+    conv_train: Callable
+    channel_stats: Callable
+    bn_relu_apply: Callable
+    bn_relu_bwd_reduce: Callable
+    bn_relu_bwd_apply: Callable
+    bn_finalize: Optional[Callable]  # (count, anchor, mean_off, m2, w, b, eps) -> (mean, var, scale, shift, invstd)
+
+
+_KERNELS = {
+    "triton": _Kernels(conv_bn_train.conv_train, batch_stats.channel_stats, bn_train.bn_relu_apply,
+                       bn_train.bn_relu_bwd_reduce, bn_train.bn_relu_bwd_apply, None),
+    "cuda": _Kernels(_ext_ops.conv_train, _ext_ops.channel_stats, _ext_ops.bn_relu_apply,
+                     _ext_ops.bn_relu_bwd_reduce, _ext_ops.bn_relu_bwd_apply, _ext_ops.bn_finalize),
+}
 
 
 class _BN:
     """One BatchNorm's batch state in a forward: statistics and the affine built from them."""
 
-    def __init__(self, spec: BNSpec, count: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
-                 bias: Optional[Tensor]) -> None:
+    def __init__(self, spec: BNSpec, count: Tensor, mean: Tensor, var: Tensor, scale: Tensor, shift: Tensor,
+                 invstd: Tensor) -> None:
         self.spec, self.count, self.mean, self.var = spec, count, mean, var
-        self.scale, self.shift, self.invstd = bn_affine(mean, var, weight, bias, spec.eps)
+        self.scale, self.shift, self.invstd = scale, shift, invstd
 
     def vecs(self) -> Tuple[Tensor, Tensor, Tensor]:
         return self.mean, self.scale, self.shift
 
 
-def _stats(spec: BNSpec, count: Tensor, anchor: Tensor, mean: Tensor, m2: Tensor, weight, bias) -> _BN:
+def _stats(kern: _Kernels, spec: BNSpec, count: Tensor, anchor: Tensor, mean: Tensor, m2: Tensor, weight,
+           bias) -> _BN:
+    if spec.group is None and kern.bn_finalize is not None:  # one kernel for the whole affine
+        mu, var, scale, shift, invstd = kern.bn_finalize(count, anchor, mean, m2, weight, bias, spec.eps)
+        return _BN(spec, count, mu, var, scale, shift, invstd)
     merged = StatsPartials.row(count, anchor, mean, m2)
     if spec.group is not None:
         c, mu, var = sync_across_ranks(merged, spec.group)
     else:
         c, mu, var = finalize(merged)
-    return _BN(spec, c, mu, var, weight, bias)
+    return _BN(spec, c, mu, var, *bn_affine(mu, var, weight, bias, spec.eps))
 
 
 def _conv(x: Tensor, w: Tensor, cs: ConvSpec, spec: BlockSpec, pro: Optional[_BN] = None,
           residual: Optional[Tensor] = None, stats: bool = False, out_dtype: Optional[torch.dtype] = None):
     pv = pro.vecs() if pro is not None else (None, None, None)
-    return conv_train(x, w, *pv, residual, list(cs.stride), list(cs.padding), list(cs.dilation),
-                      spec.channels_last, stats, out_dtype or spec.compute_dtype)
+    return _KERNELS[spec.backend].conv_train(x, w, *pv, residual, list(cs.stride), list(cs.padding),
+                                             list(cs.dilation), spec.channels_last, stats,
+                                             out_dtype or spec.compute_dtype)
 
 
 def _conv_bn(x, w, cs, spec, bns, pro=None, weight=None, bias=None) -> Tensor:
     """Conv with a statistics epilogue; appends the resulting BN state to ``bns``; returns y."""
     y, count, anchor, mean, m2 = _conv(x, w, cs, spec, pro, stats=True)
-    bns.append(_stats(spec.bns[len(bns)] if len(bns) < len(spec.bns) else spec.short_bn,
+    bns.append(_stats(_KERNELS[spec.backend], spec.bns[len(bns)] if len(bns) < len(spec.bns) else spec.short_bn,
                       count, anchor, mean, m2, weight, bias))
     return y
 
 
-def _bn_backward(g: Tensor, y: Tensor, bn: _BN, r: Optional[Tensor] = None, r_bn: Optional[_BN] = None,
-                 r_dtype: Optional[torch.dtype] = None):
+def _bn_backward(kern: _Kernels, g: Tensor, y: Tensor, bn: _BN, r: Optional[Tensor] = None,
+                 r_bn: Optional[_BN] = None, r_dtype: Optional[torch.dtype] = None):
     """``(dy, dr, (dgamma, dbeta), (r's dgamma, dbeta))`` of ``relu(bn(y) + R)`` given its output grad."""
     rv = r_bn.vecs() if r_bn is not None else (None, None, None)
-    s_g, s_gy, s_gr = bn_relu_bwd_reduce(g, y, *bn.vecs(), r, *rv)
+    s_g, s_gy, s_gr = kern.bn_relu_bwd_reduce(g, y, *bn.vecs(), r, *rv)
     # gamma/beta gradients are this rank's sums, as nn.SyncBatchNorm gives them (DDP averages them)
     grads = (bn.invstd * s_gy, s_g)
     r_grads = (r_bn.invstd * s_gr, s_g) if r_bn is not None else (None, None)
@@ -127,7 +154,7 @@ def _bn_backward(g: Tensor, y: Tensor, bn: _BN, r: Optional[Tensor] = None, r_bn
     if r_bn is not None:
         rk2 = -r_bn.scale * r_bn.invstd * r_bn.invstd * s_gr / n
         rk3 = -r_bn.scale * s_g / n
-    dy, dr = bn_relu_bwd_apply(g, y, *bn.vecs(), k2, k3, r, *rv, rk2, rk3, r_dtype or y.dtype)
+    dy, dr = kern.bn_relu_bwd_apply(g, y, *bn.vecs(), k2, k3, r, *rv, rk2, rk3, r_dtype or y.dtype)
     return dy, (dr if r is not None else None), grads, r_grads
 
 
@@ -157,6 +184,7 @@ class BlockTrainFn(torch.autograd.Function):
         gb = params[k:k + 2 * len(spec.bns)]
         rest = params[k + 2 * len(spec.bns):]
         cdt = spec.compute_dtype
+        kern = _KERNELS[spec.backend]
         fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
         ws = [w.to(cdt).contiguous(memory_format=fmt) for w in ws_p]
         xc = x.to(cdt)
@@ -164,8 +192,8 @@ class BlockTrainFn(torch.autograd.Function):
         ys: List[Tensor] = []
         with torch.autocast(x.device.type, enabled=False):
             if spec.preact:
-                cnt, anc, mu, m2 = channel_stats(x)
-                bns.append(_stats(spec.bns[0], cnt, anc, mu, m2, gb[0], gb[1]))
+                cnt, anc, mu, m2 = kern.channel_stats(x)
+                bns.append(_stats(kern, spec.bns[0], cnt, anc, mu, m2, gb[0], gb[1]))
                 short = x
                 if spec.short_conv is not None:
                     ws_s = rest[0].to(cdt).contiguous(memory_format=fmt)
@@ -192,7 +220,7 @@ class BlockTrainFn(torch.autograd.Function):
                     ys.append(r)
                     r_bn = bns[-1]
                 rv = r_bn.vecs() if r_bn is not None else (None, None, None)
-                out = bn_relu_apply(ys[k - 1], *bns[k - 1].vecs(), r, *rv, cdt)
+                out = kern.bn_relu_apply(ys[k - 1], *bns[k - 1].vecs(), r, *rv, cdt)
         ctx.spec = spec
         ctx.bns = bns
         ctx.x_dtype = x.dtype
@@ -234,18 +262,19 @@ def _postact_backward(spec, bns, x, ys, ws, g_out, need_x):
         ys = list(ys)
         ys[k - 1] = _conv(ys[k - 2] if k > 1 else xc, ws[k - 1], spec.convs[k - 1], spec,
                           pro=bns[k - 2] if k > 1 else None, stats=True)[0]
+    kern = _KERNELS[spec.backend]
     r, r_bn = (ys[k], bns[k]) if has_short else (x, None)
-    dy, dr, gk, gr = _bn_backward(g_out, ys[k - 1], bns[k - 1], r, r_bn, r_dtype=r.dtype)
+    dy, dr, gk, gr = _bn_backward(kern, g_out, ys[k - 1], bns[k - 1], r, r_bn, r_dtype=r.dtype)
     dws: List[Optional[Tensor]] = [None] * k
     dbn = [None] * k
     dbn[k - 1] = gk
     dx = None
     for i in range(k - 1, -1, -1):
         if i > 0:
-            a = bn_relu_apply(ys[i - 1], *bns[i - 1].vecs(), None, None, None, None, spec.compute_dtype)
+            a = kern.bn_relu_apply(ys[i - 1], *bns[i - 1].vecs(), None, None, None, None, spec.compute_dtype)
             da, dws[i] = _conv_backward(dy, a, ws[i], spec.convs[i], True)
             del a
-            dy, _, dbn[i - 1], _ = _bn_backward(da, ys[i - 1], bns[i - 1])
+            dy, _, dbn[i - 1], _ = _bn_backward(kern, da, ys[i - 1], bns[i - 1])
         else:
             dx, dws[0] = _conv_backward(dy, xc, ws[0], spec.convs[0], need_x)
     if has_short:
@@ -263,6 +292,7 @@ def _postact_backward(spec, bns, x, ys, ws, g_out, need_x):
 def _preact_backward(spec, bns, x, ys, ws, g_out, need_x):
     k = len(spec.convs)
     cdt = spec.compute_dtype
+    kern = _KERNELS[spec.backend]
     dws: List[Optional[Tensor]] = [None] * k
     dbn = [None] * k
     srcs = [x] + list(ys)  # input of conv i is relu(bn_i(srcs[i]))
@@ -270,13 +300,13 @@ def _preact_backward(spec, bns, x, ys, ws, g_out, need_x):
     dx = None
     d_short_w = None
     for i in range(k - 1, -1, -1):
-        a = bn_relu_apply(srcs[i], *bns[i].vecs(), None, None, None, None, cdt)
+        a = kern.bn_relu_apply(srcs[i], *bns[i].vecs(), None, None, None, None, cdt)
         da, dws[i] = _conv_backward(dy, a, ws[i], spec.convs[i], True)
         if i == 0 and spec.short_conv is not None:
             da_s, d_short_w = _conv_backward(g_out, a, ws[k], spec.short_conv, True)
             da = da + da_s
         del a
-        dy, _, dbn[i], _ = _bn_backward(da, srcs[i], bns[i])
+        dy, _, dbn[i], _ = _bn_backward(kern, da, srcs[i], bns[i])
     if need_x:
         dx = dy if spec.short_conv is not None else dy + g_out.to(dy.dtype)
     return dx, dws, dbn, (d_short_w,)

@@ -105,13 +105,46 @@ class _BnActFn(torch.autograd.Function):
         g = grad_out.float()
         if ctx.relu:
             g = torch.where(out <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)  # as threshold_backward: NaN passes
-        xdt, sdt, hdt, rdt = ctx.dtypes
-        need_x, need_s, need_h, need_r = ctx.needs_input_grad[:4]
-        grad_x = (g * scale.float().view(1, -1, 1, 1)).to(xdt) if need_x else None
-        grad_s = (g * x.float()).sum(dim=(0, 2, 3)).to(sdt) if need_s else None
-        grad_h = g.sum(dim=(0, 2, 3)).to(hdt) if need_h else None
-        grad_r = g.to(rdt) if (need_r and ctx.has_res) else None
-        return grad_x, grad_s, grad_h, grad_r, None, None
+        return _affine_grads(ctx, g, x, scale) + (None, None)
+
+
+def _affine_grads(ctx, g: Tensor, x: Tensor, scale: Tensor):
+    """Gradients of x, scale, shift, residual given g = dL/d(pre-ReLU sum) in float32."""
+    xdt, sdt, hdt, rdt = ctx.dtypes
+    need_x, need_s, need_h, need_r = ctx.needs_input_grad[:4]
+    grad_x = (g * scale.float().view(1, -1, 1, 1)).to(xdt) if need_x else None
+    grad_s = (g * x.float()).sum(dim=(0, 2, 3)).to(sdt) if need_s else None
+    grad_h = g.sum(dim=(0, 2, 3)).to(hdt) if need_h else None
+    grad_r = g.to(rdt) if (need_r and ctx.has_res) else None
+    return grad_x, grad_s, grad_h, grad_r
+
+
+class _ExtBnActFn(torch.autograd.Function):
+    """The compiled library's kernel (C++ on CPU, CUDA on GPU). For the backward it keeps a 1-bit
+    ReLU mask written by the forward pass instead of the output: 1/8 of a byte per element."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, residual, relu, out_dtype):
+        from .. import _ext
+
+        want_mask = relu and any(ctx.needs_input_grad[:4])  # a backward will follow
+        out, mask = _ext.extension().bn_act(x, None, scale.float(), shift.float(), residual, None, None, None,
+                                            relu, out_dtype, want_mask)
+        ctx.relu, ctx.has_res = relu, residual is not None
+        ctx.channels_last = memory_format_of(out) == torch.channels_last
+        ctx.dtypes = (x.dtype, scale.dtype, shift.dtype, None if residual is None else residual.dtype)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, scale, mask if want_mask else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .. import _ext
+
+        x, scale, mask = ctx.saved_tensors
+        g = grad_out
+        if ctx.relu:
+            g = _ext.extension().relu_mask_backward(g, mask, ctx.channels_last)
+        return _affine_grads(ctx, g.float(), x, scale) + (None, None)
 
 
 # --------------------------------------------------------------------------------- functional API
@@ -140,8 +173,6 @@ def bn_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] =
             raise ValueError(f"residual: expected shape {list(x.shape)} (x's), got {list(residual.shape)}")
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     impl = backends.resolve(backend, x, fusable=triton_dtype_ok(x.dtype) and triton_dtype_ok(out_dtype))
-    if impl == "cuda":  # pragma: no cover - the extension is not built in this release
-        raise backends.BackendUnavailableError("backend 'cuda' has no bn_act kernel yet")
     return _run(x, scale, shift, residual, relu, backend=impl)
 
 
@@ -149,11 +180,13 @@ def _run(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], re
          backend: str) -> Tensor:
     """The op without argument checks, for callers that already validated (the modules).
 
-    ``backend`` is a resolved backend ("triton" or "torch"); float64 runs on the PyTorch path.
+    ``backend`` is a resolved backend ("triton", "cuda" or "torch"); float64 runs on the PyTorch path.
     """
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     if backend == "triton" and triton_dtype_ok(x.dtype) and triton_dtype_ok(out_dtype):
         return _BnActFn.apply(x, scale, shift, residual, relu, out_dtype)
+    if backend == "cuda" and triton_dtype_ok(x.dtype) and triton_dtype_ok(out_dtype):
+        return _ExtBnActFn.apply(x, scale, shift, residual, relu, out_dtype)
     y = torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
     if residual is not None:
         y = y.add_(residual) if residual.dtype == y.dtype else y + residual

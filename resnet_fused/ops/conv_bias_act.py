@@ -309,12 +309,27 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
             _conv_bias_act_kernel_tuned[grid](*args, **meta)
 
 
+def _launch_ext(x, weight, bias, residual, stride, padding, dilation, relu, out_format):
+    """The compiled library's fused conv (CUTLASS + our epilogue on CUDA; oneDNN + our C++
+    epilogue on CPU); residual in x's dtype."""
+    from .. import _ext
+
+    out = _ext.extension().conv_bias_act(x, weight, bias, residual, list(stride), list(padding), list(dilation),
+                                         relu, x.is_cuda and conv_uses_tf32())
+    return out.contiguous(memory_format=out_format)
+
+
 class _ConvBiasActFn(torch.autograd.Function):
-    """Triton forward; backward through the ReLU mask and cuDNN's convolution_backward."""
+    """Triton (or compiled-library) forward; backward through the ReLU mask and cuDNN's
+    convolution_backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, relu, out_dtype, out_format):
-        out = _launch(x, weight, bias, residual, stride, padding, dilation, relu, out_dtype, out_format)
+    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, relu, out_dtype, out_format,
+                impl="triton"):
+        if impl == "cuda":
+            out = _launch_ext(x, weight, bias, residual, stride, padding, dilation, relu, out_format)
+        else:
+            out = _launch(x, weight, bias, residual, stride, padding, dilation, relu, out_dtype, out_format)
         ctx.conf = (stride, padding, dilation, relu)
         ctx.has_bias, ctx.has_res = bias is not None, residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -339,7 +354,7 @@ class _ConvBiasActFn(torch.autograd.Function):
             grad_b = g.float().sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
         if need_r and ctx.has_res:
             grad_r = g.to(ctx.res_dtype)
-        return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_r, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------- functional API
@@ -394,8 +409,6 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
     out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
     fusable = groups == 1 and triton_dtype_ok(cdt) and triton_dtype_ok(out_dtype)
     impl = backends.resolve(backend, x, fusable=fusable)
-    if impl == "cuda":  # pragma: no cover - the extension is not built in this release
-        raise backends.BackendUnavailableError("backend 'cuda' has no conv_bias_act kernel yet")
     return _run(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend=impl,
                 out_format=memory_format_of(x))
 
@@ -405,8 +418,8 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[T
          out_format: torch.memory_format) -> Tensor:
     """The op without argument checks, for callers that already validated (the modules).
 
-    ``backend`` is a resolved backend ("triton" or "torch"); cases Triton has no kernel for run
-    on the PyTorch path. ``out_format`` is the output's memory format.
+    ``backend`` is a resolved backend ("triton", "cuda" or "torch"); cases the backend has no
+    kernel for run on the PyTorch path. ``out_format`` is the output's memory format.
     """
     cdt = compute_dtype(x)
     if cdt != x.dtype or weight.dtype != cdt:  # what autocast does to a conv: both operands in its dtype
@@ -416,6 +429,11 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[T
         with torch.autocast(x.device.type, enabled=False):
             return _ConvBiasActFn.apply(x, weight, bias, residual,
                                         stride, padding, dilation, relu, out_dtype, out_format)
+    if (backend == "cuda" and groups == 1 and triton_dtype_ok(cdt) and out_dtype == cdt
+            and (residual is None or residual.dtype == cdt)):
+        with torch.autocast(x.device.type, enabled=False):
+            return _ConvBiasActFn.apply(x, weight, bias, residual,
+                                        stride, padding, dilation, relu, out_dtype, out_format, "cuda")
     return _torch_path(x, weight, bias, residual, stride, padding, dilation, groups, relu, out_format)
 
 
