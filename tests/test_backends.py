@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import resnet_fused
-from resnet_fused import BackendUnavailableError, available_backends, backends, get_backend, set_backend, use_backend
+from resnet_fused import (BackendUnavailableError, _ext, available_backends, backends, get_backend, set_backend,
+                          use_backend)
 from resnet_fused.ops import bn_act, conv_bias_act
 from utils import INTERPRET
 
@@ -27,6 +28,17 @@ def cuda_like():
     an object with a CUDA device is enough to drive the CUDA branch of 'auto'.
     """
     return types.SimpleNamespace(device=torch.device("cuda", 0))
+
+
+EXT_ERROR = _ext.load_error()  # None where the compiled library builds and loads (CI: it does)
+NOT_BUILT = "simulated for the test: the C++/CUDA extension is not built"
+
+
+@pytest.fixture
+def ext_unavailable(monkeypatch):
+    """The loader's state as on a machine where the library cannot be built."""
+    monkeypatch.setattr(_ext, "_state", {"done": True, "error": NOT_BUILT})
+    monkeypatch.setattr(backends, "_warned", set())
 
 
 @pytest.fixture(autouse=True)
@@ -160,7 +172,8 @@ def test_set_backend_inside_use_backend_persists():
 def test_available_backends():
     names = available_backends()
     assert "auto" in names and "torch" in names
-    assert "cuda" not in names  # the extension is not built in this release
+    assert ("cuda" in names) == (EXT_ERROR is None)
+    assert ("cuda" in available_backends(torch.device("cpu"))) == (EXT_ERROR is None)
     assert ("triton" in names) == (INTERPRET or torch.cuda.is_available())
     cpu = available_backends(torch.device("cpu"))
     assert ("triton" in cpu) == INTERPRET
@@ -169,14 +182,27 @@ def test_available_backends():
 
 def test_unavailable_reason():
     assert backends.unavailable_reason("auto") is None and backends.unavailable_reason("torch") is None
-    assert "not built" in backends.unavailable_reason("cuda")
+    assert backends.unavailable_reason("cuda") == EXT_ERROR
+    assert "got a tensor on meta" in backends.unavailable_reason("cuda", torch.device("meta"))
     if INTERPRET:
         assert backends.unavailable_reason("triton", torch.device("cpu")) is None
     assert "got a tensor on meta" in backends.unavailable_reason("triton", torch.device("meta"))
 
 
+@pytest.mark.skipif(EXT_ERROR is not None, reason=f"extension unavailable: {EXT_ERROR}")
+def test_cuda_backend_without_cuda_kernels(monkeypatch):
+    """A CPU-only build runs CPU tensors; a CUDA tensor gets the precise reason."""
+    if _ext.build_info()["cuda"]:
+        pytest.skip("this build has CUDA kernels")
+    reason = backends.unavailable_reason("cuda", torch.device("cuda", 0))
+    assert "no CUDA kernels" in reason
+    assert backends.unavailable_reason("cuda", torch.device("cpu")) is None
+    with pytest.raises(BackendUnavailableError, match="no CUDA kernels"):
+        backends.resolve("cuda", cuda_like())
+
+
 @pytest.mark.parametrize("how", ["set_backend", "use_backend", "resolve", "conv_bias_act", "bn_act"])
-def test_cuda_backend_raises_not_built(how):
+def test_cuda_backend_raises_not_built(how, ext_unavailable):
     set_backend("torch")
     with pytest.raises(BackendUnavailableError) as info:
         if how == "set_backend":
@@ -191,7 +217,7 @@ def test_cuda_backend_raises_not_built(how):
         else:
             bn_act(X, torch.ones(2), torch.zeros(2), backend="cuda")
     msg = str(info.value)
-    assert "'cuda'" in msg and "not built" in msg and "resnet_fused._C" in msg
+    assert "'cuda'" in msg and NOT_BUILT in msg
     assert get_backend() == "torch"  # a refused choice changes nothing
 
 
@@ -206,7 +232,7 @@ def test_interpreter_state_is_fixed_at_import(monkeypatch):
     assert backends.resolve("triton", X) == "triton"
 
 
-def test_triton_without_interpreter(monkeypatch):
+def test_triton_without_interpreter(monkeypatch, ext_unavailable):
     """No CUDA and no interpreter: an explicit 'triton' is refused, with the way out in the message."""
     monkeypatch.setattr(backends, "triton_interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -224,12 +250,23 @@ def test_triton_without_interpreter(monkeypatch):
 
 # -------------------------------------------------------------------------------------- resolve
 def test_resolve_cpu():
-    assert backends.resolve("auto", X) == "torch"
+    """'auto' on CPU: the compiled library's C++ kernels where it loads, else PyTorch."""
+    auto_cpu = "cuda" if EXT_ERROR is None else "torch"
+    assert backends.resolve("auto", X) == auto_cpu
     assert backends.resolve("torch", X) == "torch"
     assert backends.resolve("auto", X, fusable=False) == "torch"
     with use_backend("torch"):
         assert backends.resolve(None, X) == "torch"
-    assert backends.resolve(None, X) == "torch"  # None: the current choice, 'auto' on CPU
+    assert backends.resolve(None, X) == auto_cpu  # None: the current choice, 'auto'
+
+
+def test_resolve_cpu_without_extension_warns_once(ext_unavailable):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [backends.resolve("auto", X) for _ in range(3)] == ["torch"] * 3
+    runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(runtime) == 1 and NOT_BUILT in str(runtime[0].message), [str(w.message) for w in caught]
+    assert "PyTorch path" in str(runtime[0].message)
 
 
 @NEEDS_INTERPRETER
@@ -303,8 +340,9 @@ def test_env_var_invalid_is_a_clear_error():
     assert all(name in last for name in backends.BACKENDS)
 
 
-def test_env_var_cuda_is_refused_when_used():
-    """Naming the unbuilt extension in the environment fails at the first op, with the reason."""
+def test_env_var_cuda_is_refused_when_used(tmp_path):
+    """Naming an unbuilt extension in the environment fails at the first op, with the reason
+    (RESNET_FUSED_JIT=0 and an empty extension cache: nothing may be built)."""
     code = PRINT + """
 import torch
 try:
@@ -312,10 +350,14 @@ try:
 except rf.BackendUnavailableError as exc:
     print("refused:", exc)
 """
-    proc = run_python(code, RESNET_FUSED_BACKEND="cuda", TRITON_INTERPRET="1")
+    if _ext._aot_library() is not None:
+        pytest.skip("an ahead-of-time build is installed: the extension is built")
+    proc = run_python(code, RESNET_FUSED_BACKEND="cuda", TRITON_INTERPRET="1", RESNET_FUSED_JIT="0",
+                      TORCH_EXTENSIONS_DIR=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "cuda" and lines[2].startswith("refused:") and "not built" in lines[2]
+    assert lines[0] == "cuda" and lines[2].startswith("refused:") and "not built" in lines[2], lines
+    assert "RESNET_FUSED_JIT=0" in lines[2]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, Triton is available without the interpreter")
