@@ -57,6 +57,9 @@
 // whatever cudaFuncSetAttribute or the launch (cudaGetLastError) reports. Empty problems (N, P or
 // Q == 0) get config -1: the caller handles them.
 //
+// The same kernels optionally write per-channel statistics of y for BN (conv_stats.cuh,
+// conv2d_fprop_bias_act_stats): a phase after the epilogue, skipped at run time otherwise.
+//
 // Compile time: about 21 s for both architectures on one core (nvcc 13.0), so one translation unit.
 #include <cstddef>
 #include <cstdint>
@@ -77,6 +80,7 @@
 
 #include "resnet_fused/kernels.h"
 #include "conv_epilogue.cuh"
+#include "conv_stats.cuh"
 
 namespace rf {
 namespace cuda {
@@ -103,9 +107,171 @@ struct ConvConfigOps {
   int (*can_implement)(const Conv2dShape& s);
   /// CUTLASS's get_workspace_size (0: split_k_slices == 1).
   size_t (*workspace_bytes)(const Conv2dShape& s);
-  /// Launches the conv on stream; a cudaError_t value.
+  /// Launches the conv on stream (with the statistics phase when stats_sum, stats_m2 are not
+  /// null); a cudaError_t value.
   int (*run)(const Conv2dShape& s, const void* x, const void* w, const float* bias, const void* residual,
-             void* y, bool relu, void* workspace, cudaStream_t stream);
+             void* y, bool relu, void* workspace, float* stats_sum, float* stats_m2, cudaStream_t stream);
+  /// GEMM rows per threadblock tile (the statistics tile).
+  int tile_rows;
+};
+
+/// The CUTLASS conv kernel Base (ImplicitGemmConvolutionWithFusedEpilogue), followed by an optional
+/// statistics phase (conv_stats.cuh): once Base's epilogue has stored the CTA's output tile, the
+/// CTA reads the tile back (from L2: ld.global.cg) and writes per-channel sum and centred sum of
+/// squares of its valid rows to row tile_m of the [tiles_m, K] partials. Skipped (a uniform branch
+/// after the epilogue) when Params::stats_sum is null, which is how conv2d_fprop_bias_act runs it.
+template <typename Base>
+struct FpropStatsKernel : public Base {
+  using Element = typename Base::ElementC;  // y's element type
+  using ThreadblockShape = typename Base::ThreadblockShape;
+  using ThreadblockSwizzle = typename Base::ThreadblockSwizzle;
+
+  static int const kTileM = ThreadblockShape::kM;
+  static int const kTileN = ThreadblockShape::kN;
+  static int const kThreadCount = Base::kThreadCount;
+  /// 16-byte vectors of y: kVec channels per load (K % kVec == 0 is checked by can_implement).
+  static int const kVec = 128 / cutlass::sizeof_bits<Element>::value;
+  /// Thread t reads channel group t % kColGroups of rows t / kColGroups + i * kRowLanes.
+  static int const kColGroups = kTileN / kVec;
+  static int const kRowLanes = kThreadCount / kColGroups;
+  static_assert(kTileN % kVec == 0 && kThreadCount % kColGroups == 0, "thread layout of the stats phase");
+  static_assert(kTileN <= kThreadCount, "one thread per tile column in the cross-lane reduction");
+
+  struct Params : public Base::Params {
+    float* stats_sum;
+    float* stats_m2;
+
+    CUTLASS_HOST_DEVICE
+    Params() : Base::Params(), stats_sum(nullptr), stats_m2(nullptr) {}
+
+    CUTLASS_HOST_DEVICE
+    Params(typename Base::Arguments const& args, int* semaphore, float* sum, float* m2)
+        : Base::Params(args, semaphore), stats_sum(sum), stats_m2(m2) {}
+  };
+
+  struct StatsStorage {
+    float partial[kRowLanes][kTileN];  // per row lane, per tile column
+    float mean[kTileN];                // tile mean of each column (pass 2)
+  };
+
+  union SharedStorage {
+    typename Base::SharedStorage base;
+    StatsStorage stats;
+  };
+
+  /// kVec consecutive channels of row m of y (dense [M, ld]) as floats, read from L2 (.cg: never a
+  /// stale or non-coherent L1 / texture line of what this CTA has just stored).
+  CUTLASS_DEVICE
+  static void load_row_(Element const* y, int64_t m, int64_t ld, int col, float (&out)[kVec]) {
+    static_assert(sizeof(cutlass::AlignedArray<Element, kVec>) == sizeof(uint4), "16-byte vector");
+    cutlass::AlignedArray<Element, kVec> v;
+    *reinterpret_cast<uint4*>(&v) = __ldcg(reinterpret_cast<uint4 const*>(y + m * ld + col));
+    cutlass::NumericArrayConverter<float, Element, kVec> to_float;
+    cutlass::Array<float, kVec> f = to_float(v);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kVec; ++i) {
+      out[i] = f[i];
+    }
+  }
+
+  CUTLASS_DEVICE
+  void operator()(Params const& params, SharedStorage& shared_storage) {
+    Base::operator()(params, shared_storage.base);
+
+    // Uniform over the grid / over the CTA: every barrier below is reached by all or no thread.
+    if (params.stats_sum == nullptr) {
+      return;
+    }
+    ThreadblockSwizzle swizzle;
+    cutlass::gemm::GemmCoord tile = swizzle.get_tile_offset(params.swizzle_log_tile);
+    if (params.grid_tiled_shape.m() <= tile.m() || params.grid_tiled_shape.n() <= tile.n()) {
+      return;  // the CTAs Base skipped too
+    }
+
+    const int64_t gemm_m = params.implicit_gemm_problem_size.m();  // N*P*Q
+    const int64_t gemm_n = params.implicit_gemm_problem_size.n();  // K = y's leading dimension
+    const int64_t m0 = int64_t(tile.m()) * kTileM;
+    const int n0 = tile.n() * kTileN;
+    const int rows = int(gemm_m - m0 < kTileM ? gemm_m - m0 : kTileM);  // >= 1
+    const int tid = threadIdx.x;
+    const int group = tid % kColGroups;
+    const int lane = tid / kColGroups;
+    const int col = n0 + group * kVec;  // first of this thread's kVec channels
+    const bool col_ok = col < gemm_n;   // whole vector in or out, as K % kVec == 0
+    Element const* y = params.ptr_D;
+    float* out_sum = params.stats_sum + int64_t(tile.m()) * gemm_n;
+    float* out_m2 = params.stats_m2 + int64_t(tile.m()) * gemm_n;
+    StatsStorage& st = shared_storage.stats;
+
+    // The epilogue's global stores of this tile are visible to the whole CTA after the barrier,
+    // and its shared memory (aliased by st) is no longer in use.
+    __syncthreads();
+
+    // Pass 1: column sums.
+    float acc[kVec];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kVec; ++i) {
+      acc[i] = 0.f;
+    }
+    if (col_ok) {
+      for (int r = lane; r < rows; r += kRowLanes) {
+        float v[kVec];
+        load_row_(y, m0 + r, gemm_n, col, v);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kVec; ++i) {
+          acc[i] += v[i];
+        }
+      }
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kVec; ++i) {
+      st.partial[lane][group * kVec + i] = acc[i];
+    }
+    __syncthreads();
+    if (tid < kTileN) {
+      float sum = 0.f;
+      for (int l = 0; l < kRowLanes; ++l) {
+        sum += st.partial[l][tid];
+      }
+      st.mean[tid] = sum / float(rows);
+      if (n0 + tid < gemm_n) {
+        out_sum[n0 + tid] = sum;
+      }
+    }
+    __syncthreads();
+
+    // Pass 2: centred sums of squares about the tile mean.
+    float mean[kVec];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kVec; ++i) {
+      acc[i] = 0.f;
+      mean[i] = st.mean[group * kVec + i];
+    }
+    if (col_ok) {
+      for (int r = lane; r < rows; r += kRowLanes) {
+        float v[kVec];
+        load_row_(y, m0 + r, gemm_n, col, v);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kVec; ++i) {
+          float d = v[i] - mean[i];
+          acc[i] += d * d;
+        }
+      }
+    }
+    // (st.partial may be refilled: its pass-1 reads precede the barrier above.)
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kVec; ++i) {
+      st.partial[lane][group * kVec + i] = acc[i];
+    }
+    __syncthreads();
+    if (tid < kTileN && n0 + tid < gemm_n) {
+      float m2 = 0.f;
+      for (int l = 0; l < kRowLanes; ++l) {
+        m2 += st.partial[l][tid];
+      }
+      out_m2[n0 + tid] = m2;
+    }
+  }
 };
 
 /// One compiled configuration. Element: cutlass::half_t, cutlass::bfloat16_t or float (TF32).
@@ -128,7 +294,7 @@ struct FpropKernel {
 
   using OutputOp = ConvBiasResidualReluOp<Element, kAlignment>;
 
-  using Kernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
+  using BaseKernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
       Element, Layout,  // A: x, NHWC
       Element, Layout,  // B: w, KRSC (a TensorNHWC with N = K, H = R, W = S)
       Element, Layout,  // source C / output Z: residual / y, NPQK
@@ -138,19 +304,21 @@ struct FpropKernel {
       cutlass::conv::IteratorAlgorithm::kOptimized,
       cutlass::conv::StrideSupport::kUnity,  // fprop runs any stride (the flag restricts dgrad only)
       kAlignment, kAlignment>::Kernel;
+  /// What runs: BaseKernel plus the optional statistics phase.
+  using Kernel = FpropStatsKernel<BaseKernel>;
 
   // Only its static can_implement and get_workspace_size are used: we launch the kernel ourselves
   // so that a failure comes back as the genuine cudaError_t.
-  using Device = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
+  using Device = cutlass::conv::device::ImplicitGemmConvolution<BaseKernel>;
 
-  static_assert(Kernel::Epilogue::OutputTileIterator::kElementsPerAccess == kAlignment,
+  static_assert(BaseKernel::Epilogue::OutputTileIterator::kElementsPerAccess == kAlignment,
                 "epilogue vector width must be what can_implement checks K against");
-  static_assert(Kernel::Epilogue::kPartitionsK == 1, "the warp tile spans the threadblock's K");
+  static_assert(BaseKernel::Epilogue::kPartitionsK == 1, "the warp tile spans the threadblock's K");
   static_assert(!OutputOp::kStoreT, "no second output tensor");
 
-  static typename Kernel::Arguments arguments(const Conv2dShape& s, const void* x, const void* w,
-                                              const float* bias, const void* residual, void* y,
-                                              bool relu) {
+  static typename BaseKernel::Arguments arguments(const Conv2dShape& s, const void* x, const void* w,
+                                                  const float* bias, const void* residual, void* y,
+                                                  bool relu) {
     using Ref = cutlass::TensorRef<Element, Layout>;
     Layout layout_x = Layout::packed(cutlass::Tensor4DCoord(s.N, s.H, s.W, s.C));
     Layout layout_w = Layout::packed(cutlass::Tensor4DCoord(s.K, s.R, s.S, s.C));
@@ -161,7 +329,7 @@ struct FpropKernel {
     // the same iterator description as y (row = output pixel, leading dimension K).
     Ref ref_residual(static_cast<Element*>(const_cast<void*>(residual)), layout_y);
     Ref ref_y(static_cast<Element*>(y), layout_y);
-    return typename Kernel::Arguments(
+    return typename BaseKernel::Arguments(
         to_problem(s), ref_x, ref_w, ref_residual, ref_y,
         typename OutputOp::Params(/*has_residual=*/residual != nullptr, relu),
         cutlass::conv::SplitKMode::kSerial,
@@ -181,12 +349,13 @@ struct FpropKernel {
   }
 
   static int run(const Conv2dShape& s, const void* x, const void* w, const float* bias,
-                 const void* residual, void* y, bool relu, void* workspace, cudaStream_t stream) {
-    typename Kernel::Arguments args = arguments(s, x, w, bias, residual, y, relu);
+                 const void* residual, void* y, bool relu, void* workspace, float* stats_sum,
+                 float* stats_m2, cudaStream_t stream) {
+    typename BaseKernel::Arguments args = arguments(s, x, w, bias, residual, y, relu);
     if (Device::can_implement(args) != cutlass::Status::kSuccess) {
       return static_cast<int>(cudaErrorInvalidValue);
     }
-    if (x == nullptr || w == nullptr || y == nullptr) {
+    if (x == nullptr || w == nullptr || y == nullptr || ((stats_sum == nullptr) != (stats_m2 == nullptr))) {
       return static_cast<int>(cudaErrorInvalidValue);
     }
     // 128-bit accesses of x, w, y and the residual (at element offsets that are multiples of
@@ -203,7 +372,7 @@ struct FpropKernel {
       return static_cast<int>(cudaErrorInvalidValue);  // unreachable with split_k_slices == 1
     }
 
-    typename Kernel::Params params(args, static_cast<int*>(workspace));
+    typename Kernel::Params params(args, static_cast<int*>(workspace), stats_sum, stats_m2);
     Swizzle swizzle;
     dim3 grid = swizzle.get_grid_shape(params.grid_tiled_shape);
     dim3 block(Kernel::kThreadCount, 1, 1);
@@ -221,7 +390,7 @@ struct FpropKernel {
   }
 
   static constexpr ConvConfigOps ops(const char* name, DType dtype) {
-    return ConvConfigOps{name, dtype, &can_implement, &workspace_bytes, &run};
+    return ConvConfigOps{name, dtype, &can_implement, &workspace_bytes, &run, TbM};
   }
 };
 
@@ -347,7 +516,36 @@ int conv2d_fprop_bias_act(DType dtype, int config, const Conv2dShape& s, const v
   if (ops == nullptr || !valid_shape(s)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  return ops->run(s, x, w, bias, residual, y, relu, workspace, stream);
+  return ops->run(s, x, w, bias, residual, y, relu, workspace, nullptr, nullptr, stream);
+}
+
+// ================================================================= conv_stats.cuh entry points
+
+int conv2d_fprop_stats_tile_rows(int config) {
+  if (config < 0 || config >= conv_detail::kNumConfigs) {
+    return 0;
+  }
+  return conv_detail::kConfigs[config].tile_rows;
+}
+
+int64_t conv2d_fprop_stats_tiles(int config, const Conv2dShape& s) {
+  const int rows = conv2d_fprop_stats_tile_rows(config);
+  if (rows == 0 || !conv_detail::valid_shape(s)) {
+    return 0;
+  }
+  const int64_t gemm_m = int64_t(s.N) * s.P * s.Q;
+  return (gemm_m + rows - 1) / rows;
+}
+
+int conv2d_fprop_bias_act_stats(DType dtype, int config, const Conv2dShape& s, const void* x, const void* w,
+                                const float* bias, const void* residual, void* y, bool relu, void* workspace,
+                                float* tile_sum, float* tile_m2, cudaStream_t stream) {
+  using namespace conv_detail;
+  const ConvConfigOps* ops = config_ops(dtype, config);
+  if (ops == nullptr || !valid_shape(s) || tile_sum == nullptr || tile_m2 == nullptr) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return ops->run(s, x, w, bias, residual, y, relu, workspace, tile_sum, tile_m2, stream);
 }
 
 }  // namespace cuda
