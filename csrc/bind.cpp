@@ -27,6 +27,9 @@ TORCH_LIBRARY(resnet_fused_C, m) {
   m.def(
       "conv_bias_act(Tensor x, Tensor w, Tensor? bias, Tensor? r, int[2] stride, int[2] padding, "
       "int[2] dilation, bool relu, bool allow_tf32) -> Tensor");
+  m.def(
+      "conv_bias_act_stats(Tensor x, Tensor w, Tensor? bias, Tensor? r, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool relu, bool allow_tf32) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Introspection, for tests and benchmarks: which kernel a conv gets, and what was built.
   m.def(
       "conv_kernel_name(Tensor x, Tensor w, Tensor? r, int[2] stride, int[2] padding, int[2] dilation, "
@@ -43,6 +46,7 @@ TORCH_LIBRARY(resnet_fused_C, m) {
   m.impl("channel_stats", &rf::channel_stats);           \
   m.impl("bn_finalize", &rf::bn_finalize);               \
   m.impl("conv_bias_act", &rf::conv_bias_act);           \
+  m.impl("conv_bias_act_stats", &rf::conv_bias_act_stats); \
   m.impl("conv_kernel_name", &rf::conv_kernel_name)
 
 TORCH_LIBRARY_IMPL(resnet_fused_C, CPU, m) { RF_REGISTER_KERNELS(m); }

@@ -13,6 +13,9 @@
 #include <sstream>
 
 #include "resnet_fused/kernels.h"
+#ifdef RESNET_FUSED_WITH_CUDA
+#include "cuda/conv_stats.cuh"  // plain declarations, like kernels.h
+#endif
 
 // Build facts arrive as bare tokens (-DRESNET_FUSED_TORCH_VERSION=2.13.0+cpu,
 // -DRESNET_FUSED_CUDA_ARCHS=80_90) and are stringified here: quoted macro values do not survive
@@ -438,13 +441,25 @@ ConvPlan plan_conv(const at::Tensor& x, const at::Tensor& w, const OptTensor& r,
 
 }  // namespace
 
-at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in, const OptTensor& bias, const OptTensor& r,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
-                         bool allow_tf32) {
-  const ConvPlan p = plan_conv(x_in, w_in, r, stride, padding, dilation, allow_tf32);
+namespace {
+
+bool aligned(const at::Tensor& t, size_t bytes) {
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
+}
+
+using ConvResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The conv with its epilogue and, with `stats`, the per-channel statistics of the stored output
+// as channel_stats returns them. CUTLASS where plan_conv found a configuration (the statistics
+// then come from the kernel's own per-tile partials), else the library conv + bn_act in place
+// (+ channel_stats).
+ConvResult conv_impl(const at::Tensor& x_in, const at::Tensor& w_in, const OptTensor& bias, const OptTensor& r,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                     bool allow_tf32, bool stats) {
+  ConvPlan p = plan_conv(x_in, w_in, r, stride, padding, dilation, allow_tf32);
   const Conv2dShape& s = p.shape;
   const at::MemoryFormat fmt = layout_of(x_in);
-  const at::Tensor b = opt_vec(bias, "bias", s.K, x_in);
+  at::Tensor b = opt_vec(bias, "bias", s.K, x_in);
   at::Tensor res;
   if (r.has_value()) {
     check_act(*r, "r");
@@ -455,49 +470,95 @@ at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& w_in, const O
                       r->device());
     res = r->contiguous(fmt);
   }
+  const auto fopts = x_in.options().dtype(at::kFloat);
   c10::OptionalDeviceGuard guard(x_in.device());
 #ifdef RESNET_FUSED_WITH_CUDA
+  // CUTLASS reads 16-byte vectors of every tensor and 8 floats of bias at once: a view at an odd
+  // storage offset goes to the fallback (bias is tiny: an aligned copy instead)
+  const at::Tensor x = p.config >= 0 ? x_in.contiguous(at::MemoryFormat::ChannelsLast) : x_in;
+  const at::Tensor w = p.config >= 0 ? w_in.contiguous(at::MemoryFormat::ChannelsLast) : w_in;
+  if (p.config >= 0 && !(aligned(x, 16) && aligned(w, 16) && aligned(res, 16))) p.config = -1;
   if (p.config >= 0) {
-    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-    const at::Tensor w = w_in.contiguous(at::MemoryFormat::ChannelsLast);
+    if (!aligned(b, 32)) b = b.clone();
     at::Tensor y = at::empty({s.N, s.K, s.P, s.Q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    if (y.numel() == 0) return y;
     const DType dt = dtype_of(x, "x");
     at::Tensor ws = workspace(cuda::conv2d_fprop_workspace_bytes(dt, s, p.config), x);
-    check_launch(cuda::conv2d_fprop_bias_act(dt, p.config, s, x.data_ptr(), w.data_ptr(), fptr(b), cptr(res),
-                                             y.data_ptr(), relu, ws.numel() ? ws.data_ptr() : nullptr,
-                                             stream_of(x)),
-                 "conv2d_fprop_bias_act");
-    return y;
+    void* wsp = ws.numel() ? ws.data_ptr() : nullptr;
+    if (!stats) {
+      check_launch(cuda::conv2d_fprop_bias_act(dt, p.config, s, x.data_ptr(), w.data_ptr(), fptr(b), cptr(res),
+                                               y.data_ptr(), relu, wsp, stream_of(x)),
+                   "conv2d_fprop_bias_act");
+      return {y, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    const int64_t tiles = cuda::conv2d_fprop_stats_tiles(p.config, s);
+    const int64_t rows = cuda::conv2d_fprop_stats_tile_rows(p.config);
+    at::Tensor tile_sum = at::empty({tiles, s.K}, fopts), tile_m2 = at::empty({tiles, s.K}, fopts);
+    check_launch(cuda::conv2d_fprop_bias_act_stats(dt, p.config, s, x.data_ptr(), w.data_ptr(), fptr(b),
+                                                   cptr(res), y.data_ptr(), relu, wsp,
+                                                   tile_sum.data_ptr<float>(), tile_m2.data_ptr<float>(),
+                                                   stream_of(x)),
+                 "conv2d_fprop_bias_act_stats");
+    // All tiles merged at once in float64 (exact multi-way form of Chan's formula: a few numbers
+    // per tile and channel, next to the conv's cost): M2 = sum M2_t + sum n_t (mean_t - mean)^2.
+    const int64_t M = static_cast<int64_t>(s.N) * s.P * s.Q;
+    const auto dopts = fopts.dtype(at::kDouble);
+    const at::Tensor n_t = at::clamp_max(M - at::arange(tiles, dopts) * rows, static_cast<double>(rows))
+                               .unsqueeze(1);
+    const at::Tensor mean_t = tile_sum.to(at::kDouble) / n_t;
+    const at::Tensor mean = mean_t.mul(n_t).sum(0) / static_cast<double>(M);
+    const at::Tensor m2 = tile_m2.to(at::kDouble).sum(0) + (mean_t - mean).square_().mul_(n_t).sum(0);
+    return {y, at::full({1}, static_cast<double>(M), fopts), at::zeros({s.K}, fopts), mean.to(at::kFloat),
+            m2.to(at::kFloat)};
   }
 #endif
   // The library's convolution (cuDNN / oneDNN), then our epilogue kernel in place: one read and
-  // one write of y whatever the epilogue holds (bias, residual, ReLU).
-  at::Tensor y = at::convolution(x_in, w_in, c10::nullopt, stride, padding, dilation, false, {0, 0}, 1)
+  // one write of y whatever the epilogue holds (bias, residual, ReLU). A float32 bias on the CPU
+  // goes into oneDNN's conv, where it costs nothing; elsewhere the epilogue adds it in float32
+  // (a 16-bit bias would be rounded first).
+  const bool bias_in_conv = b.defined() && !x_in.is_cuda() && x_in.scalar_type() == at::kFloat;
+  at::Tensor y = at::convolution(x_in, w_in, bias_in_conv ? c10::optional<at::Tensor>(b) : c10::nullopt, stride,
+                                 padding, dilation, false, {0, 0}, 1)
                      .contiguous(fmt);
-  if (!b.defined() && !res.defined() && !relu) return y;
-  const at::Tensor ones = at::ones({s.K}, y.options().dtype(at::kFloat));
-  const at::Tensor shift = b.defined() ? b : at::zeros({s.K}, y.options().dtype(at::kFloat));
-  BnActArgs a;
-  a.shape = geometry(y, fmt);
-  if (a.shape.numel() == 0) return y;
-  a.y_dtype = a.out_dtype = dtype_of(y, "x");
-  a.y = y.data_ptr();
-  a.out = y.data_ptr();
-  a.y_bn = affine(at::Tensor(), ones, shift);
-  if (res.defined()) {
-    a.r_dtype = dtype_of(res, "r");
-    a.r = res.data_ptr();
-  }
-  a.relu = relu;
-  if (on_cuda(y)) {
+  const bool epilogue_bias = b.defined() && !bias_in_conv;
+  if ((epilogue_bias || res.defined() || relu) && y.numel() > 0) {
+    const at::Tensor ones = at::ones({s.K}, fopts);
+    const at::Tensor shift = epilogue_bias ? b : at::zeros({s.K}, fopts);
+    BnActArgs a;
+    a.shape = geometry(y, fmt);
+    a.y_dtype = a.out_dtype = dtype_of(y, "x");
+    a.y = y.data_ptr();
+    a.out = y.data_ptr();
+    a.y_bn = affine(at::Tensor(), ones, shift);
+    if (res.defined()) {
+      a.r_dtype = dtype_of(res, "r");
+      a.r = res.data_ptr();
+    }
+    a.relu = relu;
+    if (on_cuda(y)) {
 #ifdef RESNET_FUSED_WITH_CUDA
-    check_launch(cuda::bn_act_forward(a, stream_of(y)), "bn_act_forward (conv epilogue)");
+      check_launch(cuda::bn_act_forward(a, stream_of(y)), "bn_act_forward (conv epilogue)");
 #endif
-  } else {
-    cpu::bn_act_forward(a);
+    } else {
+      cpu::bn_act_forward(a);
+    }
   }
-  return y;
+  if (!stats) return {y, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  auto st = channel_stats(y);
+  return {y, std::get<0>(st), std::get<1>(st), std::get<2>(st), std::get<3>(st)};
+}
+
+}  // namespace
+
+at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const OptTensor& bias, const OptTensor& r,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                         bool allow_tf32) {
+  return std::get<0>(conv_impl(x, w, bias, r, stride, padding, dilation, relu, allow_tf32, false));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_stats(
+    const at::Tensor& x, const at::Tensor& w, const OptTensor& bias, const OptTensor& r, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, bool allow_tf32) {
+  return conv_impl(x, w, bias, r, stride, padding, dilation, relu, allow_tf32, true);
 }
 
 std::string conv_kernel_name(const at::Tensor& x, const at::Tensor& w, const OptTensor& r, at::IntArrayRef stride,

@@ -52,6 +52,13 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const OptTens
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
                          bool allow_tf32);
 
+/// conv_bias_act plus the per-channel statistics of its stored output, as channel_stats returns
+/// them: (y, count [1], anchor [K], mean offset [K], m2 [K]). On CUDA with a CUTLASS configuration
+/// the conv kernel itself writes per-tile partials (no extra pass over y); else a channel_stats pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bias_act_stats(
+    const at::Tensor& x, const at::Tensor& w, const OptTensor& bias, const OptTensor& r, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu, bool allow_tf32);
+
 /// The kernel conv_bias_act would run for these arguments: a CUTLASS configuration's name, or
 /// "fallback: ..." with the reason.
 std::string conv_kernel_name(const at::Tensor& x, const at::Tensor& w, const OptTensor& r, at::IntArrayRef stride,

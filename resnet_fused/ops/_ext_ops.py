@@ -13,6 +13,7 @@ Ops (all take/return dense NCHW or channels_last [N, C, H, W] activations and fl
     channel_stats(x) -> (count [1], anchor, mean offset, m2)
     bn_finalize(count, anchor, mean_off, m2, weight?, bias?, eps) -> (mean, var, scale, shift, invstd)
     conv_bias_act(x, w, bias?, r?, stride, padding, dilation, relu, allow_tf32) -> y (x's layout)
+    conv_bias_act_stats(same) -> (y, count, anchor, mean offset, m2)   + y's channel statistics
 
 On the CPU the convolution itself is PyTorch's (oneDNN) and the memory-bound work is ours; on CUDA
 a CUTLASS kernel with our epilogue runs the conv where a configuration fits.
@@ -84,6 +85,13 @@ def register_fakes() -> None:
         return torch.empty(_conv_out_shape(x, w, stride, padding, dilation), dtype=x.dtype, device=x.device,
                            memory_format=memory_format_of(x))
 
+    @reg("resnet_fused_C::conv_bias_act_stats")
+    def _(x, w, bias, r, stride, padding, dilation, relu, allow_tf32):
+        y = torch.empty(_conv_out_shape(x, w, stride, padding, dilation), dtype=x.dtype, device=x.device,
+                        memory_format=memory_format_of(x))
+        K = w.shape[0]
+        return (y, x.new_empty((1,), dtype=torch.float32), *(x.new_empty((K,), dtype=torch.float32) for _ in range(3)))
+
     _fakes_registered = True
 
 
@@ -117,8 +125,8 @@ def conv_train(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_scale: O
                dilation: List[int], channels_last: bool, stats: bool,
                out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`resnet_fused.ops.conv_bn_train.conv_train` on the compiled library: the input's
-    BN + ReLU as one pass, the conv (CUTLASS or the library's) with the residual in its epilogue,
-    then one statistics pass over the stored output."""
+    BN + ReLU as one pass, then the conv with the residual in its epilogue and the statistics of
+    its output (CUTLASS writes them per tile as it stores y; the fallback conv takes one more pass)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if in_scale is not None:
         x = ops().bn_act(x.contiguous(memory_format=fmt), in_mean, in_scale, in_shift, None, None, None, None,
@@ -126,8 +134,13 @@ def conv_train(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_scale: O
     else:
         x = x.contiguous(memory_format=fmt)
     fused_res = residual if (residual is not None and residual.dtype == x.dtype == out_dtype) else None
-    y = ops().conv_bias_act(x, weight, None, fused_res, stride, padding, dilation, False,
-                            x.is_cuda and conv_uses_tf32())
+    tf32 = x.is_cuda and conv_uses_tf32()
+    args = (x, weight, None, fused_res, stride, padding, dilation, False, tf32)
+    if stats and x.dtype == out_dtype and (residual is None or fused_res is not None):
+        # the statistics come with the conv (from CUTLASS's own tiles where it runs)
+        y, *st = ops().conv_bias_act_stats(*args)
+        return (y.contiguous(memory_format=fmt), *st)
+    y = ops().conv_bias_act(*args)
     if residual is not None and fused_res is None:  # mixed dtypes (autocast): add in the result dtype
         y = y.to(out_dtype) + residual.to(out_dtype)
     elif y.dtype != out_dtype:
