@@ -10,20 +10,27 @@ GPU (full sizes): the first and a repeated block of each stage at 224x224 input 
 layer2 entered from 56x56 with stride 2, layer3 from 28x28, layer4 from 14x14) and the whole
 ResNet-50, batch 1 / 32 / 256, fp16 / bf16 / fp32 (fp32 with cuDNN's default TF32 on both sides),
 channels_last. Providers: ``eager`` (the plain reference module), ``triton`` (the module converted
-with ``resnet_fused.convert(backend="triton")``), ``compile`` (``torch.compile`` of the eager module,
-with ``--compile``). ``--quick`` keeps batch 32 and 256 in fp16 only (about 3 minutes on an H100).
+with ``resnet_fused.convert(backend="triton")``), ``cuda`` (converted with ``backend="cuda"``: the
+compiled library, CUTLASS convs with our epilogue), ``compile`` (``torch.compile`` of the eager
+module, with ``--compile``). ``--quick`` keeps batch 32 and 256 in fp16 only (about 3 minutes on an
+H100 without the cuda provider; not yet measured with it).
 Timing: CUDA events, CUDA-graph replay (``--no-graph`` for plain launches), rotation over input
 copies larger than L2.
 
 CPU (CI): TINY sizes so it finishes in seconds: channels / 16, 8x8 blocks, ResNet-50 at 32x32,
-batch 1 and 2, fp32. Providers ``eager`` and ``torch`` (our fused modules on the PyTorch path, BN
-folded), plus ``triton`` through Triton's interpreter for the blocks with ``--interpret`` (needs
+batch 1 and 2, fp32. Providers ``eager``, ``torch`` (our fused modules on the PyTorch path, BN
+folded) and ``cuda`` (the compiled library's C++ kernels: oneDNN convs with our epilogue pass),
+plus ``triton`` through Triton's interpreter for the blocks with ``--interpret`` (needs
 ``TRITON_INTERPRET=1`` in the environment before Python starts).
+
+A backend provider that cannot run here (``cuda`` when the library is not built, failed to build
+or has no CUDA kernels for a GPU run; see ``resnet_fused._ext``) is skipped with its reason:
+printed, and recorded under ``"skipped"`` in the JSON and in the markdown notes.
 
 Every provider is checked before it is timed: relative error against a float64 run of the same
 module, bound by max(dtype floor, 4 x eager's error in the same dtype). A wrong (or failing)
 provider is recorded with ``correct=false`` and no time. Results: a table on stdout and JSON + CSV
-under ``--out`` (default ``benchmarks/results``) via :mod:`benchmarks.common`.
++ markdown under ``--out`` (default ``benchmarks/results``) via :mod:`benchmarks.common`.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import copy
 import math
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -164,6 +171,7 @@ class Config:
     cases: Sequence[Case]
     cuda_graph: bool
     timing: dict
+    skipped: Dict[str, str] = field(default_factory=dict)  # provider -> why it cannot run here
 
 
 def run_case(case: Case, batch: int, dtype: str, cfg: Config, rows: List[dict], errs: Dict) -> None:
@@ -199,14 +207,8 @@ def run_case(case: Case, batch: int, dtype: str, cfg: Config, rows: List[dict], 
                 opts = cfg.timing
                 if prov == "triton" and dev.type == "cpu":  # the interpreter: a few calls say enough
                     opts = dict(warmup=0, min_reps=3, max_reps=3, budget_s=0.0)
-                try:
-                    timing = common.benchmark(fn, inputs, dev, cuda_graph=cfg.cuda_graph, **opts)
-                except Exception as exc:  # graph capture can fail where plain launches work
-                    if not cfg.cuda_graph:
-                        raise
-                    print(f"  {case.model} b{batch} {dtype} {prov}: CUDA graph failed ({type(exc).__name__}: "
-                          f"{exc}); timing plain launches", file=sys.stderr)
-                    timing = common.benchmark(fn, inputs, dev, cuda_graph=False, **opts)
+                timing, _ = common.benchmark_graph_or_plain(fn, inputs, dev, cfg.cuda_graph,
+                                                            f"{case.model} b{batch} {dtype} {prov}", **opts)
                 peak = common.peak_mem_mb(fn, inputs[0], dev)
             else:
                 print(f"  WRONG {case.model} b{batch} {dtype} {prov}: rel err {chk.err:.3e} > bound "
@@ -223,8 +225,9 @@ def run_case(case: Case, batch: int, dtype: str, cfg: Config, rows: List[dict], 
         torch.cuda.empty_cache()
 
 
-def summary_table(rows: List[dict], errs: Dict, providers: Sequence[str]) -> str:
-    """One line per (model, batch, dtype): eager ms, then each provider's ms, speedup and error."""
+def summary_table(rows: List[dict], errs: Dict, providers: Sequence[str]) -> Tuple[List[str], List[list]]:
+    """(headers, lines), one line per (model, batch, dtype): eager ms, then each provider's ms,
+    speedup and error."""
     others = [p for p in providers if p != "eager"]
     headers = ["model", "shape", "batch", "dtype", "eager ms"]
     for p in others:
@@ -253,7 +256,7 @@ def summary_table(rows: List[dict], errs: Dict, providers: Sequence[str]) -> str
         chk_e = next((errs.get((model, batch, dtype, p)) for p in others if errs.get((model, batch, dtype, p))), None)
         line.append(_err(chk_e.eager_err if chk_e else None))
         lines.append(line)
-    return common.format_table(headers, lines)
+    return headers, lines
 
 
 def _err(v: Optional[float]) -> str:
@@ -262,22 +265,16 @@ def _err(v: Optional[float]) -> str:
 
 # ------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_blocks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(common.RESULTS_DIR), help="directory for the JSON and CSV results")
-    p.add_argument("--quick", action="store_true", help="GPU: batch 32 and 256, fp16 only (~3 min on an H100)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    p = common.base_parser("python -m benchmarks.bench_blocks", __doc__, providers=common.PROVIDERS,
+                           quick_help="GPU: batch 32 and 256, fp16 only (~3 min on an H100)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the eager module")
     p.add_argument("--interpret", action="store_true",
                    help="CPU: also run the Triton kernels through the interpreter (needs TRITON_INTERPRET=1)")
     p.add_argument("--no-graph", action="store_true", help="GPU: time plain launches, not CUDA-graph replays")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="override the batch sizes")
-    p.add_argument("--dtypes", nargs="+", choices=tuple(common.DTYPES), default=None, help="override the dtypes")
-    p.add_argument("--providers", nargs="+", choices=common.PROVIDERS, default=None,
-                   help="override the providers (eager is always run first: it is the baseline)")
     p.add_argument("--blocks", nargs="+", choices=[b.name for b in RESNET50_BLOCKS], default=None,
                    help="only these blocks (default: all eight)")
     p.add_argument("--no-model", action="store_true", help="skip the whole ResNet-50")
-    p.add_argument("--no-write", action="store_true", help="print only, write no result files")
     return p.parse_args(argv)
 
 
@@ -286,20 +283,21 @@ def make_config(args: argparse.Namespace) -> Config:
     if dev.type == "cuda":
         batches = [32, 256] if args.quick else [1, 32, 256]
         dtypes = ["fp16"] if args.quick else ["fp16", "bf16", "fp32"]
-        providers = ["eager", "triton"]
+        providers = ["eager", "triton", "cuda"]
         cases = [block_case(s, seed=i) for i, s in enumerate(RESNET50_BLOCKS)]
         size = 224
         timing = dict(warmup_ms=10.0, rep_ms=50.0) if args.quick else dict(warmup_ms=25.0, rep_ms=100.0)
     else:
         batches, dtypes = [1, 2], ["fp32"]
-        providers = ["eager", "torch"]
+        providers = ["eager", "torch", "cuda"]  # cuda: the library's C++ kernels, where it loads
         cases = [block_case(tiny(s), seed=i) for i, s in enumerate(RESNET50_BLOCKS)]
         size = 32
         timing = dict(warmup=2, min_reps=10, max_reps=200, budget_s=0.1)
-    if args.providers:
-        providers = ["eager"] + [p for p in dict.fromkeys(args.providers) if p != "eager"]
+    providers = common.order_providers(args.providers, providers, "eager")
     if args.compile and "compile" not in providers:
         providers.append("compile")
+    skipped: Dict[str, str] = {}
+    providers = common.drop_unavailable(providers, dev, skipped)
     if args.blocks:
         cases = [c for c in cases if c.model.split(".", 1)[-1] in args.blocks]
     block_providers = list(providers)
@@ -313,7 +311,7 @@ def make_config(args: argparse.Namespace) -> Config:
     if not args.no_model:
         cases.append(model_case(size, seed=100))
     return Config(dev, args.batches or batches, args.dtypes or dtypes, providers, block_providers, cases,
-                  cuda_graph=dev.type == "cuda" and not args.no_graph, timing=timing)
+                  cuda_graph=dev.type == "cuda" and not args.no_graph, timing=timing, skipped=skipped)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -325,14 +323,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"batches {list(cfg.batches)}, dtypes {list(cfg.dtypes)}, providers {list(cfg.block_providers)}"
           f"{' (model: ' + str(list(cfg.providers)) + ')' if cfg.block_providers != cfg.providers else ''}, "
           f"channels_last, {'CUDA graphs' if cfg.cuda_graph else 'no graphs'}", flush=True)
+    for p, why in cfg.skipped.items():
+        print(f"note: {p} skipped: {why}")
     rows: List[dict] = []
     errs: Dict = {}
     for case in cfg.cases:
         for dtype in cfg.dtypes:
             for batch in cfg.batches:
                 run_case(case, batch, dtype, cfg, rows, errs)
-    print(summary_table(rows, errs, cfg.block_providers))
-    return common.finish(rows, args.out, BENCH, env, write=not args.no_write)
+    headers, lines = summary_table(rows, errs, cfg.block_providers)
+    print(common.format_table(headers, lines))
+    for p, why in cfg.skipped.items():
+        print(f"note: {p} skipped: {why}")
+    title = f"bench_blocks: eval latency, {env['gpu']}"
+    return common.finish(rows, args.out, BENCH, env, write=not args.no_write, skipped=cfg.skipped,
+                         markdown=(title, headers, lines))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Training-step time and memory: fused blocks (Triton) vs eager cuDNN vs torch.compile.
+"""Training-step time and memory: fused blocks (Triton, CUDA library) vs eager cuDNN vs torch.compile.
 
     python -m benchmarks.bench_train [--out DIR] [--quick] [--device cuda|cpu] [--no-compile]
 
@@ -21,7 +21,10 @@ TF32 convolutions. ``cudnn.benchmark`` is on for every provider (``--no-cudnn-be
 under 3 minutes on an H100 including compile; not yet measured).
 
 Providers: ``eager`` (the plain reference network of :mod:`resnet_fused.models.reference`),
-``triton`` (our network with the same state_dict, backend pinned to "triton"), ``compile``
+``triton`` (our network with the same state_dict, backend pinned to "triton"), ``cuda`` (the same
+with the backend pinned to "cuda": the compiled library's kernels in the fused training blocks;
+skipped with its reason, printed and recorded under ``"skipped"`` in the JSON, where the library
+is unavailable or has no CUDA kernels), ``compile``
 (``torch.compile`` of a copy of the eager network, default mode; ``--no-compile`` drops it). Its
 compile time (the wall time of its first step, compile included) cannot be a result-file column
 (:data:`benchmarks.common.ROW_KEYS` is fixed) and is printed in the log and the summary table.
@@ -47,10 +50,11 @@ momentum buffers and inputs excluded: activations, gradients, workspaces and tem
 
 CPU (CI): tiny sizes: Bottlenecks layer1.1 and layer2.0 with channels / 16 at 8x8, and WRN-10-1 at
 8x8 (through Triton's interpreter one WRN-10-1 step takes about 3 s at 8x8, 6 s at 16x16, 20 s at
-32x32), batch 2, fp32, providers ``eager`` and ``triton`` (the kernels through the interpreter:
+32x32), batch 2, fp32, providers ``eager``, ``triton`` (the kernels through the interpreter:
 needs ``TRITON_INTERPRET=1`` in the environment before Python starts, else triton is skipped with
-a note). Results: a table on stdout and JSON + CSV under ``--out`` (default ``benchmarks/results``)
-via :func:`benchmarks.common.write_results`.
+a note) and ``cuda`` (the library's C++ kernels, where it loads). Results: a table on stdout and
+JSON + CSV + markdown under ``--out`` (default ``benchmarks/results``) via
+:func:`benchmarks.common.write_results`.
 """
 from __future__ import annotations
 
@@ -69,14 +73,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnet_fused
-from resnet_fused import backends
 from resnet_fused.models import reference
 
 from . import common
 from .bench_blocks import RESNET50_BLOCKS, BlockSpec, randomize_bn, tiny
 
 BENCH = "train"
-TRAIN_PROVIDERS = ("eager", "triton", "compile", "torch")
+TRAIN_PROVIDERS = ("eager", "triton", "cuda", "compile", "torch")
 LATE_PROVIDERS = ("compile",)  # run after every other provider of every case
 MOMENTUM = 0.9
 LR_MODEL = 1e-2  # effective learning rate (before dividing by the loss scale)
@@ -343,7 +346,7 @@ def build_provider(name: str, case: Case, base: nn.Module, device: torch.device,
     divided by the loss scale of ``dtype`` (the same update as unscaled SGD)."""
     if name in ("eager", "compile"):
         module = copy.deepcopy(base)
-    elif name in ("triton", "torch"):
+    elif name in ("triton", "cuda", "torch"):
         module = case.build_ours(name)
         module.load_state_dict(base.state_dict(), strict=True)
     else:
@@ -369,6 +372,7 @@ class Config:
     reps: int
     deadline: Optional[float]  # time.monotonic() after which no provider starts
     notes: List[str] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)  # provider -> why it cannot run here
 
 
 @dataclass
@@ -539,9 +543,9 @@ def provider_line(job: Job, prov: str, row: dict, info: Info) -> str:
 
 
 # ------------------------------------------------------------------------------------------ table
-def summary_table(rows: List[dict], infos: Dict, providers: Sequence[str]) -> str:
-    """One line per (model, batch, dtype): each provider's ms/step, speedup over eager, peak MiB;
-    compile's first-step seconds (compile included)."""
+def summary_table(rows: List[dict], infos: Dict, providers: Sequence[str]) -> Tuple[List[str], List[list]]:
+    """(headers, lines), one line per (model, batch, dtype): each provider's ms/step, speedup over
+    eager, peak MiB; compile's first-step seconds (compile included)."""
     others = [p for p in providers if p != "eager"]
     headers = ["model", "shape", "batch", "dtype", "eager ms", "eager MiB"]
     for p in others:
@@ -571,7 +575,7 @@ def summary_table(rows: List[dict], infos: Dict, providers: Sequence[str]) -> st
             info = infos.get((model, batch, dtype, "compile"))
             line.append("-" if info is None or info.first_s is None else f"{info.first_s:.1f}")
         lines.append(line)
-    return common.format_table(headers, lines)
+    return headers, lines
 
 
 def _mb(v: Optional[float]) -> str:
@@ -580,23 +584,16 @@ def _mb(v: Optional[float]) -> str:
 
 # -------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(common.RESULTS_DIR), help="directory for the JSON and CSV results")
-    p.add_argument("--quick", action="store_true",
-                   help="GPU: blocks layer1.1 and layer2.0, ResNet-50, WRN-28-10, fp16 only (meant for < 3 min "
-                        "on an H100)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    p = common.base_parser("python -m benchmarks.bench_train", __doc__, providers=TRAIN_PROVIDERS,
+                           quick_help="GPU: blocks layer1.1 and layer2.0, ResNet-50, WRN-28-10, fp16 only "
+                                      "(meant for < 3 min on an H100)")
     p.add_argument("--no-compile", action="store_true", help="GPU: leave out torch.compile")
-    p.add_argument("--providers", nargs="+", choices=TRAIN_PROVIDERS, default=None,
-                   help="override the providers (eager always runs first: it is the baseline)")
     p.add_argument("--cases", nargs="+", default=None, help="only these cases (names as in the table)")
     p.add_argument("--batch", type=int, default=None, help="override every case's batch size")
-    p.add_argument("--dtypes", nargs="+", choices=tuple(common.DTYPES), default=None, help="override the dtypes")
     p.add_argument("--reps", type=int, default=20, help="GPU: timed steps per provider (after 7 warm-up steps)")
     p.add_argument("--deadline", type=float, default=None,
                    help=f"seconds after start past which no provider starts (--quick: {QUICK_DEADLINE_S:.0f})")
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="GPU: leave torch.backends.cudnn.benchmark off")
-    p.add_argument("--no-write", action="store_true", help="print only, write no result files")
     return p.parse_args(argv)
 
 
@@ -605,24 +602,16 @@ def make_config(args: argparse.Namespace) -> Config:
     notes: List[str] = []
     if dev.type == "cuda":
         jobs = gpu_jobs(args.quick)
-        providers = ["eager", "triton"] + ([] if args.no_compile else ["compile"])
+        providers = ["eager", "triton", "cuda"] + ([] if args.no_compile else ["compile"])
     else:
         jobs = cpu_jobs()
-        providers = ["eager", "triton"]
-    if args.providers:
-        providers = ["eager"] + [p for p in dict.fromkeys(args.providers) if p != "eager"]
-        if args.no_compile and "compile" in providers:
-            providers.remove("compile")
-    if "triton" in providers:
-        reason = None
-        if dev.type == "cpu" and not backends.triton_interpreting():
-            reason = ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 in the environment before "
-                      "Python starts")
-        elif backends.triton_import_error() is not None:
-            reason = backends.triton_import_error()
-        if reason is not None:
-            providers.remove("triton")
-            notes.append(f"triton skipped: {reason}")
+        providers = ["eager", "triton", "cuda"]  # cuda: the library's C++ kernels, where it loads
+    providers = common.order_providers(args.providers, providers, "eager")
+    if args.no_compile and "compile" in providers:
+        providers.remove("compile")
+    skipped: Dict[str, str] = {}
+    providers = common.drop_unavailable(providers, dev, skipped)
+    notes += [f"{p} skipped: {why}" for p, why in skipped.items()]
     if args.cases:
         names = {j.case.name for j in jobs}
         unknown = [c for c in args.cases if c not in names]
@@ -637,7 +626,7 @@ def make_config(args: argparse.Namespace) -> Config:
         raise SystemExit(f"--reps: expected at least 1, got {args.reps}")
     deadline_s = args.deadline if args.deadline is not None else (QUICK_DEADLINE_S if args.quick else None)
     deadline = None if deadline_s is None else _T0 + deadline_s
-    return Config(dev, jobs, providers, args.reps, deadline, notes)
+    return Config(dev, jobs, providers, args.reps, deadline, notes, skipped)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -664,7 +653,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def save() -> None:
         if not args.no_write and rows:
-            common.write_results(args.out, BENCH, env, rows)
+            common.write_results(args.out, BENCH, env, rows, extra={"skipped": cfg.skipped})
 
     try:
         # late providers (compile) take the whole models first: the headline numbers before the blocks
@@ -677,10 +666,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 save()  # after every case: a run cut short keeps what it measured
     finally:
         torch.backends.cudnn.benchmark = saved_bench
-    print(summary_table(rows, infos, cfg.providers))
+    headers, lines = summary_table(rows, infos, cfg.providers)
+    print(common.format_table(headers, lines))
     for note in cfg.notes:
         print(f"note: {note}")
-    return common.finish(rows, args.out, BENCH, env, write=not args.no_write and bool(rows))
+    return common.finish(rows, args.out, BENCH, env, write=not args.no_write and bool(rows), skipped=cfg.skipped,
+                         markdown=(f"bench_train: training step, {env['gpu']}", headers, lines))
 
 
 if __name__ == "__main__":

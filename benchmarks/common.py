@@ -13,15 +13,24 @@ Correctness
     bound by ``max(dtype floor, factor x the error of eager PyTorch in the same dtype)``; an output
     with NaN/Inf where the reference is finite is never correct.
 
+Providers and command line
+    :func:`provider_unavailable` / :func:`drop_unavailable`: whether a backend provider ("triton",
+    "cuda") can run on the device here, and the reason when not (recorded, never a crash).
+    :func:`base_parser` holds the options every benchmark script shares (``--out``, ``--quick``,
+    ``--device``, ``--providers``, ``--dtypes``, ``--no-write``); :func:`order_providers` applies
+    ``--providers`` with the baseline first.
+
 Result files
-    :func:`write_results` writes ``{"env": env_info(), "rows": [row, ...]}`` to
+    :func:`write_results` writes ``{"env": env_info(), **extra, "rows": [row, ...]}`` to
     ``<out>/<YYYY-MM-DD>_<gpu-slug>_<shortcommit>_<bench>.json`` and the same rows as CSV beside
-    it. Every row has exactly the keys of :data:`ROW_KEYS` (build rows with :func:`make_row`).
+    it. Every row has exactly the keys of :data:`ROW_KEYS` (build rows with :func:`make_row`), or
+    of the schema the benchmark passes. :func:`write_markdown` writes a summary table beside them.
 
 Nothing here runs at import time or touches the GPU until called.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import json
@@ -275,6 +284,22 @@ def benchmark(fn: Callable, inputs: Sequence[tuple], device: torch.device, *, cu
     return summarize(samples)
 
 
+def benchmark_graph_or_plain(fn: Callable, inputs: Sequence[tuple], device: torch.device, cuda_graph: bool,
+                             label: str, **opts) -> Tuple[Timing, bool]:
+    """:func:`benchmark` with CUDA-graph replay when ``cuda_graph``, falling back to plain launches
+    (with a note on stderr) where capture fails. Returns the timing and whether a graph was used."""
+    try:
+        return benchmark(fn, inputs, device, cuda_graph=cuda_graph, **opts), cuda_graph
+    except Exception as exc:  # graph capture can fail where plain launches work
+        if not cuda_graph:
+            raise
+        print(f"  {label}: CUDA graph failed ({type(exc).__name__}: {str(exc)[:200]}); timing plain launches",
+              file=sys.stderr)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return benchmark(fn, inputs, device, cuda_graph=False, **opts), False
+
+
 def peak_mem_mb(fn: Callable, args: tuple, device: torch.device) -> Optional[float]:
     """CUDA memory one warmed-up call of ``fn(*args)`` needs at its peak, over what was already
     allocated (activations, workspace, output), in MiB. None on CPU."""
@@ -287,6 +312,65 @@ def peak_mem_mb(fn: Callable, args: tuple, device: torch.device) -> Optional[flo
     fn(*args)
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+# ------------------------------------------------------------------------------------- providers
+def provider_unavailable(name: str, device: torch.device) -> Optional[str]:
+    """Why provider ``name`` cannot run on ``device`` here, or None.
+
+    Only the backend providers can be missing: ``"triton"`` (CUDA tensors, or CPU tensors through
+    Triton's interpreter when ``TRITON_INTERPRET=1`` was set before Python started) and ``"cuda"``
+    (the compiled library: loaded, and with CUDA kernels for a CUDA device; the reason comes from
+    ``resnet_fused._ext.load_error()`` / ``cuda_error()``). Asking may build the library (first use).
+    """
+    from resnet_fused import backends
+
+    device = torch.device(device)
+    if name == "triton":
+        err = backends.triton_import_error()
+        if err is None and device.type == "cpu" and not backends.triton_interpreting():
+            err = ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 in the environment before "
+                   "Python starts")
+        return err
+    if name == "cuda":
+        return backends.unavailable_reason("cuda", device)
+    return None
+
+
+def drop_unavailable(providers: Sequence[str], device: torch.device, skipped: Dict[str, str]) -> List[str]:
+    """``providers`` without those that cannot run here; each dropped one's reason goes into
+    ``skipped`` (provider -> reason), for the caller to print and record."""
+    keep = []
+    for p in providers:
+        why = provider_unavailable(p, device)
+        if why is None:
+            keep.append(p)
+        else:
+            skipped[p] = why
+    return keep
+
+
+def order_providers(requested: Optional[Sequence[str]], default: Sequence[str], baseline: str) -> List[str]:
+    """``--providers`` (or ``default``), without duplicates, with ``baseline`` first: the others are
+    judged and compared against it, so it always runs."""
+    chosen = list(dict.fromkeys(requested if requested else default))
+    return [baseline] + [p for p in chosen if p != baseline]
+
+
+def base_parser(prog: str, doc: str, *, quick_help: str, providers: Sequence[str],
+                dtypes: Sequence[str] = tuple(DTYPES)) -> argparse.ArgumentParser:
+    """The options every benchmark script has: ``--out``, ``--quick``, ``--device``,
+    ``--providers``, ``--dtypes``, ``--no-write``; the description is the docstring's first
+    paragraph. Scripts add their own options to the returned parser."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON / CSV / markdown results")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    p.add_argument("--providers", nargs="+", choices=tuple(providers), default=None,
+                   help="override the providers (the baseline always runs first)")
+    p.add_argument("--dtypes", nargs="+", choices=tuple(dtypes), default=None, help="override the dtypes")
+    p.add_argument("--no-write", action="store_true", help="print only, write no result files")
+    return p
 
 
 # ----------------------------------------------------------------------------------- correctness
@@ -390,16 +474,62 @@ def write_results(out_dir, bench: str, env: dict, rows: List[dict], keys: Sequen
     return json_path, csv_path
 
 
-def finish(rows: List[dict], out_dir, bench: str, env: dict, write: bool = True) -> int:
+def finish(rows: List[dict], out_dir, bench: str, env: dict, write: bool = True, *,
+           keys: Sequence[str] = ROW_KEYS, skipped: Optional[Dict[str, str]] = None,
+           extra: Optional[dict] = None, markdown: Optional[Tuple[str, Sequence[str], Sequence[Sequence]]] = None,
+           notes: Sequence[str] = ()) -> int:
     """A benchmark's last step: write the results (when ``write``), say how many provider results
-    were wrong; the process exit code (1 if any was)."""
+    were wrong; the process exit code (1 if any was).
+
+    ``skipped``: provider -> why it did not run here (written as the JSON's ``"skipped"``; pass
+    ``{}`` for none, or leave None to omit the key). ``markdown``: (title, headers, rows) of the
+    summary table, written as ``<stem>.md`` beside the JSON, with ``notes`` under it.
+    """
     if write:
-        json_path, csv_path = write_results(out_dir, bench, env, rows)
+        more = {} if skipped is None else {"skipped": dict(skipped)}
+        more.update(extra or {})
+        json_path, csv_path = write_results(out_dir, bench, env, rows, keys=keys, extra=more or None)
         print(f"wrote {json_path}\nwrote {csv_path}")
+        if markdown is not None:
+            title, headers, lines = markdown
+            notes = list(notes) + [f"{p} skipped: {why}" for p, why in (skipped or {}).items()]
+            print(f"wrote {write_markdown(out_dir, bench, env, title, headers, lines, notes)}")
     wrong = [r for r in rows if not r["correct"]]
     if wrong:
         print(f"{len(wrong)} provider result(s) wrong or failed", file=sys.stderr)
     return 1 if wrong else 0
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub-style markdown table (``None`` cells empty)."""
+    def cell(c) -> str:
+        return "" if c is None else str(c).replace("|", "\\|")
+
+    out = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_markdown(out_dir, bench: str, env: dict, title: str, headers: Sequence[str], rows: Sequence[Sequence],
+                   notes: Sequence[str] = ()) -> Path:
+    """``<stem>.md`` beside the JSON/CSV: a title, the environment line, the table, notes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{result_stem(env, bench)}.md"
+    envline = ", ".join(f"{k} {env.get(k)}" for k in ENV_KEYS)
+    text = [f"## {title}", "", envline, "", markdown_table(headers, rows)]
+    if notes:
+        text += [""] + [f"- {n}" for n in notes]
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def sig(v: Optional[float], digits: int = 6) -> Optional[float]:
+    """``v`` to ``digits`` significant digits for a result file (None for None, NaN or Inf: JSON
+    has no such numbers)."""
+    if v is None or not math.isfinite(v):
+        return None
+    return float(f"{v:.{digits}g}")
 
 
 def fmt_ms(v: Optional[float]) -> str:

@@ -1,7 +1,8 @@
 """benchmarks/bench_train.py: the CPU mode end to end (a subprocess, Triton kernels through the
-interpreter), a broken provider recorded as wrong and untimed (in process, monkeypatched), the AMP
-step on the PyTorch path, and the GPU configuration checked without a GPU (case names, state_dict
-compatibility, probe names, output shapes).
+interpreter, the compiled library's C++ kernels as the cuda provider where it loads), a broken
+provider recorded as wrong and untimed (in process, monkeypatched), the AMP step on the PyTorch
+path, and the GPU configuration checked without a GPU (case names, state_dict compatibility, probe
+names, output shapes).
 
 The subprocess runs with one intra-op thread, as tests/test_bench_and_main.py does.
 """
@@ -30,11 +31,16 @@ needs_interpreter = pytest.mark.skipif(not backends.triton_interpreting(),
                                        reason="in-process CPU Triton needs TRITON_INTERPRET=1 at import")
 
 
+def _ext_error():
+    """Why the compiled library (the cuda provider) cannot run CPU tensors here, or None."""
+    return backends.unavailable_reason("cuda", torch.device("cpu"))
+
+
 def _rows(out_dir: Path):
     files = sorted(out_dir.glob("*_train.json"))
     assert len(files) == 1, files
     data = json.loads(files[0].read_text())
-    assert tuple(data) == ("env", "rows") and tuple(data["env"]) == common.ENV_KEYS
+    assert tuple(data) == ("env", "skipped", "rows") and tuple(data["env"]) == common.ENV_KEYS
     with open(files[0].with_suffix(".csv")) as f:
         assert len(list(csv.DictReader(f))) == len(data["rows"])
     return data["rows"]
@@ -66,17 +72,21 @@ def test_cpu_mode_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     rows = _rows(tmp_path)
     names = ["resnet50.layer1.1", "resnet50.layer2.0", "wrn10-1"]
-    assert [(x["model"], x["provider"]) for x in rows] == [(n, p) for n in names for p in ("eager", "triton")]
+    providers = ("eager", "triton") + (("cuda",) if _ext_error() is None else ())
+    assert [(x["model"], x["provider"]) for x in rows] == [(n, p) for n in names for p in providers]
     for row in rows:
         _check_timed(row)
         assert row["batch"] == 2
     assert {x["model"]: x["shape"] for x in rows} == {"resnet50.layer1.1": "16x8x8", "resnet50.layer2.0": "16x8x8",
                                                       "wrn10-1": "3x8x8"}
-    # the triton provider really trained through the fused blocks (one per Bottleneck, three in WRN-10-1)
-    fused = {m: int(n) for m, p, n in re.findall(r"^  (\S+) b2 fp32 (\w+) *; ok .*fused blocks/step (\d+)",
-                                                  r.stdout, re.M) if p == "triton"}
-    assert fused == {"resnet50.layer1.1": 1, "resnet50.layer2.0": 1, "wrn10-1": 3}, r.stdout
-    assert "eager/triton" in r.stdout and "WRONG" not in r.stdout + r.stderr
+    # the triton (and cuda) providers really trained through the fused blocks (one per Bottleneck,
+    # three in WRN-10-1)
+    for prov in providers[1:]:
+        fused = {m: int(n) for m, p, n in re.findall(r"^  (\S+) b2 fp32 (\w+) *; ok .*fused blocks/step (\d+)",
+                                                      r.stdout, re.M) if p == prov}
+        assert fused == {"resnet50.layer1.1": 1, "resnet50.layer2.0": 1, "wrn10-1": 3}, (prov, r.stdout)
+        assert f"eager/{prov}" in r.stdout
+    assert "WRONG" not in r.stdout + r.stderr
 
 
 @needs_interpreter
@@ -92,7 +102,8 @@ def test_broken_provider_is_recorded_wrong_and_untimed(tmp_path, monkeypatch, ca
         return real(*args, **kwargs) * 1.01  # 1% off: far beyond 4x eager's fp32 error
 
     monkeypatch.setattr(_base, "run_block_train", broken)
-    rc = bench_train.main(["--device", "cpu", "--cases", "resnet50.layer1.1", "--out", str(tmp_path)])
+    rc = bench_train.main(["--device", "cpu", "--cases", "resnet50.layer1.1", "--providers", "eager", "triton",
+                           "--out", str(tmp_path)])
     assert rc == 1
     rows = _rows(tmp_path)
     assert [x["provider"] for x in rows] == ["eager", "triton"]
@@ -103,13 +114,28 @@ def test_broken_provider_is_recorded_wrong_and_untimed(tmp_path, monkeypatch, ca
 
 
 def test_triton_skipped_with_a_note_without_the_interpreter(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench_train.backends, "triton_interpreting", lambda: False)
-    rc = bench_train.main(["--device", "cpu", "--cases", "resnet50.layer2.0", "--out", str(tmp_path)])
+    monkeypatch.setattr(backends, "triton_interpreting", lambda: False)
+    rc = bench_train.main(["--device", "cpu", "--cases", "resnet50.layer2.0", "--providers", "eager", "triton",
+                           "--out", str(tmp_path)])
     assert rc == 0
     rows = _rows(tmp_path)
     assert [x["provider"] for x in rows] == ["eager"]
     _check_timed(rows[0])
     assert "triton skipped" in capsys.readouterr().out
+    skipped = json.loads(next(tmp_path.glob("*_train.json")).read_text())["skipped"]
+    assert list(skipped) == ["triton"] and "TRITON_INTERPRET=1" in skipped["triton"]
+
+
+def test_unavailable_cuda_provider_is_skipped_with_the_reason(tmp_path, monkeypatch, capsys):
+    from resnet_fused import _ext
+
+    monkeypatch.setattr(_ext, "load_error", lambda: "deliberately not built")
+    rc = bench_train.main(["--device", "cpu", "--cases", "resnet50.layer2.0", "--providers", "eager", "cuda",
+                           "--out", str(tmp_path)])
+    assert rc == 0
+    assert [x["provider"] for x in _rows(tmp_path)] == ["eager"]
+    assert json.loads(next(tmp_path.glob("*_train.json")).read_text())["skipped"] == {"cuda": "deliberately not built"}
+    assert "cuda skipped: deliberately not built" in capsys.readouterr().out
 
 
 def test_amp_step_on_the_pytorch_path(tmp_path):
