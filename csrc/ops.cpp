@@ -398,6 +398,12 @@ int64_t pair_at(at::IntArrayRef v, const char* name, size_t i) {
   return v[i];
 }
 
+// CUTLASS reads 16-byte vectors: true if t, once made dense in fmt (a copy is freshly allocated,
+// hence aligned), starts on a 16-byte boundary.
+bool keeps_alignment(const at::Tensor& t, at::MemoryFormat fmt) {
+  return !t.is_contiguous(fmt) || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
 ConvPlan plan_conv(const at::Tensor& x, const at::Tensor& w, const OptTensor& r, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, bool allow_tf32) {
   check_act(x, "x");
@@ -406,6 +412,12 @@ ConvPlan plan_conv(const at::Tensor& x, const at::Tensor& w, const OptTensor& r,
                     w.sizes());
   TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "weight: expected dtype ", x.scalar_type(),
                    " (x's), got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.device() == x.device(), "weight: expected a tensor on ", x.device(), " (x's device), got one on ",
+                    w.device());
+  if (r.has_value()) {
+    TORCH_CHECK_VALUE(r->device() == x.device(), "r: expected a tensor on ", x.device(), " (x's device), got one on ",
+                      r->device());
+  }
   ConvPlan p;
   Conv2dShape& s = p.shape;
   s.N = x.size(0); s.C = x.size(1); s.H = x.size(2); s.W = x.size(3);
@@ -423,6 +435,10 @@ ConvPlan plan_conv(const at::Tensor& x, const at::Tensor& w, const OptTensor& r,
     p.why = "fallback: x is not channels_last (cuDNN conv + epilogue kernel)";
   } else if (x.scalar_type() == at::kFloat && !allow_tf32) {
     p.why = "fallback: float32 without TF32 (cuDNN conv + epilogue kernel)";
+  } else if (!keeps_alignment(x, at::MemoryFormat::ChannelsLast) ||
+             !keeps_alignment(w, at::MemoryFormat::ChannelsLast) ||
+             (r.has_value() && !keeps_alignment(*r, at::MemoryFormat::ChannelsLast))) {
+    p.why = "fallback: a tensor at a storage offset that is not 16-byte aligned (cuDNN conv + epilogue kernel)";
   } else if (r.has_value() && r->scalar_type() != x.scalar_type()) {
     p.why = "fallback: residual dtype differs from x's (cuDNN conv + epilogue kernel)";
   } else if (static_cast<int64_t>(s.N) * s.P * s.Q * s.K >= (int64_t(1) << 31) ||
@@ -473,12 +489,13 @@ ConvResult conv_impl(const at::Tensor& x_in, const at::Tensor& w_in, const OptTe
   const auto fopts = x_in.options().dtype(at::kFloat);
   c10::OptionalDeviceGuard guard(x_in.device());
 #ifdef RESNET_FUSED_WITH_CUDA
-  // CUTLASS reads 16-byte vectors of every tensor and 8 floats of bias at once: a view at an odd
-  // storage offset goes to the fallback (bias is tiny: an aligned copy instead)
+  // plan_conv sent views at unaligned storage offsets to the fallback; the bias, read 8 floats at
+  // a time, is tiny: an aligned copy instead
   const at::Tensor x = p.config >= 0 ? x_in.contiguous(at::MemoryFormat::ChannelsLast) : x_in;
   const at::Tensor w = p.config >= 0 ? w_in.contiguous(at::MemoryFormat::ChannelsLast) : w_in;
-  if (p.config >= 0 && !(aligned(x, 16) && aligned(w, 16) && aligned(res, 16))) p.config = -1;
   if (p.config >= 0) {
+    TORCH_CHECK(aligned(x, 16) && aligned(w, 16) && aligned(res, 16), "resnet_fused: internal error: unaligned "
+                "tensor reached the CUTLASS conv");
     if (!aligned(b, 32)) b = b.clone();
     at::Tensor y = at::empty({s.N, s.K, s.P, s.Q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
     const DType dt = dtype_of(x, "x");
@@ -512,12 +529,14 @@ ConvResult conv_impl(const at::Tensor& x_in, const at::Tensor& w_in, const OptTe
   }
 #endif
   // The library's convolution (cuDNN / oneDNN), then our epilogue kernel in place: one read and
-  // one write of y whatever the epilogue holds (bias, residual, ReLU). A float32 bias on the CPU
-  // goes into oneDNN's conv, where it costs nothing; elsewhere the epilogue adds it in float32
-  // (a 16-bit bias would be rounded first).
-  const bool bias_in_conv = b.defined() && !x_in.is_cuda() && x_in.scalar_type() == at::kFloat;
-  at::Tensor y = at::convolution(x_in, w_in, bias_in_conv ? c10::optional<at::Tensor>(b) : c10::nullopt, stride,
-                                 padding, dilation, false, {0, 0}, 1)
+  // one write of y whatever the epilogue holds (bias, residual, ReLU). On the CPU the bias goes
+  // into oneDNN's conv, where it costs nothing and rounds exactly as PyTorch's conv + bias does
+  // (a 16-bit conv result is rounded before any epilogue: adding the bias after that rounding
+  // would round twice); on CUDA the epilogue adds it in float32.
+  const bool bias_in_conv = b.defined() && !x_in.is_cuda();
+  at::Tensor y = at::convolution(x_in, w_in,
+                                 bias_in_conv ? c10::optional<at::Tensor>(b.to(x_in.scalar_type())) : c10::nullopt,
+                                 stride, padding, dilation, false, {0, 0}, 1)
                      .contiguous(fmt);
   const bool epilogue_bias = b.defined() && !bias_in_conv;
   if ((epilogue_bias || res.defined() || relu) && y.numel() > 0) {

@@ -312,7 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ts_stock, ts_fused = time_pair([make_step(t_stock, opts[0]), make_step(t_fused, opts[1])], device,
                                        iters, warmup)
         rows += [_row(args.model, tsize, tbatch, dtype, "train_step", "eager", ts_stock, True),
-                 _row(args.model, tsize, tbatch, dtype, "train_step", "torch", ts_fused, ok_train)]
+                 _row(args.model, tsize, tbatch, dtype, "train_step",
+                      backends.resolve_training(args.backend, xt, fusable=True), ts_fused, ok_train)]
         table.append(("train step", tbatch, tsize, statistics.median(ts_stock), statistics.median(ts_fused),
                       te_stock, te_fused, ok_train))
 

@@ -112,11 +112,16 @@ def _ensure() -> dict:
     return _state
 
 
+# Both answers are fixed for the life of the process, and under torch.compile they are computed
+# outside the traced code (a build, file reads and a lock are nothing to trace) and taken as
+# constants: a first use of the library inside a compiled region works like any other.
+@torch.compiler.assume_constant_result
 def load_error() -> Optional[str]:
     """None if the library is loaded (building it first if needed), else why it is unavailable."""
     return _ensure().get("error")
 
 
+@torch.compiler.assume_constant_result
 def cuda_error() -> Optional[str]:
     """None if the library runs CUDA tensors, else why not (it may still run CPU tensors)."""
     state = _ensure()

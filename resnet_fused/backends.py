@@ -194,6 +194,16 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def resolve_training(requested: Optional[str], x: torch.Tensor, *, fusable: bool = True) -> str:
+    """:func:`resolve` for a block in training mode. The one difference: ``"auto"`` on a CPU tensor
+    keeps PyTorch's own modules (oneDNN convs, ATen's batch norm), as fast on CPU as the fused
+    training chain and exactly PyTorch's numerics; ask for ``"cuda"`` to run the C++ kernels."""
+    name = get_backend() if requested is None else _check_name(requested)
+    if name == "auto" and x.device.type == "cpu":
+        return "torch"
+    return resolve(requested, x, fusable=fusable)
+
+
 def resolve(requested: Optional[str], x: torch.Tensor, *, fusable: bool = True) -> str:
     """The concrete backend (``"triton"``, ``"cuda"`` or ``"torch"``) that runs an op on ``x``.
 

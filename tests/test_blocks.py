@@ -17,12 +17,12 @@ from torch import nn
 import resnet_fused as rf
 from resnet_fused.models import reference as R
 from resnet_fused.ops.fold import FoldCache
-from utils import INTERPRET, assert_close, copy_via, randomize_bn
+from utils import CUDA_BACKEND, INTERPRET, assert_close, copy_via, randomize_bn
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1"))]
+    not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1")), CUDA_BACKEND]
 
 # (block, constructor kwargs, with downsample, input N, H, W). Tiny: the Triton interpreter is slow.
 CASES = {

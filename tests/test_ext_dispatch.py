@@ -366,14 +366,6 @@ except Exception as exc:
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "torch.compile(fullgraph=True) of a block using the cuda backend fails when it is the process's first "
-    "use of the library: the block's forward resolves its backend (backends.resolve -> unavailable_reason -> "
-    "_ext.load_error -> _ext._ensure), and dynamo cannot trace _ensure's `with _lock:` "
-    "(torch._dynamo.exc.Unsupported: Unsupported context manager). Repro, fresh process: "
-    "ours = rf.Bottleneck(8, 4, 2, downsample).train(); ours.backend = 'cuda'; "
-    "torch.compile(ours, fullgraph=True, backend='aot_eager')(torch.randn(2, 8, 7, 7)). Works once anything "
-    "called _ext.load_error() before compiling (as every other test here does)."))
 def test_compile_fullgraph_as_the_first_use_of_the_library(C):
     """In a fresh process (the library built and cached by this one, not loaded there yet)."""
     out = _run_child(_COMPILE_FIRST_CHILD, {})

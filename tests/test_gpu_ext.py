@@ -732,13 +732,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "csrc/ops.cpp plan_conv/conv_impl never compare the weight's device with x's: a CPU weight with a "
-    "channels_last fp16 CUDA x (C, K multiples of 8) gets a CUTLASS configuration and its host pointer "
-    "goes to the kernel (illegal address, or host memory read through HMM); on the fallback it fails "
-    "inside at::convolution with a RuntimeError, not ValueError('weight: ...'). Repro: "
-    "C.conv_bias_act(randn(2,64,8,8).half().cuda() channels_last, randn(64,64,1,1).half(), None, None, "
-    "[1,1], [0,0], [1,1], False, False). Run in a child process: the CUDA error would be sticky."))
 def test_conv_weight_on_another_device_is_a_value_error():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_WEIGHT_ON_CPU_CHILD)], cwd=REPO, env=env,
@@ -923,11 +916,6 @@ def test_conv_unaligned_storage(mode, which):
         check_stats(y, *st, name="statistics")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "conv_kernel_name (csrc/ops.cpp) reports plan_conv's configuration only, while conv_impl sends x, w or "
-    "the residual whose data is not 16-byte aligned to the fallback: for x at an odd storage offset it names "
-    "cutlass_sm80_f16_* although cuDNN + the epilogue kernel run. Repro: x = channels_last fp16 [2,64,56,56] "
-    "copied to storage offset 1; C.conv_kernel_name(x, w[256,64,1,1], None, [1,1], [0,0], [1,1], False)"))
 def test_conv_kernel_name_for_unaligned_x_is_the_fallback():
     tensors, conv, _ = spec_case(R50["layer1.0.conv3"], FP16, residual=False)
     tensors[0] = at_offset(tensors[0], 1)

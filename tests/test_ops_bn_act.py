@@ -10,12 +10,12 @@ import torch
 
 from resnet_fused import BackendUnavailableError
 from resnet_fused.ops import bn_act, bn_act_reference
-from utils import DEVICE, INTERPRET, assert_close, assert_nonfinite_match
+from utils import CUDA_BACKEND, DEVICE, INTERPRET, assert_close, assert_nonfinite_match
 
 bam = importlib.import_module("resnet_fused.ops.bn_act")  # the module; the attribute is the function
 CL = torch.channels_last
 NEEDS_TRITON = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="Triton on CPU needs TRITON_INTERPRET=1")
-BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
+BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON), CUDA_BACKEND]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = {
     "2x5x7x7": (2, 5, 7, 7),
@@ -252,8 +252,12 @@ def test_bad_inputs(case, backend):
         assert word in str(info.value), (word, str(info.value))
 
 
-def test_cuda_backend_is_refused_with_the_reason():
-    with pytest.raises(BackendUnavailableError, match="not built"):
+def test_cuda_backend_is_refused_with_the_reason(monkeypatch):
+    """Where the compiled library cannot be loaded, an explicit "cuda" says why (simulated)."""
+    from resnet_fused import _ext
+
+    monkeypatch.setattr(_ext, "_state", {"done": True, "error": "simulated: the extension is not built"})
+    with pytest.raises(BackendUnavailableError, match="simulated: the extension is not built"):
         bn_act(*make_case(SHAPES["2x5x7x7"], torch.float32), backend="cuda")
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from resnet_fused import BackendUnavailableError
 from resnet_fused.ops import conv_bias_act, conv_bias_act_reference, conv_bn_act, conv_bn_act_reference
-from utils import DEVICE, INTERPRET, assert_close, assert_nonfinite_match
+from utils import CUDA_BACKEND, DEVICE, INTERPRET, assert_close, assert_nonfinite_match
 
 # the module (``resnet_fused.ops.conv_bias_act`` the attribute is the function of the same name)
 cba = importlib.import_module("resnet_fused.ops.conv_bias_act")
@@ -22,6 +22,7 @@ BACKENDS = [
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET,
                                                     reason="Triton on CPU needs TRITON_INTERPRET=1")),
+    CUDA_BACKEND,
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -366,9 +367,13 @@ def test_bad_inputs(case, backend):
         assert word in str(info.value), (word, str(info.value))
 
 
-def test_cuda_backend_is_refused_with_the_reason():
+def test_cuda_backend_is_refused_with_the_reason(monkeypatch):
+    """Where the compiled library cannot be loaded, an explicit "cuda" says why (simulated)."""
+    from resnet_fused import _ext
+
+    monkeypatch.setattr(_ext, "_state", {"done": True, "error": "simulated: the extension is not built"})
     (x, w, b, r), conv = make_case(SHAPES["3x3s1"], torch.float32)
-    with pytest.raises(BackendUnavailableError, match="not built"):
+    with pytest.raises(BackendUnavailableError, match="simulated: the extension is not built"):
         conv_bias_act(x, w, b, r, **conv, backend="cuda")
 
 

@@ -16,12 +16,12 @@ from torch import nn
 
 import resnet_fused as rf
 from resnet_fused.modules import _base
-from utils import INTERPRET, assert_close, randomize_bn
+from utils import CUDA_BACKEND, INTERPRET, assert_close, randomize_bn
 
 CL = torch.channels_last
 NCHW = torch.contiguous_format
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1"))]
+    not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1")), CUDA_BACKEND]
 
 
 # ------------------------------------------------------------------------------ the reference

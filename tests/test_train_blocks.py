@@ -1,5 +1,8 @@
 """Fused training of the drop-in blocks (``BasicBlock``, ``Bottleneck``, ``WideBasic``,
-``PreActBottleneck``): one ``BlockTrainFn`` per block when the backend resolves to "triton".
+``PreActBottleneck``): one ``BlockTrainFn`` per block when the backend resolves to "triton" or
+"cuda". Every test runs twice, once per fused backend (the ``train_backend`` fixture): "triton"
+(the Triton kernels; on CPU through the interpreter) and "cuda" (the compiled library: on CPU its
+C++ kernels around oneDNN convs). Tests that name a backend themselves keep it.
 
 Every numerical comparison runs ours (float32, fused), the plain reference in float32 (PyTorch's
 own error) and the reference in float64 (the truth): ours may be at most a few times further from
@@ -25,7 +28,7 @@ import test_preact_blocks as pab
 from resnet_fused.models import reference as R
 from resnet_fused.modules._base import FusedBlockMixin
 from test_blocks import assert_state_close, eval_compare, sgd_steps
-from utils import FLOOR, INTERPRET, assert_close, assert_nonfinite_match, randomize_bn, rel_err
+from utils import CUDA_BACKEND, FLOOR, INTERPRET, assert_close, assert_nonfinite_match, randomize_bn, rel_err
 
 pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                                 reason="the fused training path needs Triton (TRITON_INTERPRET=1 on CPU)")
@@ -48,8 +51,22 @@ def is_preact(case):
     return case not in tvb.CASES
 
 
-def build(case, norm=None, seed=0, backend="triton"):
-    """(ours, reference) with one state_dict, both in training mode, ours pinned to ``backend``."""
+_TRAIN = {"backend": "triton"}  # the fused backend of the running test (see train_backend)
+_DEFAULT = object()
+
+
+@pytest.fixture(autouse=True, params=["triton", CUDA_BACKEND])
+def train_backend(request):
+    """Run the test with ``build``'s default backend set to each fused backend in turn."""
+    _TRAIN["backend"] = request.param
+    yield request.param
+    _TRAIN["backend"] = "triton"
+
+
+def build(case, norm=None, seed=0, backend=_DEFAULT):
+    """(ours, reference) with one state_dict, both in training mode, ours pinned to ``backend``
+    (the running test's fused backend unless given; None follows the global choice)."""
+    backend = _TRAIN["backend"] if backend is _DEFAULT else backend
     if is_preact(case):
         ours, ref = pab.build_pair(case, norm=norm or nn.BatchNorm2d, seed=seed)
     else:
@@ -190,7 +207,8 @@ def test_eval_after_fused_training(case, fused_train_calls):
     ref64 = sgd_steps(ours, ref, lambda step: make_x(case, seed=step), steps=2)
     assert fused_train_calls == [is_preact(case)] * 2
     ours.backend = None  # follow the global choice, so both eval backends run
-    for backend, fmt in (("torch", NCHW), ("triton", CL), ("triton", NCHW)):
+    fused = _TRAIN["backend"]
+    for backend, fmt in (("torch", NCHW), (fused, CL), (fused, NCHW)):
         x = make_x(case, fmt, seed=9)
         if is_preact(case):
             with rf.use_backend(backend):
@@ -200,7 +218,7 @@ def test_eval_after_fused_training(case, fused_train_calls):
             eval_compare(ours, ref, x, backend, ref64=ref64)
     assert fused_train_calls == [is_preact(case)] * 2, "eval must not take the training path"
     # and back to fused training: the eval fold cache must not leak into it
-    ours.backend = "triton"
+    ours.backend = fused
     sgd_steps(ours.train(), ref.train(), lambda step: make_x(case, seed=10 + step), steps=1)
     assert fused_train_calls == [is_preact(case)] * 3
 
@@ -333,7 +351,7 @@ def test_unfusable_blocks_train_eagerly(case, fused_train_calls):
     assert fused_train_calls == []
     if case == "wide-dropout":  # the same block without dropout fuses: dropout was the reason
         ours, ref = pab.build_pair(case, dropout=0.0)
-        ours.backend = "triton"
+        ours.backend = _TRAIN["backend"]
         sgd_steps(ours.train(), ref.train(), lambda step: make_x(case, seed=step), steps=1)
         assert fused_train_calls == [True]
 
@@ -513,7 +531,7 @@ def test_model_sgd_steps(name, fused_train_calls):
     ref = randomize_bn(build_ref())
     ours = build_ours()
     ours.load_state_dict(ref.state_dict(), strict=True)
-    _pin(ours, "triton")
+    _pin(ours, _TRAIN["backend"])
     ref64 = sgd_steps(ours.train(), ref.train(),
                       lambda s: torch.randn(shape, generator=torch.Generator().manual_seed(s)), steps=steps)
     assert fused_train_calls == per_forward * steps

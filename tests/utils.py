@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 import torch
 
 # Relative-error floors per dtype: a few units of rounding of the format (or of TF32 on GPU).
@@ -106,3 +108,14 @@ def copy_via(how: str, module):
     torch.save(module, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=False)
+
+
+def _ext_error():
+    from resnet_fused import _ext
+
+    return _ext.load_error()
+
+
+EXT_ERROR = _ext_error()  # None where the compiled library (backend "cuda") builds and loads here
+NEEDS_EXT = pytest.mark.skipif(EXT_ERROR is not None, reason=f"the compiled library is unavailable: {EXT_ERROR}")
+CUDA_BACKEND = pytest.param("cuda", marks=NEEDS_EXT)  # the "cuda" backend: C++ kernels on CPU tensors
