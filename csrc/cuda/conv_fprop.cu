@@ -107,19 +107,22 @@ struct ConvConfigOps {
   int (*can_implement)(const Conv2dShape& s);
   /// CUTLASS's get_workspace_size (0: split_k_slices == 1).
   size_t (*workspace_bytes)(const Conv2dShape& s);
-  /// Launches the conv on stream (with the statistics phase when stats_sum, stats_m2 are not
-  /// null); a cudaError_t value.
+  /// Launches the conv on stream (with the statistics phase when stats_anchor, stats_sum and
+  /// stats_m2 are not null: all three or none); a cudaError_t value.
   int (*run)(const Conv2dShape& s, const void* x, const void* w, const float* bias, const void* residual,
-             void* y, bool relu, void* workspace, float* stats_sum, float* stats_m2, cudaStream_t stream);
+             void* y, bool relu, void* workspace, float* stats_anchor, float* stats_sum, float* stats_m2,
+             cudaStream_t stream);
   /// GEMM rows per threadblock tile (the statistics tile).
   int tile_rows;
 };
 
 /// The CUTLASS conv kernel Base (ImplicitGemmConvolutionWithFusedEpilogue), followed by an optional
 /// statistics phase (conv_stats.cuh): once Base's epilogue has stored the CTA's output tile, the
-/// CTA reads the tile back (from L2: ld.global.cg) and writes per-channel sum and centred sum of
-/// squares of its valid rows to row tile_m of the [tiles_m, K] partials. Skipped (a uniform branch
-/// after the epilogue) when Params::stats_sum is null, which is how conv2d_fprop_bias_act runs it.
+/// CTA reads the tile back (from L2: ld.global.cg) and writes, per channel of its column tile, the
+/// anchor (the stored value of the tile's first row, 0 if not finite), the sum of (y - anchor) and
+/// the centred sum of squares of its valid rows to row tile_m of the [tiles_m, K] partials. Skipped
+/// (a uniform branch after the epilogue) when Params::stats_sum is null, which is how
+/// conv2d_fprop_bias_act runs it.
 template <typename Base>
 struct FpropStatsKernel : public Base {
   using Element = typename Base::ElementC;  // y's element type
@@ -138,20 +141,21 @@ struct FpropStatsKernel : public Base {
   static_assert(kTileN <= kThreadCount, "one thread per tile column in the cross-lane reduction");
 
   struct Params : public Base::Params {
+    float* stats_anchor;
     float* stats_sum;
     float* stats_m2;
 
     CUTLASS_HOST_DEVICE
-    Params() : Base::Params(), stats_sum(nullptr), stats_m2(nullptr) {}
+    Params() : Base::Params(), stats_anchor(nullptr), stats_sum(nullptr), stats_m2(nullptr) {}
 
     CUTLASS_HOST_DEVICE
-    Params(typename Base::Arguments const& args, int* semaphore, float* sum, float* m2)
-        : Base::Params(args, semaphore), stats_sum(sum), stats_m2(m2) {}
+    Params(typename Base::Arguments const& args, int* semaphore, float* anchor, float* sum, float* m2)
+        : Base::Params(args, semaphore), stats_anchor(anchor), stats_sum(sum), stats_m2(m2) {}
   };
 
   struct StatsStorage {
     float partial[kRowLanes][kTileN];  // per row lane, per tile column
-    float mean[kTileN];                // tile mean of each column (pass 2)
+    float mean[kTileN];                // tile mean of (y - anchor) of each column (pass 2)
   };
 
   union SharedStorage {
@@ -172,6 +176,13 @@ struct FpropStatsKernel : public Base {
     for (int i = 0; i < kVec; ++i) {
       out[i] = f[i];
     }
+  }
+
+  /// v when finite, else 0. A bit test rather than isfinite(): the library is built with
+  /// --use_fast_math, and this must hold whatever the floating-point flags.
+  CUTLASS_DEVICE
+  static float finite_or_zero_(float v) {
+    return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u ? 0.f : v;
   }
 
   CUTLASS_DEVICE
@@ -199,15 +210,41 @@ struct FpropStatsKernel : public Base {
     const int col = n0 + group * kVec;  // first of this thread's kVec channels
     const bool col_ok = col < gemm_n;   // whole vector in or out, as K % kVec == 0
     Element const* y = params.ptr_D;
+    float* out_anchor = params.stats_anchor + int64_t(tile.m()) * gemm_n;
     float* out_sum = params.stats_sum + int64_t(tile.m()) * gemm_n;
     float* out_m2 = params.stats_m2 + int64_t(tile.m()) * gemm_n;
     StatsStorage& st = shared_storage.stats;
 
-    // The epilogue's global stores of this tile are visible to the whole CTA after the barrier,
-    // and its shared memory (aliased by st) is no longer in use.
+    // The epilogue's global stores of this tile (every thread's, the whole tile, row m0
+    // included) are visible to the whole CTA after the barrier, and its shared memory (aliased
+    // by st) is no longer in use. Nothing writes y after it, so every load below of the same
+    // element returns the same value.
     __syncthreads();
 
-    // Pass 1: column sums.
+    // Anchors: the stored row m0 (the tile's first row, always < gemm_m), read by every thread
+    // of a column group (kRowLanes threads, the same 16 bytes from L2: identical values), so the
+    // anchor needs no shared memory or extra barrier. Not finite: 0 (NaN / Inf then enter the
+    // sums unshifted and propagate).
+    float anchor[kVec];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kVec; ++i) {
+      anchor[i] = 0.f;
+    }
+    if (col_ok) {
+      load_row_(y, m0, gemm_n, col, anchor);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kVec; ++i) {
+        anchor[i] = finite_or_zero_(anchor[i]);
+      }
+      if (lane == 0) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kVec; ++i) {
+          out_anchor[col + i] = anchor[i];
+        }
+      }
+    }
+
+    // Pass 1: column sums of y - anchor.
     float acc[kVec];
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kVec; ++i) {
@@ -219,7 +256,7 @@ struct FpropStatsKernel : public Base {
         load_row_(y, m0 + r, gemm_n, col, v);
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kVec; ++i) {
-          acc[i] += v[i];
+          acc[i] += v[i] - anchor[i];
         }
       }
     }
@@ -240,7 +277,7 @@ struct FpropStatsKernel : public Base {
     }
     __syncthreads();
 
-    // Pass 2: centred sums of squares about the tile mean.
+    // Pass 2: centred sums of squares about the tile mean (anchor + mean of y - anchor).
     float mean[kVec];
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kVec; ++i) {
@@ -253,7 +290,7 @@ struct FpropStatsKernel : public Base {
         load_row_(y, m0 + r, gemm_n, col, v);
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kVec; ++i) {
-          float d = v[i] - mean[i];
+          float d = (v[i] - anchor[i]) - mean[i];
           acc[i] += d * d;
         }
       }
@@ -349,13 +386,16 @@ struct FpropKernel {
   }
 
   static int run(const Conv2dShape& s, const void* x, const void* w, const float* bias,
-                 const void* residual, void* y, bool relu, void* workspace, float* stats_sum,
-                 float* stats_m2, cudaStream_t stream) {
+                 const void* residual, void* y, bool relu, void* workspace, float* stats_anchor,
+                 float* stats_sum, float* stats_m2, cudaStream_t stream) {
     typename BaseKernel::Arguments args = arguments(s, x, w, bias, residual, y, relu);
     if (Device::can_implement(args) != cutlass::Status::kSuccess) {
       return static_cast<int>(cudaErrorInvalidValue);
     }
-    if (x == nullptr || w == nullptr || y == nullptr || ((stats_sum == nullptr) != (stats_m2 == nullptr))) {
+    // The statistics buffers: all three or none (the kernel tests stats_sum alone).
+    const bool stats = stats_sum != nullptr;
+    if (x == nullptr || w == nullptr || y == nullptr || (stats_anchor != nullptr) != stats ||
+        (stats_m2 != nullptr) != stats) {
       return static_cast<int>(cudaErrorInvalidValue);
     }
     // 128-bit accesses of x, w, y and the residual (at element offsets that are multiples of
@@ -372,7 +412,7 @@ struct FpropKernel {
       return static_cast<int>(cudaErrorInvalidValue);  // unreachable with split_k_slices == 1
     }
 
-    typename Kernel::Params params(args, static_cast<int*>(workspace), stats_sum, stats_m2);
+    typename Kernel::Params params(args, static_cast<int*>(workspace), stats_anchor, stats_sum, stats_m2);
     Swizzle swizzle;
     dim3 grid = swizzle.get_grid_shape(params.grid_tiled_shape);
     dim3 block(Kernel::kThreadCount, 1, 1);
@@ -516,7 +556,7 @@ int conv2d_fprop_bias_act(DType dtype, int config, const Conv2dShape& s, const v
   if (ops == nullptr || !valid_shape(s)) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  return ops->run(s, x, w, bias, residual, y, relu, workspace, nullptr, nullptr, stream);
+  return ops->run(s, x, w, bias, residual, y, relu, workspace, nullptr, nullptr, nullptr, stream);
 }
 
 // ================================================================= conv_stats.cuh entry points
@@ -539,13 +579,14 @@ int64_t conv2d_fprop_stats_tiles(int config, const Conv2dShape& s) {
 
 int conv2d_fprop_bias_act_stats(DType dtype, int config, const Conv2dShape& s, const void* x, const void* w,
                                 const float* bias, const void* residual, void* y, bool relu, void* workspace,
-                                float* tile_sum, float* tile_m2, cudaStream_t stream) {
+                                float* tile_anchor, float* tile_sum, float* tile_m2, cudaStream_t stream) {
   using namespace conv_detail;
   const ConvConfigOps* ops = config_ops(dtype, config);
-  if (ops == nullptr || !valid_shape(s) || tile_sum == nullptr || tile_m2 == nullptr) {
+  if (ops == nullptr || !valid_shape(s) || tile_anchor == nullptr || tile_sum == nullptr ||
+      tile_m2 == nullptr) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  return ops->run(s, x, w, bias, residual, y, relu, workspace, tile_sum, tile_m2, stream);
+  return ops->run(s, x, w, bias, residual, y, relu, workspace, tile_anchor, tile_sum, tile_m2, stream);
 }
 
 }  // namespace cuda
