@@ -509,22 +509,26 @@ ConvResult conv_impl(const at::Tensor& x_in, const at::Tensor& w_in, const OptTe
     }
     const int64_t tiles = cuda::conv2d_fprop_stats_tiles(p.config, s);
     const int64_t rows = cuda::conv2d_fprop_stats_tile_rows(p.config);
-    at::Tensor tile_sum = at::empty({tiles, s.K}, fopts), tile_m2 = at::empty({tiles, s.K}, fopts);
+    at::Tensor tile_anchor = at::empty({tiles, s.K}, fopts), tile_sum = at::empty({tiles, s.K}, fopts),
+               tile_m2 = at::empty({tiles, s.K}, fopts);
     check_launch(cuda::conv2d_fprop_bias_act_stats(dt, p.config, s, x.data_ptr(), w.data_ptr(), fptr(b),
                                                    cptr(res), y.data_ptr(), relu, wsp,
-                                                   tile_sum.data_ptr<float>(), tile_m2.data_ptr<float>(),
-                                                   stream_of(x)),
+                                                   tile_anchor.data_ptr<float>(), tile_sum.data_ptr<float>(),
+                                                   tile_m2.data_ptr<float>(), stream_of(x)),
                  "conv2d_fprop_bias_act_stats");
     // All tiles merged at once in float64 (exact multi-way form of Chan's formula: a few numbers
-    // per tile and channel, next to the conv's cost): M2 = sum M2_t + sum n_t (mean_t - mean)^2.
+    // per tile and channel, next to the conv's cost): mean_t = anchor_t + sum_t / n_t,
+    // M2 = sum M2_t + sum n_t (mean_t - mean)^2. The result is anchored on the first tile's
+    // anchor, as the Triton kernels' statistics are, so |mean| >> std keeps its digits.
     const int64_t M = static_cast<int64_t>(s.N) * s.P * s.Q;
     const auto dopts = fopts.dtype(at::kDouble);
     const at::Tensor n_t = at::clamp_max(M - at::arange(tiles, dopts) * rows, static_cast<double>(rows))
                                .unsqueeze(1);
-    const at::Tensor mean_t = tile_sum.to(at::kDouble) / n_t;
-    const at::Tensor mean = mean_t.mul(n_t).sum(0) / static_cast<double>(M);
-    const at::Tensor m2 = tile_m2.to(at::kDouble).sum(0) + (mean_t - mean).square_().mul_(n_t).sum(0);
-    return {y, at::full({1}, static_cast<double>(M), fopts), at::zeros({s.K}, fopts), mean.to(at::kFloat),
+    const at::Tensor anchor = tile_anchor.select(0, 0).to(at::kDouble);
+    const at::Tensor off_t = (tile_anchor.to(at::kDouble) - anchor) + tile_sum.to(at::kDouble) / n_t;
+    const at::Tensor off = off_t.mul(n_t).sum(0) / static_cast<double>(M);
+    const at::Tensor m2 = tile_m2.to(at::kDouble).sum(0) + (off_t - off).square_().mul_(n_t).sum(0);
+    return {y, at::full({1}, static_cast<double>(M), fopts), anchor.to(at::kFloat), off.to(at::kFloat),
             m2.to(at::kFloat)};
   }
 #endif
