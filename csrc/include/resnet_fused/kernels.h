@@ -116,8 +116,8 @@ int bn_act_backward_apply(const BnBwdArgs& a, const float* k2, const float* k3, 
 
 /// Per-channel statistics of x, merged robustly (Welford within a block, Chan across blocks):
 /// count [1] = N * HW, and per channel anchor, mean_off, m2 with mean = anchor + mean_off and
-/// M2 = sum((x - mean)^2). anchor is one value of the channel (a finite one where there is any,
-/// else 0). N * HW == 0 gives count 0 and zeros.
+/// M2 = sum((x - mean)^2). anchor is the channel's first value (0 if that is not finite; the
+/// statistics of such a channel are not finite anyway). N * HW == 0 gives count 0 and zeros.
 int channel_stats(DType dtype, const void* x, const Act4d& shape, float* count, float* anchor, float* mean_off,
                   float* m2, void* workspace, cudaStream_t stream);
 
