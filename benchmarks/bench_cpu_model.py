@@ -5,6 +5,11 @@ anything, and times stock and fused interleaved call by call) over a grid of bat
 layouts, collects its rows and writes one result file (JSON + CSV, schema of ``benchmarks.common``)::
 
     python -m benchmarks.bench_cpu_model [--out benchmarks/results] [--iters 20] [--threads N]
+                                         [--backends torch cuda] [--eval-only]
+
+``--backends``: the converted model's backend for each run (``torch``: BatchNorm folded, PyTorch's
+add/ReLU; ``cuda``: the compiled library's C++ epilogue kernels; default ``auto``, which is ``cuda``
+where the library loads). Each backend's fused row is timed against its own interleaved eager run.
 
 Each configuration is run ``--repeats`` times in fresh processes; every run's rows are kept, so the
 spread between runs (this is a shared 2-vCPU VM: expect a few percent) is visible in the data.
@@ -29,11 +34,12 @@ GRID = [  # (batch, channels_last, with the training step)
 ]
 
 
-def run_config(batch: int, channels_last: bool, train: bool, iters: int, threads, model: str) -> list:
+def run_config(batch: int, channels_last: bool, train: bool, iters: int, threads, model: str,
+               backend: str = "auto") -> list:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, "-m", "resnet_fused", model, "--device", "cpu", "--batch", str(batch),
-               "--iters", str(iters), "--json", str(out)]
+               "--iters", str(iters), "--json", str(out), "--backend", backend]
         cmd += ["--channels-last"] if channels_last else []
         cmd += [] if train else ["--no-train"]
         cmd += ["--threads", str(threads)] if threads else []
@@ -57,20 +63,25 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch", "cuda"])
+    ap.add_argument("--eval-only", action="store_true", help="skip the training-step rows")
     args = ap.parse_args(argv)
     rows = []
     for batch, cl, train in GRID:
         for _ in range(args.repeats):
-            rows += run_config(batch, cl, train, args.iters, args.threads, args.model)
+            for backend in args.backends:
+                rows += run_config(batch, cl, train and not args.eval_only, args.iters, args.threads, args.model,
+                                   backend)
     env = common.env_info()
     paths = common.write_results(args.out, f"cpu_model_{args.model}", env, rows)
     print("wrote", *paths)
     table = []
     for eager, fused in zip(rows[0::2], rows[1::2]):  # the main job writes each eager row, then its fused row
         assert eager["provider"] == "eager" and fused["mode"] == eager["mode"], (eager, fused)
-        table.append((eager["mode"], eager["batch"], eager["shape"], eager["median_ms"], fused["median_ms"],
-                      f"{eager['median_ms'] / fused['median_ms']:.2f}x", fused["correct"]))
-    print(common.format_table(["mode", "batch", "shape", "eager ms", "fused ms", "speedup", "correct"], table,
+        table.append((eager["mode"], eager["batch"], eager["shape"], fused["provider"], eager["median_ms"],
+                      fused["median_ms"], f"{eager['median_ms'] / fused['median_ms']:.2f}x", fused["correct"]))
+    print(common.format_table(["mode", "batch", "shape", "backend", "eager ms", "fused ms", "speedup", "correct"],
+                              table,
                               title=f"{args.model} on {env['gpu']} (torch {env['torch']}, commit {env['git_commit']})"))
     return 0
 
