@@ -33,7 +33,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__SSE2__) || (defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)))
 #include <immintrin.h>
 #endif
 
@@ -179,18 +179,24 @@ inline float relu(float z) { return z < 0.f ? 0.f : z; }
 // threshold_backward's rule: the gradient is zero exactly where z <= 0 (a NaN z passes it).
 inline float relu_grad(float z, float g) { return z <= 0.f ? 0.f : g; }
 
-// Mask bytes of n <= kWin ReLU outputs v (>= 0 or NaN): bit set where !(v <= 0), which for
-// v = relu(z) is exactly !(z <= 0). Bits past n stay zero. The flags are computed as bytes first
-// (a loop that vectorises), then 8 flag bytes become one mask byte with a multiply: for bytes
-// b_k in {0, 1} at bit 8k of x, bits 56..63 of x * 0x0102040810204080 are b_0..b_7.
+// Mask bytes of n ReLU outputs v (>= 0 or NaN): bit set where !(v <= 0), which for v = relu(z)
+// is exactly !(z <= 0). Bits past n stay zero. On x86 (SSE2 is baseline there) a "not less or
+// equal" compare (true for NaN, as required) and movemask give 4 bits per instruction; the
+// portable loop costs more than the whole forward pass.
 inline void pack_mask(const float* __restrict v, int64_t n, uint8_t* __restrict mask) {
-  alignas(8) uint8_t flag[kWin + 8];
-  for (int64_t i = 0; i < n; ++i) flag[i] = v[i] <= 0.f ? 0 : 1;
-  for (int64_t i = n; i < divup(n, 8) * 8; ++i) flag[i] = 0;
-  for (int64_t j = 0; j < divup(n, 8); ++j) {
-    uint64_t x;
-    std::memcpy(&x, flag + 8 * j, 8);
-    mask[j] = static_cast<uint8_t>((x * 0x0102040810204080ull) >> 56);
+  int64_t j = 0;
+#if defined(__SSE2__)
+  const __m128 zero = _mm_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const int lo = _mm_movemask_ps(_mm_cmpnle_ps(_mm_loadu_ps(v + j), zero));
+    const int hi = _mm_movemask_ps(_mm_cmpnle_ps(_mm_loadu_ps(v + j + 4), zero));
+    mask[j / 8] = static_cast<uint8_t>(lo | (hi << 4));
+  }
+#endif
+  for (; j < n; j += 8) {
+    unsigned b = 0;
+    for (int64_t k = 0; k < 8 && j + k < n; ++k) b |= static_cast<unsigned>(!(v[j + k] <= 0.f)) << k;
+    mask[j / 8] = static_cast<uint8_t>(b);
   }
 }
 
