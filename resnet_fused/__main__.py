@@ -313,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        iters, warmup)
         rows += [_row(args.model, tsize, tbatch, dtype, "train_step", "eager", ts_stock, True),
                  _row(args.model, tsize, tbatch, dtype, "train_step",
-                      backends.resolve_training(args.backend, xt, fusable=True), ts_fused, ok_train)]
+                      backends.resolve(args.backend, xt, fusable=True), ts_fused, ok_train)]
         table.append(("train step", tbatch, tsize, statistics.median(ts_stock), statistics.median(ts_fused),
                       te_stock, te_fused, ok_train))
 

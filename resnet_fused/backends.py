@@ -2,10 +2,9 @@
 
 Names
 -----
-``"auto"``   the default: Triton for CUDA tensors; for CPU tensors the compiled library's C++
-             kernels (oneDNN convolutions, our fused memory-bound passes). Where those are
-             unavailable, or have no kernel for the case, the PyTorch path, with at most one
-             warning per reason.
+``"auto"``   the default: Triton for CUDA tensors (the PyTorch path where Triton is unavailable,
+             with one warning); the PyTorch path with BatchNorm folded for CPU tensors (the C++
+             kernels of ``"cuda"`` were measured slower there end to end).
 ``"triton"`` our Triton kernels. CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
              before Triton was imported (how CI proves the kernels).
 ``"cuda"``   the compiled C++/CUDA library (``csrc/``, loaded by :mod:`resnet_fused._ext`, built on
@@ -194,16 +193,6 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def resolve_training(requested: Optional[str], x: torch.Tensor, *, fusable: bool = True) -> str:
-    """:func:`resolve` for a block in training mode. The one difference: ``"auto"`` on a CPU tensor
-    keeps PyTorch's own modules (oneDNN convs, ATen's batch norm), as fast on CPU as the fused
-    training chain and exactly PyTorch's numerics; ask for ``"cuda"`` to run the C++ kernels."""
-    name = get_backend() if requested is None else _check_name(requested)
-    if name == "auto" and x.device.type == "cpu":
-        return "torch"
-    return resolve(requested, x, fusable=fusable)
-
-
 def resolve(requested: Optional[str], x: torch.Tensor, *, fusable: bool = True) -> str:
     """The concrete backend (``"triton"``, ``"cuda"`` or ``"torch"``) that runs an op on ``x``.
 
@@ -221,16 +210,10 @@ def resolve(requested: Optional[str], x: torch.Tensor, *, fusable: bool = True) 
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} requested but unavailable: {reason}")
         return name if fusable else "torch"
-    # auto
-    if not fusable:
-        return "torch"
-    if x.device.type == "cpu":
-        reason = unavailable_reason("cuda", x.device)
-        if reason is None:
-            return "cuda"
-        _warn_once("auto-cpu", f"resnet_fused: the C++ kernels are unavailable ({reason}); using the PyTorch path")
-        return "torch"
-    if x.device.type != "cuda":
+    # auto. On CPU tensors: the PyTorch path (BatchNorm folded). The compiled library's C++ kernels
+    # run there too (backend "cuda"), but measured slower end to end than PyTorch's own vectorised
+    # add/ReLU after a folded conv (benchmarks/results/*_cpu-model-*-backends*), so not by default.
+    if x.device.type != "cuda" or not fusable:
         return "torch"
     reason = unavailable_reason("triton", x.device)
     if reason is None:

@@ -74,8 +74,8 @@ class FusedBlockMixin:
         return backends.resolve(self.backend, x, fusable=triton_dtype_ok(compute_dtype(x)))
 
     def _train_impl(self, x: Tensor) -> str:
-        """Concrete backend for a training forward (see :func:`resnet_fused.backends.resolve_training`)."""
-        return backends.resolve_training(self.backend, x, fusable=triton_dtype_ok(compute_dtype(x)))
+        """Concrete backend for a training forward (the same choice as eval)."""
+        return backends.resolve(self.backend, x, fusable=triton_dtype_ok(compute_dtype(x)))
 
     def _conv(self, key: str, impl: str, x: Tensor, conv: nn.Conv2d, norm: Optional[nn.Module] = None,
               residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
