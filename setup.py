@@ -69,7 +69,7 @@ def _extension():
         args["nvcc"] = b.nvcc_flags(archs)
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     ext = kind("resnet_fused._C", sources, include_dirs=b.include_dirs(csrc, cuda=with_cuda),
-               extra_compile_args=args)
+               extra_compile_args=args, extra_link_args=b.openmp_flags())
     record = {"torch": torch.__version__, "cuda": with_cuda, "archs": ";".join(archs), "cuda_problem": problem}
 
     class BuildExt(cpp_extension.BuildExtension):

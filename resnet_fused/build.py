@@ -124,10 +124,16 @@ def cxx_flags(with_cuda: bool, archs: Optional[Sequence[str]] = None) -> List[st
     import torch
 
     # bare tokens, stringified in ops.cpp: quotes would not survive ninja's shell
-    flags = ["-O3", f"-DRESNET_FUSED_TORCH_VERSION={torch.__version__}"]
+    flags = ["-O3", f"-DRESNET_FUSED_TORCH_VERSION={torch.__version__}", *openmp_flags()]
     if with_cuda:
         flags += ["-DRESNET_FUSED_WITH_CUDA", f"-DRESNET_FUSED_CUDA_ARCHS={'_'.join(archs or cuda_archs())}"]
     return flags
+
+
+def openmp_flags() -> List[str]:
+    """at::parallel_for runs our CPU kernels on torch's OpenMP thread pool only when the
+    extension itself is compiled and linked with OpenMP (else it runs them on one thread)."""
+    return [] if sys.platform == "darwin" else ["-fopenmp"]
 
 
 def nvcc_path() -> Optional[str]:
@@ -169,6 +175,7 @@ def jit_build(verbose: bool = False) -> str:
         extra_cflags=cxx_flags(with_cuda, archs),
         extra_cuda_cflags=nvcc_flags(archs) if with_cuda else None,
         extra_include_paths=include_dirs(root, cuda=with_cuda),
+        extra_ldflags=openmp_flags(),
         with_cuda=with_cuda,
         is_python_module=False,
         verbose=verbose,
