@@ -368,11 +368,6 @@ class Config:
     skipped: Dict[str, str] = field(default_factory=dict)
 
 
-def timing_opts(cfg: Config, provider: str) -> dict:
-    if cfg.device.type == "cpu" and provider == "triton":  # the interpreter: a few calls say enough
-        return dict(warmup=0, min_reps=3, max_reps=3, budget_s=0.0)
-    return cfg.timing
-
 
 def copy_gbps(nbytes: int, cfg: Config, cache: Dict[int, Tuple[float, common.Timing]]) -> Tuple[float, common.Timing]:
     """GB/s of ``dst.copy_(src)`` moving ``nbytes`` (src of nbytes / 2), cached per size."""
@@ -448,7 +443,8 @@ def run_case(a: Act, layout: str, dtype: str, cfg: Config, rows: List[dict],
                 if ok:
                     fn = (lambda dd, _op=op, _p=prov: RUNNERS[_p](_op, dd))
                     t, graph = common.benchmark_graph_or_plain(fn, [(s,) for s in sets], dev, cfg.cuda_graph,
-                                                               f"{op.name} {label} {prov}", **timing_opts(cfg, prov))
+                                                               f"{op.name} {label} {prov}",
+                                                               **common.provider_timing(cfg.device, prov, cfg.timing))
                     note = "" if graph or dev.type != "cuda" else "plain launches (graph capture failed)"
                 else:
                     note = "wrong: not timed"
@@ -532,29 +528,26 @@ def make_config(args) -> Config:
     if dev.type == "cuda":
         batch = 64 if args.quick else 256
         dtypes = ["fp16"] if args.quick else ["fp16", "bf16", "fp32"]
-        timing = dict(warmup_ms=10.0, rep_ms=40.0) if args.quick else dict(warmup_ms=25.0, rep_ms=100.0)
     else:
         batch, dtypes = 2, ["fp32"]
         acts = [tiny(a) for a in acts]
-        timing = dict(warmup=1, min_reps=10, max_reps=50, budget_s=0.05)
     skipped: Dict[str, str] = {}
     providers = common.drop_unavailable(list(dict.fromkeys(args.providers or PROVIDERS)), dev, skipped)
     ops = [o for o in OPS if args.ops is None or o.name in args.ops]
     return Config(dev, args.batch or batch, acts, args.layouts or ["cl", "nchw"], args.dtypes or dtypes, ops,
-                  providers, cuda_graph=dev.type == "cuda" and not args.no_graph, timing=timing, skipped=skipped)
+                  providers, cuda_graph=dev.type == "cuda" and not args.no_graph,
+                  timing=common.op_timing(dev, args.quick), skipped=skipped)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     cfg = make_config(args)
     env = common.env_info(cfg.device)
-    print(f"bench_bandwidth on {env['gpu']} | torch {env['torch']} | triton {env['triton']} | cuda {env['cuda']} | "
-          f"commit {env['git_commit']}")
+    print(common.banner("bench_bandwidth", env))
     print(f"batch {cfg.batch}; activations {[f'{a.c}x{a.hw}x{a.hw}' for a in cfg.acts]}; layouts {list(cfg.layouts)}; "
           f"dtypes {list(cfg.dtypes)}; providers {list(cfg.providers)}; "
           f"{'CUDA graphs' if cfg.cuda_graph else 'no graphs'}", flush=True)
-    for p, why in cfg.skipped.items():
-        print(f"note: {p} skipped: {why}")
+    common.print_skipped(cfg.skipped)
     rows: List[dict] = []
     copies: Dict[int, Tuple[float, common.Timing]] = {}
     for dtype in cfg.dtypes:
@@ -565,8 +558,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(common.format_table(headers, lines))
     goal = goal_line(rows, cfg.device)
     print(goal)
-    for p, why in cfg.skipped.items():
-        print(f"note: {p} skipped: {why}")
+    common.print_skipped(cfg.skipped)
     extra = {"goal": goal, "timing": "CUDA-graph replay" if cfg.cuda_graph else
              ("CUDA events, plain launches" if cfg.device.type == "cuda" else "perf_counter (CPU)")}
     return common.finish(rows, args.out, BENCH, env, write=not args.no_write, keys=KEYS, skipped=cfg.skipped,

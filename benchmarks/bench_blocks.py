@@ -318,13 +318,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     cfg = make_config(args)
     env = common.env_info(cfg.device)
-    print(f"bench_blocks on {env['gpu']} | torch {env['torch']} | triton {env['triton']} | cuda {env['cuda']} | "
-          f"commit {env['git_commit']}")
+    print(common.banner("bench_blocks", env))
     print(f"batches {list(cfg.batches)}, dtypes {list(cfg.dtypes)}, providers {list(cfg.block_providers)}"
           f"{' (model: ' + str(list(cfg.providers)) + ')' if cfg.block_providers != cfg.providers else ''}, "
           f"channels_last, {'CUDA graphs' if cfg.cuda_graph else 'no graphs'}", flush=True)
-    for p, why in cfg.skipped.items():
-        print(f"note: {p} skipped: {why}")
+    common.print_skipped(cfg.skipped)
     rows: List[dict] = []
     errs: Dict = {}
     for case in cfg.cases:
@@ -333,8 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run_case(case, batch, dtype, cfg, rows, errs)
     headers, lines = summary_table(rows, errs, cfg.block_providers)
     print(common.format_table(headers, lines))
-    for p, why in cfg.skipped.items():
-        print(f"note: {p} skipped: {why}")
+    common.print_skipped(cfg.skipped)
     title = f"bench_blocks: eval latency, {env['gpu']}"
     return common.finish(rows, args.out, BENCH, env, write=not args.no_write, skipped=cfg.skipped,
                          markdown=(title, headers, lines))

@@ -245,11 +245,6 @@ def kernel_name(name: str, job: Job, case: Case, allow_tf32: bool) -> str:
                                                      allow_tf32)
 
 
-def timing_opts(cfg: Config, provider: str) -> dict:
-    if cfg.device.type == "cpu" and provider == "triton":  # the interpreter: a few calls say enough
-        return dict(warmup=0, min_reps=3, max_reps=3, budget_s=0.0)
-    return cfg.timing
-
 
 def _past_deadline(cfg: Config) -> bool:
     return cfg.deadline is not None and time.monotonic() > cfg.deadline
@@ -289,7 +284,8 @@ def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], c
                         return _fn(x, r)
 
                 t, graph = common.benchmark_graph_or_plain(timed, case.inputs, dev, cfg.cuda_graph,
-                                                           f"{job.label()} {prov}", **timing_opts(cfg, prov))
+                                                           f"{job.label()} {prov}",
+                                                           **common.provider_timing(cfg.device, prov, cfg.timing))
                 if dev.type == "cuda" and not graph:
                     note = "plain launches (graph capture failed)"
             else:
@@ -412,11 +408,9 @@ def make_config(args) -> Config:
     if dev.type == "cuda":
         batch = 32 if args.quick else 256
         dtypes = ["fp16"] if args.quick else ["fp16", "bf16", "fp32"]
-        timing = dict(warmup_ms=10.0, rep_ms=40.0) if args.quick else dict(warmup_ms=25.0, rep_ms=100.0)
     else:
         batch, dtypes = 2, ["fp32"]
         specs = [tiny(s) for s in specs]
-        timing = dict(warmup=1, min_reps=10, max_reps=50, budget_s=0.05)
         if "compile" in providers and not args.compile and not args.providers:
             providers.remove("compile")
             skipped["compile"] = "CPU: torch.compile's C++ code generation takes tens of seconds per case (--compile)"
@@ -427,7 +421,8 @@ def make_config(args) -> Config:
     jobs = [Job(s, args.batch or batch, d, lay, res) for d in (args.dtypes or dtypes) for s in specs
             for lay in (args.layouts or ["cl"]) for res in residuals]
     deadline_s = args.deadline if args.deadline is not None else (QUICK_DEADLINE_S if args.quick else None)
-    return Config(dev, jobs, providers, cuda_graph=dev.type == "cuda" and not args.no_graph, timing=timing,
+    return Config(dev, jobs, providers, cuda_graph=dev.type == "cuda" and not args.no_graph,
+                  timing=common.op_timing(dev, args.quick),
                   deadline=None if deadline_s is None else _T0 + deadline_s, skipped=skipped)
 
 
@@ -441,15 +436,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     saved_bench = torch.backends.cudnn.benchmark
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
-    print(f"bench_conv_epilogue on {env['gpu']} | torch {env['torch']} | triton {env['triton']} | cuda {env['cuda']} "
-          f"| commit {env['git_commit']}")
+    print(common.banner("bench_conv_epilogue", env))
     print(f"providers {list(cfg.providers)}; {len(cfg.jobs)} cases; "
           f"{'CUDA graphs' if cfg.cuda_graph else 'no graphs'}"
           f"{'; cudnn.benchmark ' + str(torch.backends.cudnn.benchmark) if dev.type == 'cuda' else ''}"
           f"{'; fp32 convs use TF32 ' + str(conv_uses_tf32()) if dev.type == 'cuda' else ''}"
           f"{'; deadline ' + format(cfg.deadline - _T0, '.0f') + ' s' if cfg.deadline else ''}", flush=True)
-    for p, why in cfg.skipped.items():
-        print(f"note: {p} skipped: {why}")
+    common.print_skipped(cfg.skipped)
     rows: List[dict] = []
     conv_ms: Dict[tuple, float] = {}
     extra = {"timing": "CUDA-graph replay" if cfg.cuda_graph else
@@ -478,8 +471,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(common.format_table(headers, lines))
     goals = goal_lines(rows, dev)
     print("\n".join(goals))
-    for p, why in cfg.skipped.items():
-        print(f"note: {p} skipped: {why}")
+    common.print_skipped(cfg.skipped)
     return common.finish(rows, args.out, BENCH, env, write=not args.no_write and bool(rows), keys=KEYS,
                          skipped=cfg.skipped, extra={**extra, "goal": goals},
                          markdown=(f"bench_conv_epilogue: fused conv epilogue vs conv alone, {env['gpu']}",

@@ -637,8 +637,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     saved_bench = torch.backends.cudnn.benchmark
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
-    print(f"bench_train on {env['gpu']} | torch {env['torch']} | triton {env['triton']} | cuda {env['cuda']} | "
-          f"commit {env['git_commit']}")
+    print(common.banner("bench_train", env))
     print(f"providers {list(cfg.providers)}; cases {[j.label() for j in cfg.jobs]}; channels_last; "
           f"fp16 = autocast + static loss scale {FP16_LOSS_SCALE:g}, no GradScaler; SGD momentum {MOMENTUM}; "
           f"{cfg.reps if dev.type == 'cuda' else 'CPU'} timed steps"

@@ -524,6 +524,32 @@ def write_markdown(out_dir, bench: str, env: dict, title: str, headers: Sequence
     return path
 
 
+def banner(bench: str, env: dict) -> str:
+    """The first line every benchmark prints: what ran where, at which commit."""
+    return (f"{bench} on {env['gpu']} | torch {env['torch']} | triton {env['triton']} | cuda {env['cuda']} | "
+            f"commit {env['git_commit']}")
+
+
+def print_skipped(skipped: Dict[str, str]) -> None:
+    for p, why in skipped.items():
+        print(f"note: {p} skipped: {why}")
+
+
+def op_timing(device: torch.device, quick: bool) -> dict:
+    """``benchmark()`` keyword arguments for single-op benchmarks: CUDA event windows on a GPU
+    (shorter with --quick), a few tiny repetitions on CPU (the CPU modes only prove the scripts)."""
+    if device.type == "cuda":
+        return dict(warmup_ms=10.0, rep_ms=40.0) if quick else dict(warmup_ms=25.0, rep_ms=100.0)
+    return dict(warmup=1, min_reps=10, max_reps=50, budget_s=0.05)
+
+
+def provider_timing(device: torch.device, provider: str, default: dict) -> dict:
+    """``default``, except for Triton on the CPU (its interpreter): a few calls say enough."""
+    if device.type == "cpu" and provider == "triton":
+        return dict(warmup=0, min_reps=3, max_reps=3, budget_s=0.0)
+    return default
+
+
 def sig(v: Optional[float], digits: int = 6) -> Optional[float]:
     """``v`` to ``digits`` significant digits for a result file (None for None, NaN or Inf: JSON
     has no such numbers)."""

@@ -482,8 +482,6 @@ ConvResult conv_impl(const at::Tensor& x_in, const at::Tensor& w_in, const OptTe
     TORCH_CHECK_VALUE(r->size(0) == s.N && r->size(1) == s.K && r->size(2) == s.P && r->size(3) == s.Q,
                       "r: expected shape [", s.N, ", ", s.K, ", ", s.P, ", ", s.Q, "] (the conv output), got ",
                       r->sizes());
-    TORCH_CHECK_VALUE(r->device() == x_in.device(), "r: expected a tensor on ", x_in.device(), ", got one on ",
-                      r->device());
     res = r->contiguous(fmt);
   }
   const auto fopts = x_in.options().dtype(at::kFloat);

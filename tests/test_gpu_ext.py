@@ -70,6 +70,7 @@ from resnet_fused import _ext
 from resnet_fused.models import reference as R
 from resnet_fused.ops import _ext_ops
 from resnet_fused.ops import conv_bias_act, conv_bias_act_reference
+from test_gpu_train import check_graph_capture
 from test_gpu import (R50, calibrate, check_conv, compare_models, cudnn_tf32, is_cl, make_conv, spec_case,
                       tf32_emulated)
 from utils import FLOOR, assert_close, randomize_bn, rel_err
@@ -1417,64 +1418,13 @@ def test_cuda_graph_capture_training_step(dtype, fused_train_calls, conv_calls):
     the same step run uncaptured from the same state (outputs, x.grad, every parameter gradient,
     running statistics, ``num_batches_tracked`` advancing by one per replay). float32 (TF32 off)
     runs the fallback conv, float16 (a half model, no autocast) CUTLASS."""
-    torch.manual_seed(0)
-    ours = randomize_bn(rf.Bottleneck(64, 64, downsample=_ds(64, 256, 1)))
-    ours = ours.to(DEV, dtype).to(memory_format=CL).train()
-    ours.backend = "cuda"
-    twin = copy.deepcopy(ours)
-    state0 = {k: v.detach().clone() for k, v in ours.state_dict().items()}
-    shape, out_shape = (4, 64, 56, 56), (4, 256, 56, 56)
-    static_x = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=CL).requires_grad_()
-    static_g = torch.randn(out_shape, device=DEV).to(dtype).contiguous(memory_format=CL)
-    tol = 1e-5 if dtype == FP32 else 1e-3  # cuDNN's weight gradient may sum in another order
-    with cudnn_tf32(False):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                ours.zero_grad(set_to_none=True)
-                static_x.grad = None
-                ours(static_x).backward(static_g)
-        torch.cuda.current_stream().wait_stream(side)
-        ours.zero_grad(set_to_none=True)
-        static_x.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = ours(static_x)
-            static_out.backward(static_g)
-        n_traced = len(fused_train_calls)
-        want = "cutlass_sm80_f16_" if dtype == FP16 else "fallback: float32 without TF32"
+    want = "cutlass_sm80_f16_" if dtype == FP16 else "fallback: float32 without TF32"
+
+    def captured_the_expected_conv():
         assert conv_calls and all(name.startswith(want) for name, _ in conv_calls), conv_calls[:4]
-        with torch.no_grad():
-            for k, v in ours.state_dict().items():
-                v.copy_(state0[k])
-        rng = gen(5)
-        for step in range(2):
-            x = torch.randn(shape, device=DEV, generator=rng).to(dtype).contiguous(memory_format=CL)
-            g = torch.randn(out_shape, device=DEV, generator=rng).to(dtype).contiguous(memory_format=CL)
-            with torch.no_grad():
-                static_x.copy_(x)
-                static_g.copy_(g)
-            graph.replay()
-            twin.zero_grad(set_to_none=True)
-            xt = x.clone().requires_grad_()
-            out_t = twin(xt)
-            out_t.backward(g)
-            torch.cuda.synchronize()
-            t = f"replay {step}: "
-            checks = [("output", static_out, out_t), ("x.grad", static_x.grad, xt.grad)]
-            pt = dict(twin.named_parameters())
-            checks += [(f"{n}.grad", p.grad, pt[n].grad) for n, p in ours.named_parameters()]
-            bt = dict(twin.named_buffers())
-            for n, b in ours.named_buffers():
-                if n.endswith("num_batches_tracked"):
-                    assert int(b) == int(bt[n]) == step + 1, f"{t}{n} = {int(b)}, uncaptured {int(bt[n])}"
-                else:
-                    checks.append((n, b, bt[n]))
-            for what, a, b in checks:
-                assert a is not None and torch.isfinite(a).all(), f"{t}{what} missing or not finite after replay"
-                assert rel_err(a, b) <= tol, f"{t}{what}: captured vs uncaptured differ by {rel_err(a, b):.3e}"
-    assert n_traced == 4 and len(fused_train_calls) == 4 + 2, fused_train_calls
+
+    tol = 1e-5 if dtype == FP32 else 1e-3  # cuDNN's weight gradient may sum in another order
+    check_graph_capture("cuda", fused_train_calls, dtype=dtype, tol=tol, after_capture=captured_the_expected_conv)
 
 
 # ============================================================== bad input, no side effects

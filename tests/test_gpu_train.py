@@ -147,17 +147,25 @@ def test_train_block_matches_eager_precision(block, dtype, fmt, fused_train_call
 def test_cuda_graph_capture_training_step(fused_train_calls):
     """Forward + backward of a fused Bottleneck (ResNet-50 layer1.0: 64 -> 256 with downsample,
     channels_last) captured once, replayed twice on new data; each replay equals the same step run
-    uncaptured from the same state (outputs, x.grad, every parameter gradient, running statistics,
-    ``num_batches_tracked`` advancing by one per replay)."""
+    uncaptured from the same state (see :func:`check_graph_capture`)."""
+    check_graph_capture("triton", fused_train_calls)
+
+
+def check_graph_capture(backend, fused_train_calls, dtype=torch.float32, tol=1e-5, after_capture=None):
+    """Capture one training step of a fused Bottleneck on ``backend`` in a CUDA graph, replay it
+    twice on new data, and compare each replay with the same step run uncaptured from the same
+    state: outputs, x.grad, every parameter gradient, running statistics, ``num_batches_tracked``
+    advancing by one per replay. ``after_capture()`` runs right after the capture (for checks of
+    what was captured). Shared with tests/test_gpu_ext.py."""
     torch.manual_seed(0)
     ours = randomize_bn(rf.Bottleneck(64, 64, downsample=_ds(64, 256, 1)))
-    ours = ours.to(DEV).to(memory_format=CL).train()
-    ours.backend = "triton"
+    ours = ours.to(DEV, dtype).to(memory_format=CL).train()
+    ours.backend = backend
     twin = copy.deepcopy(ours)  # the uncaptured run
     state0 = {k: v.detach().clone() for k, v in ours.state_dict().items()}
     shape, out_shape = (4, 64, 56, 56), (4, 256, 56, 56)
-    static_x = torch.randn(shape, device=DEV).contiguous(memory_format=CL).requires_grad_()
-    static_g = torch.randn(out_shape, device=DEV).contiguous(memory_format=CL)
+    static_x = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=CL).requires_grad_()
+    static_g = torch.randn(out_shape, device=DEV).to(dtype).contiguous(memory_format=CL)
     with cudnn_tf32(False):
         # warm up on a side stream (compiles and autotunes every kernel), as PyTorch's docs say
         side = torch.cuda.Stream()
@@ -175,14 +183,16 @@ def test_cuda_graph_capture_training_step(fused_train_calls):
             static_out = ours(static_x)
             static_out.backward(static_g)
         n_traced = len(fused_train_calls)
+        if after_capture is not None:
+            after_capture()
         # back to the initial state, in place: the graph reads and writes these very tensors
         with torch.no_grad():
             for k, v in ours.state_dict().items():
                 v.copy_(state0[k])
         gen = torch.Generator(device=DEV).manual_seed(5)
         for step in range(2):
-            x = torch.randn(shape, device=DEV, generator=gen).contiguous(memory_format=CL)
-            g = torch.randn(out_shape, device=DEV, generator=gen).contiguous(memory_format=CL)
+            x = torch.randn(shape, device=DEV, generator=gen).to(dtype).contiguous(memory_format=CL)
+            g = torch.randn(out_shape, device=DEV, generator=gen).to(dtype).contiguous(memory_format=CL)
             with torch.no_grad():
                 static_x.copy_(x)
                 static_g.copy_(g)
@@ -205,9 +215,9 @@ def test_cuda_graph_capture_training_step(fused_train_calls):
             for what, a, b in pairs:
                 assert a is not None, f"{t}{what} missing after replay"
                 # the same kernels on the same data; cuDNN's weight-gradient algorithm may sum in
-                # another order, so to float32 rounding rather than bitwise
+                # another order, so to rounding (tol) rather than bitwise
                 assert torch.isfinite(a).all(), f"{t}{what} not finite"
-                assert rel_err(a, b) <= 1e-5, f"{t}{what}: captured vs uncaptured differ by {rel_err(a, b):.3e}"
+                assert rel_err(a, b) <= tol, f"{t}{what}: captured vs uncaptured differ by {rel_err(a, b):.3e}"
     # the capture itself went through the fused path; replays add no Python-level calls
     assert n_traced == 4 and len(fused_train_calls) == 4 + 2, fused_train_calls
 

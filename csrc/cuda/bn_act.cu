@@ -44,20 +44,15 @@ __global__ void __launch_bounds__(kThreads) bn_act_fwd_kernel(FwdKArgs a) {
     }
     ChunkChans ch;
     chunk_chans<M>(i, a.geo, ch);
-    float ym[kChunk], ys[kChunk], yb[kChunk], rm[kChunk], rs[kChunk], rb[kChunk];
-    chunk_param<M>(a.ya.m, ch, a.pvec, ym);
-    chunk_param<M>(a.ya.s, ch, a.pvec, ys);
-    chunk_param<M>(a.ya.b, ch, a.pvec, yb);
     constexpr bool raff = R == kResAffine;
-    chunk_param<M>(raff ? a.ra.m : nullptr, ch, a.pvec, rm);
-    chunk_param<M>(raff ? a.ra.s : nullptr, ch, a.pvec, rs);
-    chunk_param<M>(raff ? a.ra.b : nullptr, ch, a.pvec, rb);
+    ChunkAffines pa;
+    chunk_affines<M>(a.ya, a.ra, raff, ch, a.pvec, pa);
     float o[kChunk];
     unsigned bits = 0;
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {
-      float z = pre_act(centred(yv[j], ym[j]), ys[j], yb[j], R, rv[j], centred(rv[j], rm[j]),
-                        rs[j], rb[j]);
+      float z = pre_act(centred(yv[j], pa.ym[j]), pa.ys[j], pa.yb[j], R, rv[j], centred(rv[j], pa.rm[j]),
+                        pa.rs[j], pa.rb[j]);
       if (a.relu) {
         if (j < n && relu_passes(z)) bits |= 1u << j;  // bits past numel stay zero
         z = relu(z);

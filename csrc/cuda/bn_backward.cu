@@ -306,32 +306,28 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(ApplyKArgs a) {
     if (R != kResNone) load8<Sr>(a.r, i, a.vec, n, a.r_dt, rv);
     ChunkChans ch;
     chunk_chans<M>(i, a.geo, ch);
-    float ym[kChunk], ys[kChunk], yb[kChunk], rm[kChunk], rs[kChunk], rb[kChunk];
-    chunk_param<M>(a.ya.m, ch, a.pvec, ym);
-    chunk_param<M>(a.ya.s, ch, a.pvec, ys);
-    chunk_param<M>(a.ya.b, ch, a.pvec, yb);
-    chunk_param<M>(raff ? a.ra.m : nullptr, ch, a.pvec, rm);
-    chunk_param<M>(raff ? a.ra.s : nullptr, ch, a.pvec, rs);
-    chunk_param<M>(raff ? a.ra.b : nullptr, ch, a.pvec, rb);
+    ChunkAffines pa;
+    chunk_affines<M>(a.ya, a.ra, raff, ch, a.pvec, pa);
     float gz[kChunk], dyc[kChunk], drc[kChunk];
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) {
-      dyc[j] = centred(yv[j], ym[j]);
-      drc[j] = centred(rv[j], rm[j]);
-      gz[j] = relu_passes(pre_act(dyc[j], ys[j], yb[j], R, rv[j], drc[j], rs[j], rb[j])) ? gv[j] : 0.f;
+      dyc[j] = centred(yv[j], pa.ym[j]);
+      drc[j] = centred(rv[j], pa.rm[j]);
+      gz[j] = relu_passes(pre_act(dyc[j], pa.ys[j], pa.yb[j], R, rv[j], drc[j], pa.rs[j], pa.rb[j])) ? gv[j]
+                                                                                             : 0.f;
     }
     float k2[kChunk], k3[kChunk], o[kChunk];
     chunk_param<M>(a.k2, ch, a.pvec, k2);
     chunk_param<M>(a.k3, ch, a.pvec, k3);
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) o[j] = __fmaf_rn(ys[j], gz[j], __fmaf_rn(k2[j], dyc[j], k3[j]));
+    for (int j = 0; j < kChunk; ++j) o[j] = __fmaf_rn(pa.ys[j], gz[j], __fmaf_rn(k2[j], dyc[j], k3[j]));
     if (a.dy) store8_dt(a.dy_dt, a.dy, i, a.vec, n, o);
     if (R != kResNone && a.dr) {
       if (raff) {
         chunk_param<M>(a.rk2, ch, a.pvec, k2);
         chunk_param<M>(a.rk3, ch, a.pvec, k3);
 #pragma unroll
-        for (int j = 0; j < kChunk; ++j) o[j] = __fmaf_rn(rs[j], gz[j], __fmaf_rn(k2[j], drc[j], k3[j]));
+        for (int j = 0; j < kChunk; ++j) o[j] = __fmaf_rn(pa.rs[j], gz[j], __fmaf_rn(k2[j], drc[j], k3[j]));
       } else {
 #pragma unroll
         for (int j = 0; j < kChunk; ++j) o[j] = gz[j];

@@ -311,6 +311,24 @@ __device__ __forceinline__ void chunk_param(const float* p, const ChunkChans& ch
   }
 }
 
+// The chunk's per-element values of both inputs' affines, (m, s, b) of y then of r; r's are zeros
+// unless r has an affine (raff). One loader for the forward and the backward apply, which must see
+// the same parameters element for element.
+struct ChunkAffines {
+  float ym[kChunk], ys[kChunk], yb[kChunk], rm[kChunk], rs[kChunk], rb[kChunk];
+};
+
+template <Mode M>
+__device__ __forceinline__ void chunk_affines(const Affine& ya, const Affine& ra, bool raff, const ChunkChans& ch,
+                                              bool pvec, ChunkAffines& p) {
+  chunk_param<M>(ya.m, ch, pvec, p.ym);
+  chunk_param<M>(ya.s, ch, pvec, p.ys);
+  chunk_param<M>(ya.b, ch, pvec, p.yb);
+  chunk_param<M>(raff ? ra.m : nullptr, ch, pvec, p.rm);
+  chunk_param<M>(raff ? ra.s : nullptr, ch, pvec, p.rs);
+  chunk_param<M>(raff ? ra.b : nullptr, ch, pvec, p.rb);
+}
+
 inline Mode chunk_mode(const Act4d& s) {
   if (s.channels_last) return s.C % kChunk == 0 ? Mode::kRun : Mode::kGeneral;
   return s.HW >= kChunk ? Mode::kPlane : Mode::kGeneral;

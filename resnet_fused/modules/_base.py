@@ -73,10 +73,6 @@ class FusedBlockMixin:
         missing)."""
         return backends.resolve(self.backend, x, fusable=triton_dtype_ok(compute_dtype(x)))
 
-    def _train_impl(self, x: Tensor) -> str:
-        """Concrete backend for a training forward (the same choice as eval)."""
-        return backends.resolve(self.backend, x, fusable=triton_dtype_ok(compute_dtype(x)))
-
     def _conv(self, key: str, impl: str, x: Tensor, conv: nn.Conv2d, norm: Optional[nn.Module] = None,
               residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
         """``relu?(norm(conv(x)) + residual)`` as one fused conv, ``norm`` (eval BN or None) folded."""

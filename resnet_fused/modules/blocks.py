@@ -84,10 +84,10 @@ class _TorchvisionBlock(FusedBlockMixin, nn.Module):
             return self._forward_eager(x)
         pairs = self._pairs()
         self._check(x, pairs)
-        if self._train_fusable(pairs, x) and self._train_impl(x) in _base.TRAIN_BACKENDS:
+        if self._train_fusable(pairs, x) and self._impl(x) in _base.TRAIN_BACKENDS:
             short = conv_bn_pair(self.downsample) or (None, None)
             return _base.run_block_train(x, False, [c for _, c, _ in pairs], [n for _, _, n in pairs], *short,
-                                         backend=self._train_impl(x))
+                                         backend=self._impl(x))
         if not self._fusable(pairs):
             return self._forward_eager(x)
         impl = self._impl(x)

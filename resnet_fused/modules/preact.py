@@ -86,10 +86,10 @@ class _PreActBlock(FusedBlockMixin, nn.Module):
         if fx_tracing():  # symbolic tracing sees the module-by-module forward (shape checks can't trace)
             return self._forward_eager(x)
         self._check(x)
-        if self._train_fusable(x) and self._train_impl(x) in _base.TRAIN_BACKENDS:
+        if self._train_fusable(x) and self._impl(x) in _base.TRAIN_BACKENDS:
             chain = self._chain()
             return _base.run_block_train(x, True, [c for _, _, c in chain], [n for _, n, _ in chain],
-                                         self._shortcut_module(), backend=self._train_impl(x))
+                                         self._shortcut_module(), backend=self._impl(x))
         if not self._fusable():
             return self._forward_eager(x)
         impl = self._impl(x)
