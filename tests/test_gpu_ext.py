@@ -71,6 +71,7 @@ from resnet_fused.models import reference as R
 from resnet_fused.ops import _ext_ops
 from resnet_fused.ops import conv_bias_act, conv_bias_act_reference
 from test_gpu_train import check_graph_capture
+from test_train_blocks import _saved_activations
 from test_gpu import (R50, calibrate, check_conv, compare_models, cudnn_tf32, is_cl, make_conv, spec_case,
                       tf32_emulated)
 from utils import FLOOR, assert_close, randomize_bn, rel_err
@@ -1305,21 +1306,6 @@ def test_train_cuda_and_triton_agree(block, fused_train_calls):
     assert fused_train_calls == [preact] * 6
 
 
-def _saved_bytes(block, x):
-    """Bytes of the distinct storages autograd keeps for ``block(x)`` with x's batch dimension."""
-    seen = {}
-
-    def pack(t):
-        if t.dim() == 4 and t.shape[0] == x.shape[0]:
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = block(x)
-    return sum(seen.values()), out
-
-
 @pytest.mark.parametrize("block,mode,fmt", [("bottleneck-s2-ds", "fp16", CL), ("bottle-s2-ds-batch1", "fp32", NCHW)],
                          ids=["big-fp16-cl", "small-fp32-nchw"])
 def test_low_memory_mode(block, mode, fmt, fused_train_calls, conv_calls):
@@ -1337,7 +1323,8 @@ def test_low_memory_mode(block, mode, fmt, fused_train_calls, conv_calls):
             first = len(conv_calls)
             xi = x.clone().requires_grad_()
             with rf.use_low_memory(enabled), autocast_for(mode):
-                saved, out = _saved_bytes(m, xi)
+                seen, out = _saved_activations(m, xi)
+                saved = sum(seen.values())
             g = torch.randn(out.shape, device=DEV, generator=gen(6))
             (out * g.to(torch.promote_types(out.dtype, FP32))).sum().backward()
             runs[name] = (saved, out.detach(), xi.grad, len(conv_calls) - first)
