@@ -398,9 +398,14 @@ def timing_opts(cfg: Config, provider: str) -> dict:
     return dict(warmup=2, min_reps=10, max_reps=50, budget_s=0.2)
 
 
-def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], infos: Dict) -> None:
+def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], infos: Dict, *, bench: str = BENCH,
+            row_extra: Optional[Callable[[Job, str, "Info"], dict]] = None) -> None:
     """Reference step, eager's check (always: it sets the bounds), then check and time each of
-    ``providers``; append one row per provider run."""
+    ``providers``; append one row per provider run.
+
+    Other benchmarks reuse this step harness: ``bench`` names their rows, and ``row_extra(job,
+    provider, info)`` gives each row's extra columns (:data:`benchmarks.common.EXTRA_KEYS`, the
+    same names for every row of a benchmark; e.g. ``compile_s`` from ``info.first_s``)."""
     case, dev = job.case, cfg.device
     dt = common.DTYPES[job.dtype]
     in_dt = dt if case.kind == "block" else torch.float32  # blocks take activations, models images
@@ -507,8 +512,9 @@ def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], i
                 x.grad = None
         if timed:
             infos[job.key + (prov,)] = info
-            rows.append(common.make_row(bench=BENCH, model=case.name, shape=shape, batch=job.batch, dtype=job.dtype,
-                                        mode="train_step", provider=prov, timing=timing, peak_mem_mb=peak, correct=ok))
+            rows.append(common.make_row(bench=bench, model=case.name, shape=shape, batch=job.batch, dtype=job.dtype,
+                                        mode="train_step", provider=prov, timing=timing, peak_mem_mb=peak, correct=ok,
+                                        extra=row_extra(job, prov, info) if row_extra is not None else None))
             print("  " + provider_line(job, prov, rows[-1], info), flush=True)
         if prov == "compile":
             torch._dynamo.reset()

@@ -53,6 +53,19 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 ROW_KEYS = ("bench", "model", "shape", "batch", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
             "images_per_s", "peak_mem_mb", "correct")
+# Optional columns a benchmark may append after ROW_KEYS (in this order; each benchmark always
+# writes the same ones, null where a row has no value). Tools that read only ROW_KEYS ignore them.
+#   variant       what tells apart rows of the same provider: "max-autotune+freezing" (compile),
+#                 "conv_alone" (cuDNN's conv without BN/ReLU/add), the memory-bound op's name, ...
+#   layout        "channels_last" | "nchw"
+#   compile_s     torch.compile: wall time of the first call (compile + one call), seconds
+#   tflops        useful arithmetic / median time; frac_of_peak = tflops / the measured matmul peak
+#   gbps          bytes that must move / median time; frac_of_copy = gbps / the measured copy bandwidth
+#   floor_ms      the roofline floor: max(flops / matmul peak, bytes / copy bandwidth)
+#   paper_ms      the WRN paper's Titan X time for the same network (bench "wrn")
+#   note          free text (kernel picked, why a row has no time, ...)
+EXTRA_KEYS = ("variant", "layout", "compile_s", "tflops", "frac_of_peak", "gbps", "frac_of_copy", "floor_ms",
+              "paper_ms", "note")
 ENV_KEYS = ("gpu", "driver", "torch", "triton", "cuda", "git_commit", "timestamp")
 MODES = ("infer", "train_step")
 PROVIDERS = ("eager", "compile", "triton", "cuda", "torch")
@@ -414,16 +427,21 @@ def check_output(out: torch.Tensor, ref64: torch.Tensor, eager_out: Optional[tor
 
 # ---------------------------------------------------------------------------------- result files
 def make_row(*, bench: str, model: str, shape: str, batch: int, dtype: str, mode: str, provider: str,
-             timing: Optional[Timing], peak_mem_mb: Optional[float], correct: bool) -> dict:
-    """One result row with exactly :data:`ROW_KEYS`. ``timing=None`` (not timed) gives null times."""
+             timing: Optional[Timing], peak_mem_mb: Optional[float], correct: bool,
+             extra: Optional[Dict[str, object]] = None) -> dict:
+    """One result row with exactly :data:`ROW_KEYS`, then ``extra``'s columns (names from
+    :data:`EXTRA_KEYS`, put in that order). ``timing=None`` (not timed) gives null times."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if provider not in PROVIDERS:
         raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
+    unknown = sorted(set(extra or {}) - set(EXTRA_KEYS))
+    if unknown:
+        raise ValueError(f"extra: unknown columns {unknown}; expected names from {EXTRA_KEYS}")
     med = None if timing is None else round(timing.median_ms, 6)
-    return {
+    row = {
         "bench": bench, "model": model, "shape": shape, "batch": int(batch), "dtype": dtype, "mode": mode,
         "provider": provider, "median_ms": med,
         "p20_ms": None if timing is None else round(timing.p20_ms, 6),
@@ -432,6 +450,26 @@ def make_row(*, bench: str, model: str, shape: str, batch: int, dtype: str, mode
         "peak_mem_mb": None if peak_mem_mb is None else round(peak_mem_mb, 3),
         "correct": bool(correct),
     }
+    for k in EXTRA_KEYS:
+        if extra is not None and k in extra:
+            v = extra[k]
+            row[k] = sig(v) if isinstance(v, float) else v
+    return row
+
+
+def row_keys(*extras: str) -> Tuple[str, ...]:
+    """The schema of a benchmark whose rows carry ``extras``: :data:`ROW_KEYS`, then those of
+    :data:`EXTRA_KEYS` named, in EXTRA_KEYS' order (what :func:`make_row` produces)."""
+    unknown = sorted(set(extras) - set(EXTRA_KEYS))
+    if unknown:
+        raise ValueError(f"extras: unknown columns {unknown}; expected names from {EXTRA_KEYS}")
+    return ROW_KEYS + tuple(k for k in EXTRA_KEYS if k in extras)
+
+
+def is_timing_row(row: dict) -> bool:
+    """True if ``row`` follows the shared schema: ROW_KEYS first, then only EXTRA_KEYS columns."""
+    keys = tuple(row)
+    return keys[:len(ROW_KEYS)] == ROW_KEYS and set(keys[len(ROW_KEYS):]) <= set(EXTRA_KEYS)
 
 
 def slug(text: str) -> str:
