@@ -521,7 +521,9 @@ def finish(rows: List[dict], out_dir, bench: str, env: dict, write: bool = True,
 
     ``skipped``: provider -> why it did not run here (written as the JSON's ``"skipped"``; pass
     ``{}`` for none, or leave None to omit the key). ``markdown``: (title, headers, rows) of the
-    summary table, written as ``<stem>.md`` beside the JSON, with ``notes`` under it.
+    summary table, written as ``<stem>.md`` beside the JSON, with ``notes`` under it. Rows in the
+    shared schema also get a chart, ``<stem>.png`` (:func:`benchmarks.report.plot_bench`; none
+    without matplotlib).
     """
     if write:
         more = {} if skipped is None else {"skipped": dict(skipped)}
@@ -532,6 +534,13 @@ def finish(rows: List[dict], out_dir, bench: str, env: dict, write: bool = True,
             title, headers, lines = markdown
             notes = list(notes) + [f"{p} skipped: {why}" for p, why in (skipped or {}).items()]
             print(f"wrote {write_markdown(out_dir, bench, env, title, headers, lines, notes)}")
+        if rows and all(is_timing_row(r) for r in rows):  # a chart beside them (benchmarks.report)
+            from .report import plot_bench
+
+            png = plot_bench(bench, rows, Path(out_dir) / f"{result_stem(env, bench)}.png",
+                             title=f"{bench}: {env['gpu']}, commit {(env.get('git_commit') or 'nogit')[:12]}")
+            if png is not None:
+                print(f"wrote {png}")
     wrong = [r for r in rows if not r["correct"]]
     if wrong:
         print(f"{len(wrong)} provider result(s) wrong or failed", file=sys.stderr)

@@ -1,0 +1,471 @@
+"""One command for a GPU session: the GPU tests, then every benchmark, then one result file.
+
+    python -m benchmarks.suite --out DIR [--quick | --full] [--device cuda|cpu] [--steps ...]
+                               [--deadline SECONDS] [--skip STEP ...]
+
+Steps, in this order, each a child process under a time cap (progress is echoed line by line,
+prefixed with the suite's elapsed time and the step's name; every log also lands in a file):
+
+=========  ================================================================  ==========  ==========
+step       what                                                             quick cap   CPU
+=========  ================================================================  ==========  ==========
+env        GPU / driver / torch / triton / CUDA / cuDNN, free memory        20 s        yes
+build      ``python -m resnet_fused.build``: JIT-builds the C++/CUDA        150 s       yes (CPU
+           library; on a GPU it must have CUDA kernels                                  kernels)
+tests      the ``gpu`` tests (tests/test_gpu*.py, ``-m gpu``) as pytest      150 s       no GPU:
+           processes split by ``-k`` run side by side (Triton compiles on                skipped
+           one core per process); quick: the fp16 and dtype-less shards
+peaks      copy bandwidth and matmul peaks (:mod:`benchmarks.peaks`),       25 s        yes
+           measured once and handed to ``layers``
+wrn        :mod:`benchmarks.bench_wrn` (the WRN paper's Figure 4 re-run)    100 s       tiny
+models     :mod:`benchmarks.bench_models` (the model zoo, infer + train)    120 s       tiny
+layers     :mod:`benchmarks.bench_layers` (every conv shape, roofline)      70 s        tiny
+=========  ================================================================  ==========  ==========
+
+``--full`` runs every test shard and every benchmark at full size with no caps, and adds the
+narrower benchmarks (``blocks``, ``train``, ``bandwidth``, ``epilogue``, ``memory``) and the
+package's own demo (``main``); it takes far longer than one 10-minute device call (use ``--steps``
+to split it). ``--quick`` (the default on a GPU) is meant to finish in under 8 minutes on an H100
+(``--deadline``, default 470 s: a step gets at most what is left, a benchmark is told to start
+nothing after its share; the estimate has not been checked on a GPU yet). On CPU (no CUDA, or
+``--device cpu``) the benchmarks run their tiny CPU modes end to end: CI runs that, so the harness
+never rots; CPU numbers describe the CI machine and nothing else.
+
+Outputs in ``DIR`` (default ``benchmarks/results``): ``<date>_<gpu>_<commit>.json`` (``env``,
+``suite``: mode, steps with status / seconds / test counts, the measured peaks, each benchmark's
+own facts such as its goals and skipped providers; ``rows``: every benchmark's rows in the shared
+schema, :data:`benchmarks.common.ROW_KEYS` + :data:`benchmarks.common.EXTRA_KEYS`), the same rows
+as a long-format CSV, a markdown summary and one PNG chart per benchmark
+(:mod:`benchmarks.report`). The steps' logs, junit XML and per-benchmark files go into
+``DIR/<date>_<gpu>_<commit>_parts/``. The exit code is 1 if any step failed or timed out, or any
+benchmark row is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from . import common
+
+QUICK_STEPS = ("env", "build", "tests", "peaks", "wrn", "models", "layers")
+FULL_STEPS = QUICK_STEPS + ("blocks", "train", "bandwidth", "epilogue", "memory", "main")
+ALL_STEPS = FULL_STEPS
+# quick-mode caps (seconds); --full has none
+QUICK_CAPS = {"env": 20, "build": 150, "tests": 150, "peaks": 25, "wrn": 100, "models": 120, "layers": 70}
+QUICK_DEADLINE_S = 470.0
+BENCH_STEPS = {"wrn": "bench_wrn", "models": "bench_models", "layers": "bench_layers", "blocks": "bench_blocks",
+               "train": "bench_train", "bandwidth": "bench_bandwidth", "epilogue": "bench_conv_epilogue",
+               "memory": "bench_memory"}
+BENCH_NAMES = {"wrn": "wrn", "models": "models", "layers": "layers", "blocks": "blocks", "train": "train",
+               "bandwidth": "bandwidth", "epilogue": "conv_epilogue", "memory": "memory"}
+GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_gpu_train.py", "tests/test_gpu_ext.py")
+# exclusive and exhaustive: each test id matches exactly one expression
+SHARDS = (("gpu-cifar+misc", "cifar or not (fp16 or bf16 or fp32)"), ("gpu-fp16", "fp16 and not cifar"),
+          ("gpu-bf16", "bf16 and not (cifar or fp16)"), ("gpu-fp32", "fp32 and not (cifar or fp16 or bf16)"))
+QUICK_SHARDS = ("gpu-cifar+misc", "gpu-fp16")
+_T0 = time.monotonic()
+
+
+def elapsed() -> float:
+    return time.monotonic() - _T0
+
+
+def say(msg: str) -> None:
+    print(f"[suite {int(elapsed()) // 60:02d}:{int(elapsed()) % 60:02d}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------- children
+@dataclass
+class Proc:
+    """A child process whose output is echoed (prefixed) and written to ``log``."""
+
+    name: str
+    argv: List[str]
+    log: Path
+    timeout: Optional[float]
+    echo: bool = True
+    rc: Optional[int] = None
+    seconds: float = 0.0
+    timed_out: bool = False
+    _p: Optional[subprocess.Popen] = None
+    _reader: Optional[threading.Thread] = None
+    _t: float = 0.0
+
+    def start(self, env: Dict[str, str], cwd: Path) -> "Proc":
+        self._t = time.monotonic()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._p = subprocess.Popen(self.argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, bufsize=1, start_new_session=True)
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+        return self
+
+    def _pump(self) -> None:
+        with open(self.log, "w") as f:
+            for line in self._p.stdout:
+                f.write(line)
+                f.flush()
+                if self.echo:
+                    say(f"{self.name} | {line.rstrip()}")
+
+    def wait(self) -> int:
+        try:
+            self._p.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.timed_out = True
+            say(f"{self.name}: time limit {self.timeout:.0f} s reached; stopping it")
+            # SIGINT first: pytest and the benchmarks then print their summaries and keep their files
+            for sig, grace in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self._p.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self._p.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self._reader.join(timeout=10)
+        self.rc = self._p.returncode
+        self.seconds = time.monotonic() - self._t
+        return self.rc
+
+
+@dataclass
+class StepResult:
+    step: str
+    status: str  # PASS | FAIL(rc=N) | TIMEOUT | SKIPPED | NO-TESTS
+    seconds: float = 0.0
+    note: str = ""
+    tests: Optional[dict] = None
+
+    def as_dict(self) -> dict:
+        d = {"step": self.step, "status": self.status, "seconds": round(self.seconds, 1), "note": self.note}
+        if self.tests is not None:
+            d["tests"] = self.tests
+        return d
+
+
+def status_of(proc: Proc) -> str:
+    if proc.timed_out:
+        return "TIMEOUT"
+    if proc.rc == 0:
+        return "PASS"
+    if proc.rc == 5 and proc.argv[1:3] == ["-m", "pytest"]:
+        return "NO-TESTS"
+    return f"FAIL(rc={proc.rc})"
+
+
+def junit_counts(path: Path) -> dict:
+    """passed / failed / errors / skipped from a pytest junit XML (zeros if it is missing)."""
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return counts
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    for s in suites:
+        tests = int(s.get("tests", 0))
+        failed, errors, skipped = int(s.get("failures", 0)), int(s.get("errors", 0)), int(s.get("skipped", 0))
+        counts["failed"] += failed
+        counts["errors"] += errors
+        counts["skipped"] += skipped
+        counts["passed"] += tests - failed - errors - skipped
+    return counts
+
+
+# ------------------------------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    device: str  # "cuda" | "cpu"
+    mode: str  # "quick" | "full" | "cpu"
+    steps: List[str]
+    deadline: Optional[float]  # seconds after the start
+    out: Path
+    parts: Path
+    python: str = sys.executable
+    results: List[StepResult] = field(default_factory=list)
+    bench_files: Dict[str, Path] = field(default_factory=dict)
+    peaks_file: Optional[Path] = None
+
+    def left(self) -> Optional[float]:
+        return None if self.deadline is None else self.deadline - elapsed()
+
+    def cap(self, step: str) -> Optional[float]:
+        """The step's time limit: its quick cap (none in full / CPU modes), cut to what is left."""
+        cap = QUICK_CAPS.get(step) if self.mode == "quick" else None
+        left = self.left()
+        if left is not None:
+            left -= 10  # the summary and the combined file need a few seconds
+            cap = left if cap is None else min(cap, left)
+        return cap
+
+
+def child_env(plan: Plan) -> Dict[str, str]:
+    env = dict(os.environ)
+    root = str(common.REPO_ROOT)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    if plan.device == "cuda":
+        env.pop("TRITON_INTERPRET", None)  # real kernels, compiled for the GPU
+        env.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # later processes reuse earlier tuning
+    return env
+
+
+def bench_argv(plan: Plan, step: str, cap: Optional[float]) -> List[str]:
+    argv = [plan.python, "-m", f"benchmarks.{BENCH_STEPS[step]}", "--out", str(plan.parts)]
+    if step == "memory":
+        return argv  # bench_memory measures saved activations on CPU-side accounting: no device options
+    argv += ["--device", plan.device]
+    if plan.mode == "quick" and step not in ("memory",):
+        argv.append("--quick")
+    if cap is not None and step in ("wrn", "models", "layers", "train", "epilogue"):
+        # the benchmark starts nothing after this (its own deadline), so it ends inside the cap
+        argv += ["--deadline", f"{max(5.0, 0.8 * cap):.0f}"]
+    if step == "layers" and plan.peaks_file is not None:
+        argv += ["--peaks", str(plan.peaks_file)]
+    return argv
+
+
+# ------------------------------------------------------------------------------------------ steps
+ENV_SCRIPT = r"""
+import platform, subprocess, shutil, torch
+print(f"python {platform.python_version()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
+      f"cuDNN {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}")
+try:
+    import triton; print(f"triton {triton.__version__}")
+except Exception as exc:
+    print(f"triton: import failed ({type(exc).__name__}: {exc})")
+if shutil.which("nvidia-smi"):
+    print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,"
+                          "clocks.max.sm", "--format=csv"], capture_output=True, text=True).stdout.strip())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    free, total = torch.cuda.mem_get_info()
+    print(f"GPU 0: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+          f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+else:
+    print("no CUDA device: the benchmarks run their CPU modes")
+"""
+
+BUILD_SCRIPT = r"""
+import sys
+from resnet_fused import _ext, build
+rc = build.main([])
+err = _ext.cuda_error() if "{device}" == "cuda" else _ext.load_error()
+print("library: " + ("ready" if err is None else "NOT READY: " + str(err)))
+sys.exit(1 if (rc or err) else 0)
+"""
+
+
+def run_simple(plan: Plan, step: str, argv: List[str], note: str = "") -> StepResult:
+    cap = plan.cap(step)
+    if cap is not None and cap < 5:
+        return StepResult(step, "SKIPPED", 0.0, "no time left before the deadline")
+    say(f"== {step}: {' '.join(argv[1:])[:200]}" + (f" (limit {cap:.0f} s)" if cap is not None else ""))
+    proc = Proc(step, argv, plan.parts / f"{step}.log", cap).start(child_env(plan), common.REPO_ROOT)
+    proc.wait()
+    return StepResult(step, status_of(proc), proc.seconds, note or str(proc.log.relative_to(plan.out)))
+
+
+def run_tests(plan: Plan) -> List[StepResult]:
+    if plan.device != "cuda":
+        return [StepResult("tests", "SKIPPED", 0.0, "no CUDA device: the gpu tests would all skip "
+                                                   "(the CPU suite is `python -m pytest`)")]
+    cap = plan.cap("tests")
+    if cap is not None and cap < 20:
+        return [StepResult("tests", "SKIPPED", 0.0, "no time left before the deadline")]
+    files = [f for f in GPU_TEST_FILES if (common.REPO_ROOT / f).exists()]
+    shards = [s for s in SHARDS if plan.mode != "quick" or s[0] in QUICK_SHARDS]
+    say(f"== tests: {' '.join(files)} -m gpu as {len(shards)} processes side by side"
+        + (f" (limit {cap:.0f} s)" if cap is not None else ""))
+    procs = []
+    for name, expr in shards:
+        xml = plan.parts / f"test_{name}.xml"
+        argv = [plan.python, "-m", "pytest", "-q", "-m", "gpu", *files, "-k", expr, f"--junitxml={xml}",
+                "-p", "no:cacheprovider", "-rfE", "--durations=10"]
+        # only the first shard echoes its lines: four interleaved pytest outputs would be unreadable
+        procs.append(Proc(name, argv, plan.parts / f"test_{name}.log", cap, echo=not procs))
+    env = child_env(plan)
+    for p in procs:
+        p.start(env, common.REPO_ROOT)
+    results = []
+    for p in procs:
+        p.wait()
+        counts = junit_counts(plan.parts / f"test_{p.name}.xml")
+        tail = _last_line(p.log)
+        say(f"tests {p.name}: {status_of(p)} in {p.seconds:.0f} s: {tail}")
+        for line in p.log.read_text().splitlines():
+            if line.startswith(("FAILED ", "ERROR ")):
+                say(f"  {line[:200]}")
+        results.append(StepResult(f"tests {p.name}", status_of(p), p.seconds, tail, counts))
+    return results
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip("= ").strip() for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    for ln in reversed(lines):
+        if any(w in ln for w in ("passed", "failed", "error", "skipped", "no tests ran")):
+            return ln
+    return lines[-1] if lines else ""
+
+
+def run_peaks(plan: Plan) -> StepResult:
+    path = plan.parts / "peaks.json"
+    code = ("import json, sys; from benchmarks import peaks; "
+            f"p = peaks.measure({plan.device!r}, quick={plan.mode != 'full'}); print(peaks.describe(p)); "
+            f"open({str(path)!r}, 'w').write(json.dumps(p.as_dict(), indent=1))")
+    res = run_simple(plan, "peaks", [plan.python, "-c", code])
+    if res.status == "PASS" and path.exists():
+        plan.peaks_file = path
+    return res
+
+
+def run_bench(plan: Plan, step: str) -> StepResult:
+    t_start = time.time()
+    res = run_simple(plan, step, bench_argv(plan, step, plan.cap(step)))
+    if res.status == "SKIPPED":
+        return res
+    bench = common.slug(BENCH_NAMES[step])
+    fresh = [p for p in plan.parts.glob(f"*_{bench}.json") if p.stat().st_mtime >= t_start - 1]
+    if fresh:
+        plan.bench_files[step] = max(fresh, key=lambda p: p.stat().st_mtime)
+    else:
+        res.note = (res.note + "; " if res.note else "") + "wrote no result file"
+    return res
+
+
+def run_main_demo(plan: Plan) -> StepResult:
+    argv = [plan.python, "-m", "resnet_fused", "--device", plan.device, "--json", str(plan.parts / "main.json")]
+    if plan.device == "cuda":
+        argv += ["--dtype", "fp16", "--channels-last", "--batch", "256"]
+    return run_simple(plan, "main", argv)
+
+
+# ---------------------------------------------------------------------------------------- combine
+def collect(plan: Plan) -> tuple:
+    """(rows in the shared schema, {bench: its JSON's other facts}) from this run's result files."""
+    rows: List[dict] = []
+    facts: Dict[str, dict] = {}
+    for step, path in plan.bench_files.items():
+        data = json.loads(path.read_text())
+        shared = [r for r in data.get("rows", []) if common.is_timing_row(r)]
+        rows += shared
+        facts[step] = {k: v for k, v in data.items() if k not in ("env", "rows")}
+        facts[step]["file"] = str(path.relative_to(plan.out))
+        if len(shared) != len(data.get("rows", [])):
+            facts[step]["rows_in_own_schema"] = len(data["rows"]) - len(shared)
+    return rows, facts
+
+
+def goal_lines(facts: Dict[str, dict]) -> List[str]:
+    """The benchmarks' goal verdicts, as they wrote them (a string, or a list / dict of strings)."""
+    out = []
+    for step, f in facts.items():
+        for key in ("goal", "goals"):
+            g = f.get(key)
+            if isinstance(g, str):
+                out.append(f"{step}: {g}")
+            elif isinstance(g, list):
+                out += [f"{step}: {x if isinstance(x, str) else json.dumps(x)}" for x in g]
+            elif isinstance(g, dict):
+                out += [f"{step}: {k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in g.items()]
+    return out
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(common.RESULTS_DIR), help="where the results go (default benchmarks/results)")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--quick", action="store_true", help="the < 8 min GPU mode (default on a GPU)")
+    m.add_argument("--full", action="store_true", help="every shard and benchmark, full sizes, no caps")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    p.add_argument("--steps", nargs="+", choices=ALL_STEPS, default=None, help="only these steps (in suite order)")
+    p.add_argument("--skip", nargs="+", choices=ALL_STEPS, default=(), help="leave these steps out")
+    p.add_argument("--deadline", type=float, default=None,
+                   help=f"seconds for the whole suite (quick default {QUICK_DEADLINE_S:.0f}; none otherwise)")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG charts")
+    return p.parse_args(argv)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    mode = "full" if args.full else ("quick" if device == "cuda" else "cpu")
+    default = FULL_STEPS if args.full else QUICK_STEPS
+    steps = [s for s in ALL_STEPS if s in (args.steps or default) and s not in args.skip]
+    deadline = args.deadline if args.deadline is not None else (QUICK_DEADLINE_S if mode == "quick" else None)
+    out = Path(args.out).resolve()
+    env = common.env_info(torch.device(device))
+    stem = common.result_stem(env, "x")[:-2]
+    return Plan(device, mode, steps, deadline, out, out / f"{stem}_parts")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    plan = make_plan(args)
+    plan.parts.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from . import report
+
+    env = common.env_info(torch.device(plan.device))
+    say(common.banner(f"suite ({plan.mode})", env))
+    say(f"steps {plan.steps}; out {plan.out}"
+        + (f"; deadline {plan.deadline:.0f} s" if plan.deadline is not None else ""))
+    for step in plan.steps:
+        if step == "env":
+            plan.results.append(run_simple(plan, "env", [plan.python, "-c", ENV_SCRIPT]))
+        elif step == "build":
+            plan.results.append(run_simple(plan, "build", [plan.python, "-c",
+                                                           BUILD_SCRIPT.replace("{device}", plan.device)]))
+        elif step == "tests":
+            plan.results += run_tests(plan)
+        elif step == "peaks":
+            plan.results.append(run_peaks(plan))
+        elif step == "main":
+            plan.results.append(run_main_demo(plan))
+        else:
+            plan.results.append(run_bench(plan, step))
+    rows, facts = collect(plan)
+    suite = {"mode": plan.mode, "device": plan.device, "steps": [r.as_dict() for r in plan.results],
+             "seconds": round(elapsed(), 1), "benchmarks": facts, "goals": goal_lines(facts)}
+    if plan.peaks_file is not None:
+        suite["peaks"] = json.loads(plan.peaks_file.read_text())
+    paths = report.combine(plan.out, env, rows, suite, plots=not args.no_plots)
+    wrong = [r for r in rows if not r["correct"]]
+    failed = [r for r in plan.results if r.status not in ("PASS", "SKIPPED")]
+    print()
+    print(common.format_table(["step", "status", "seconds", "note"],
+                              [[r.step, r.status, f"{r.seconds:.0f}", r.note[:100]] for r in plan.results],
+                              title=f"suite ({plan.mode}) on {env['gpu']}: {elapsed():.0f} s"))
+    for g in suite["goals"]:
+        print(f"goal: {g}")
+    for k, p in paths.items():
+        print(f"wrote {p}")
+    if wrong:
+        print(f"{len(wrong)} benchmark row(s) wrong or failed", file=sys.stderr)
+    verdict = "ALL STEPS PASSED" if not failed and not wrong else "SOME STEPS FAILED"
+    print(verdict)
+    return 0 if verdict == "ALL STEPS PASSED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
