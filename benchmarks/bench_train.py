@@ -183,7 +183,8 @@ def wrn_case(depth: int, k: int, size: int, seed: int) -> Case:
                 lambda b: resnet_fused.models.wrn(depth, k, backend=b),
                 ("conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight", "layer2.0.shortcut.weight",
                  f"layer3.{n - 1}.conv2.weight", "bn.weight", "fc.weight"),
-                ("layer1.0.bn1.running_mean", "layer1.0.bn2.running_var", f"layer3.{n - 1}.bn2.running_var"),
+                ("layer1.0.bn1.running_mean", "layer1.0.bn2.running_var", f"layer3.{n - 1}.bn2.running_var",
+                 "bn.running_mean"),  # after the last block: a pre-activation net's next BN hides a block's scale error
                 num_classes=10)
 
 

@@ -375,8 +375,11 @@ def goal_lines(facts: Dict[str, dict]) -> List[str]:
     """The benchmarks' goal verdicts, as they wrote them (a string, or a list / dict of strings)."""
     out = []
     for step, f in facts.items():
-        for key in ("goal", "goals"):
-            g = f.get(key)
+        # top level, or one level down (bench_wrn keeps its goal under "ratios")
+        places = [f] + [v for v in f.values() if isinstance(v, dict)]
+        for key, g in ((k, p.get(k)) for p in places for k in ("goal", "goals")):
+            if g is None:
+                continue
             if isinstance(g, str):
                 out.append(f"{step}: {g}")
             elif isinstance(g, list):

@@ -208,6 +208,8 @@ def test_goal_lines_take_strings_lists_and_dicts():
              "layers": {"goals": ["a", {"b": 2}]}, "blocks": {}}
     assert suite.goal_lines(facts) == ["wrn: 3 of 5 networks >= 1.3x", "models: infer: met", 'models: train: {"x": 1}',
                                        "layers: a", 'layers: {"b": 2}']
+    assert suite.goal_lines({"wrn": {"ratios": {"goal": [{"met": 5, "of": 5}], "thin_wide": []}}}) == \
+        ['wrn: {"met": 5, "of": 5}']  # one level down, as bench_wrn writes it
 
 
 # --------------------------------------------------------------------------------------- a real run
