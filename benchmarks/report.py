@@ -92,6 +92,8 @@ def _bars(ax, groups: Sequence[str], series: "OrderedDict[str, Dict[str, float]]
     finite = [v for values in series.values() for v in values.values() if v is not None and math.isfinite(v) and v > 0]
     if finite and max(finite) / min(finite) > 50:  # spans orders of magnitude: a log axis keeps all readable
         ax.set_yscale("log")
+    lo, hi = ax.get_ylim()  # headroom for the value labels above the tallest bar
+    ax.set_ylim(lo, hi * (4.0 if ax.get_yscale() == "log" else 1.15))
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)

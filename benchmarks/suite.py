@@ -383,10 +383,22 @@ def goal_lines(facts: Dict[str, dict]) -> List[str]:
             if isinstance(g, str):
                 out.append(f"{step}: {g}")
             elif isinstance(g, list):
-                out += [f"{step}: {x if isinstance(x, str) else json.dumps(x)}" for x in g]
+                out += [f"{step}: {_goal_text(x)}" for x in g]
             elif isinstance(g, dict):
-                out += [f"{step}: {k}: {v if isinstance(v, str) else json.dumps(v)}" for k, v in g.items()]
+                out += [f"{step}: {k}: {_goal_text(v)}" for k, v in g.items()]
     return out
+
+
+def _goal_text(g) -> str:
+    """A goal entry as text: strings as they are; bench_wrn's {dtype, provider, target, met, of,
+    worst_*} as a sentence; anything else as compact JSON."""
+    if isinstance(g, str):
+        return g
+    if isinstance(g, dict) and {"met", "of", "target"} <= set(g):
+        who = " ".join(str(g[k]) for k in ("dtype", "provider") if k in g)
+        worst = f"; worst {g.get('worst_model')} {g.get('worst_speedup')}x" if g.get("worst_model") else ""
+        return f"{who}: {g['met']} of {g['of']} >= {g['target']}x{worst}"
+    return json.dumps(g)
 
 
 # -------------------------------------------------------------------------------------------- CLI

@@ -208,8 +208,10 @@ def test_goal_lines_take_strings_lists_and_dicts():
              "layers": {"goals": ["a", {"b": 2}]}, "blocks": {}}
     assert suite.goal_lines(facts) == ["wrn: 3 of 5 networks >= 1.3x", "models: infer: met", 'models: train: {"x": 1}',
                                        "layers: a", 'layers: {"b": 2}']
-    assert suite.goal_lines({"wrn": {"ratios": {"goal": [{"met": 5, "of": 5}], "thin_wide": []}}}) == \
-        ['wrn: {"met": 5, "of": 5}']  # one level down, as bench_wrn writes it
+    wrn = {"dtype": "fp16", "provider": "cuda", "target": 1.3, "met": 4, "of": 5, "worst_model": "resnet1001",
+           "worst_speedup": 1.1}
+    assert suite.goal_lines({"wrn": {"ratios": {"goal": [wrn], "thin_wide": []}}}) == \
+        ["wrn: fp16 cuda: 4 of 5 >= 1.3x; worst resnet1001 1.1x"]  # one level down, as bench_wrn writes it
 
 
 # --------------------------------------------------------------------------------------- a real run
