@@ -390,10 +390,12 @@ def goal_lines(facts: Dict[str, dict]) -> List[str]:
 
 
 def _goal_text(g) -> str:
-    """A goal entry as text: strings as they are; bench_wrn's {dtype, provider, target, met, of,
+    """A goal entry as text: strings as they are; a dict's own "text"; bench_wrn's {dtype, provider, target, met, of,
     worst_*} as a sentence; anything else as compact JSON."""
     if isinstance(g, str):
         return g
+    if isinstance(g, dict) and isinstance(g.get("text"), str):  # bench_models' entries carry their sentence
+        return g["text"]
     if isinstance(g, dict) and {"met", "of", "target"} <= set(g):
         who = " ".join(str(g[k]) for k in ("dtype", "provider") if k in g)
         worst = f"; worst {g.get('worst_model')} {g.get('worst_speedup')}x" if g.get("worst_model") else ""

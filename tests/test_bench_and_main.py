@@ -128,6 +128,11 @@ def test_rel_err_and_check_output():
     assert common.check_output(noisy.float(), ref, noisy.float(), "fp32").ok
     assert not common.check_output(bad.float(), ref, eager, "fp32").ok
     assert common.check_output(ref.half(), ref, None, "fp16").ok
+    # several eager samples: the largest error sets the bound (None samples are ignored)
+    many = common.check_output(noisy.float(), ref, [eager, noisy.float(), None], "fp32")
+    assert many.ok and many.eager_err == common.rel_err(noisy.float(), ref)
+    assert not common.check_output(noisy.float(), ref, [eager, eager], "fp32").ok
+    assert math.isnan(common.check_output(ref.float(), ref, [None], "fp32").eager_err)
 
 
 # ---------------------------------------------------------------------------------- result files
