@@ -51,7 +51,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -266,37 +265,15 @@ def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], c
         if _past_deadline(cfg):
             print(f"  SKIPPED {job.label()} {prov}: past the deadline", file=sys.stderr)
             continue
-        t, chk, ok, note, kernel = None, None, False, "", ""
-        try:
-            kernel = kernel_name(prov, job, case, allow_tf32)
-            fn = provider_fn(prov, job, case, allow_tf32)
-            with torch.no_grad():
-                out = fn(*case.inputs[0])
-            if prov == "conv_alone":
-                chk = common.check_output(out, case.conv64, out, job.dtype, factor=FACTOR)
-            else:
-                chk = common.check_output(out, case.ref64, case.eager_out, job.dtype, factor=FACTOR)
-            ok = chk.ok
-            del out
-            if ok:
-                def timed(x, r, _fn=fn):
-                    with torch.no_grad():
-                        return _fn(x, r)
+        got = {"kernel": ""}
 
-                t, graph = common.benchmark_graph_or_plain(timed, case.inputs, dev, cfg.cuda_graph,
-                                                           f"{job.label()} {prov}",
-                                                           **common.provider_timing(cfg.device, prov, cfg.timing))
-                if dev.type == "cuda" and not graph:
-                    note = "plain launches (graph capture failed)"
-            else:
-                note = "wrong: not timed"
-                print(f"  WRONG {job.label()} {prov}: err {chk.err:.3e} > bound {chk.bound:.3e} (eager "
-                      f"{chk.eager_err:.1e}); not timed", file=sys.stderr)
-        except Exception as exc:
-            ok, t = False, None
-            note = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
-            print(f"  FAILED {job.label()} {prov}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            traceback.print_exc(limit=3)
+        def build(prov=prov, case=case):
+            got["kernel"] = kernel_name(prov, job, case, allow_tf32)
+            return provider_fn(prov, job, case, allow_tf32)
+
+        ref, eager_out = (case.conv64, None) if prov == "conv_alone" else (case.ref64, case.eager_out)
+        m = measure(build, case.inputs, ref, eager_out, job.dtype, cfg, prov, f"{job.label()} {prov}")
+        t, chk, ok, note, kernel = m.timing, m.check, m.ok, m.note, got["kernel"]
         if prov == "conv_alone" and t is not None:
             conv_ms[job.base_key] = t.median_ms
         rows.append(make_row(job, prov, kernel, t, conv_ms.get(job.base_key), chk, ok, note))
@@ -310,6 +287,18 @@ def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], c
     del case
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def measure(build: Callable[[], Callable], inputs, ref64, eager_out, dtype: str, cfg, prov: str, label: str,
+            measure_mem: bool = False) -> common.Measured:
+    """:func:`benchmarks.common.check_then_time` of one conv provider against ``ref64``
+    (``eager_out`` None: the yardstick, conv alone, judged against its own error: shape, NaN/Inf)."""
+    def judge(out):
+        return common.check_output(out, ref64, out if eager_out is None else eager_out, dtype, factor=FACTOR)
+
+    return common.check_then_time(build, inputs, judge, cfg.device, cuda_graph=cfg.cuda_graph, label=label,
+                                  timing=common.provider_timing(cfg.device, prov, cfg.timing),
+                                  measure_mem=measure_mem)
 
 
 def make_row(job: Job, prov: str, kernel: str, t: Optional[common.Timing], conv: Optional[float],
@@ -433,15 +422,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = common.env_info(dev)
     from resnet_fused.ops._common import conv_uses_tf32
 
-    saved_bench = torch.backends.cudnn.benchmark
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     print(common.banner("bench_conv_epilogue", env))
     print(f"providers {list(cfg.providers)}; {len(cfg.jobs)} cases; "
           f"{'CUDA graphs' if cfg.cuda_graph else 'no graphs'}"
-          f"{'; cudnn.benchmark ' + str(torch.backends.cudnn.benchmark) if dev.type == 'cuda' else ''}"
           f"{'; fp32 convs use TF32 ' + str(conv_uses_tf32()) if dev.type == 'cuda' else ''}"
-          f"{'; deadline ' + format(cfg.deadline - _T0, '.0f') + ' s' if cfg.deadline else ''}", flush=True)
+          + common.settings_suffix(dev, not args.no_cudnn_benchmark, cfg.deadline, _T0), flush=True)
     common.print_skipped(cfg.skipped)
     rows: List[dict] = []
     conv_ms: Dict[tuple, float] = {}
@@ -455,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             common.write_results(args.out, BENCH, env, rows, keys=KEYS, extra={"skipped": cfg.skipped, **extra})
 
     baselines_done = set()
-    try:
+    with common.cudnn_benchmark(dev, not args.no_cudnn_benchmark):
         for phase in PHASES:
             providers = [p for p in cfg.providers if p in phase]
             for job in cfg.jobs:
@@ -465,8 +450,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if todo:
                     run_job(job, todo, cfg, rows, conv_ms)
                     save()  # after every case: a run cut short keeps what it measured
-    finally:
-        torch.backends.cudnn.benchmark = saved_bench
     headers, lines = summary_table(rows, cfg.providers)
     print(common.format_table(headers, lines))
     goals = goal_lines(rows, dev)

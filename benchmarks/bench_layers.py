@@ -123,7 +123,7 @@ from torch import nn
 
 from . import bench_bandwidth, common, peaks as peaks_mod
 from .bench_conv_epilogue import QUICK as RESNET50_QUICK
-from .bench_conv_epilogue import Case, ConvSpec, Job, kernel_name, make_case, provider_fn, tiny
+from .bench_conv_epilogue import Case, ConvSpec, Job, kernel_name, make_case, measure, provider_fn, tiny
 
 BENCH = "layers"
 KEYS = common.row_keys("variant", "layout", "tflops", "frac_of_peak", "gbps", "frac_of_copy", "floor_ms", "note")
@@ -428,38 +428,17 @@ def run_conv_job(cj: ConvJob, pairs: Sequence[Tuple[str, str]], cfg: Config, row
         what = f"{cj.label()} {prov} {variant}"
         if _past_deadline(cfg, what, COMPILE_MARGIN_S if prov == "compile" else 0.0):
             continue
-        t, mem, ok, status, kernel = None, None, False, "", ""
-        try:
-            if prov == "cuda":
-                kernel = kernel_name("cuda", job, bc.folded, allow_tf32)
-            fn = conv_provider_fn(prov, variant, job, bc, allow_tf32)
-            with torch.no_grad():
-                out = fn(*bc.case.inputs[0])
-            if variant == "conv_alone":  # the yardstick: judged against itself (shape, NaN/Inf)
-                chk = common.check_output(out, bc.case.conv64, out, job.dtype, factor=FACTOR)
-            else:
-                chk = common.check_output(out, bc.ref64, bc.eager_out, job.dtype, factor=FACTOR)
-            ok = chk.ok
-            del out
-            if ok:
-                def timed(x, r, _fn=fn):
-                    with torch.no_grad():
-                        return _fn(x, r)
+        got = {"kernel": ""}
 
-                t, graph = common.benchmark_graph_or_plain(timed, bc.case.inputs, dev, cfg.cuda_graph, what,
-                                                           **common.provider_timing(dev, prov, cfg.timing))
-                if dev.type == "cuda" and not graph:
-                    status = "plain launches (graph capture failed)"
-                mem = common.peak_mem_mb(timed, bc.case.inputs[0], dev)
-            else:
-                status = "wrong: not timed"
-                print(f"  WRONG {what}: err {chk.err:.3e} > bound {chk.bound:.3e} (eager {chk.eager_err:.1e}); "
-                      f"not timed", file=sys.stderr)
-        except Exception as exc:
-            ok, t = False, None
-            status = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
-            print(f"  FAILED {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            traceback.print_exc(limit=3)
+        def build(prov=prov, variant=variant, bc=bc):
+            if prov == "cuda":
+                got["kernel"] = kernel_name("cuda", job, bc.folded, allow_tf32)
+            return conv_provider_fn(prov, variant, job, bc, allow_tf32)
+
+        ref, eager_out = (bc.case.conv64, None) if variant == "conv_alone" else (bc.ref64, bc.eager_out)
+        m = measure(build, bc.case.inputs, ref, eager_out, job.dtype, cfg, prov, what,
+                    measure_mem=True)
+        t, mem, ok, status, kernel = m.timing, m.peak_mb, m.ok, m.note, got["kernel"]
         note = "; ".join(x for x in (status, _modules_note(cj.modules), f"kernel: {kernel}" if kernel else "") if x)
         rows.append(conv_row(cj, prov, variant, t, mem, ok, note, cfg.peaks))
         r = rows[-1]
@@ -717,11 +696,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"ceilings ({source}): {peaks_mod.describe(cfg.peaks)}")
     print(f"providers {cfg.providers}; {len(cfg.conv_jobs)} conv cases, {len(cfg.mem_jobs)} activation shapes x "
           f"{len(cfg.ops)} memory ops; {'CUDA graphs' if cfg.cuda_graph else 'no graphs'}"
-          f"{'; deadline ' + format(cfg.deadline - _T0, '.0f') + ' s' if cfg.deadline else ''}", flush=True)
+          + common.settings_suffix(dev, None, cfg.deadline, _T0), flush=True)
     common.print_skipped(cfg.skipped)
-    saved_bench = torch.backends.cudnn.benchmark
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     rows: List[dict] = []
     extra = {"peaks": cfg.peaks.as_dict(), "peaks_source": source,
              "timing": "CUDA-graph replay" if cfg.cuda_graph else
@@ -735,7 +711,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     baselines = set()
     copies: Dict[int, tuple] = {}
-    try:
+    with common.cudnn_benchmark(dev, True):
         for section, phase in PHASES:
             provs = [p for p in cfg.providers if p in phase]
             if not provs:
@@ -755,8 +731,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for mj in cfg.mem_jobs if mem_provs else ():
                     run_mem_job(mj, mem_provs, cfg, rows, copies)
                     save()
-    finally:
-        torch.backends.cudnn.benchmark = saved_bench
     rows = _sorted(rows, cfg)
     tables = []
     if cfg.conv_jobs:

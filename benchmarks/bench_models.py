@@ -801,16 +801,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = make_config(args)
     dev = cfg.device
     env = common.env_info(dev)
-    saved_bench = torch.backends.cudnn.benchmark
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     print(common.banner("bench_models", env))
     print(f"providers {cfg.providers}; {len(cfg.tasks)} tasks; inference: float64 check, "
           f"{'CUDA graphs at batch <= ' + str(GRAPH_MAX_BATCH) if cfg.cuda_graph else 'no graphs'}; training: "
           f"bench_train's step (fp16 = autocast + static loss scale {bench_train.FP16_LOSS_SCALE:g}), "
           f"SGD momentum {bench_train.MOMENTUM}"
-          f"{'; cudnn.benchmark ' + str(torch.backends.cudnn.benchmark) if dev.type == 'cuda' else ''}"
-          f"{'; deadline ' + format(cfg.deadline - _T0, '.0f') + ' s' if cfg.deadline else ''}", flush=True)
+          + common.settings_suffix(dev, not args.no_cudnn_benchmark, cfg.deadline, _T0), flush=True)
     for t in cfg.tasks:
         print(f"  task: {t.label()} [{', '.join(label_of(p, v) for p, v in t.runs)}]")
     common.print_skipped(cfg.skipped)
@@ -826,15 +822,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.no_write and rows:
             common.write_results(args.out, BENCH, env, rows, keys=KEYS, extra={"skipped": cfg.skipped, **extras()})
 
-    try:
+    with common.cudnn_benchmark(dev, not args.no_cudnn_benchmark):
         for task in cfg.tasks:
             if task.mode == "infer":
                 run_infer(task, cfg, state, rows)
             else:
                 run_train(task, cfg, state, rows)
             save()  # after every case: a run cut short keeps what it measured
-    finally:
-        torch.backends.cudnn.benchmark = saved_bench
     headers, lines = summary_table(rows, state.status)
     print(common.format_table(headers, lines))
     goal_entries = goals(rows)

@@ -665,15 +665,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = make_config(args)
     dev = cfg.device
     env = common.env_info(dev)
-    saved_bench = torch.backends.cudnn.benchmark
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     print(common.banner("bench_train", env))
     print(f"providers {list(cfg.providers)}; cases {[j.label() for j in cfg.jobs]}; channels_last; "
           f"fp16 = autocast + static loss scale {FP16_LOSS_SCALE:g}, no GradScaler; SGD momentum {MOMENTUM}; "
           f"{cfg.reps if dev.type == 'cuda' else 'CPU'} timed steps"
-          f"{'; cudnn.benchmark ' + str(torch.backends.cudnn.benchmark) if dev.type == 'cuda' else ''}"
-          f"{'; deadline ' + format(cfg.deadline - _T0, '.0f') + ' s' if cfg.deadline else ''}", flush=True)
+          + common.settings_suffix(dev, not args.no_cudnn_benchmark, cfg.deadline, _T0), flush=True)
     for note in cfg.notes:
         print(f"note: {note}")
     rows: List[dict] = []
@@ -685,7 +681,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.no_write and rows:
             common.write_results(args.out, BENCH, env, rows, extra={"skipped": cfg.skipped})
 
-    try:
+    with common.cudnn_benchmark(dev, not args.no_cudnn_benchmark):
         # late providers (compile) take the whole models first: the headline numbers before the blocks
         late_jobs = sorted(cfg.jobs, key=lambda j: j.case.kind != "model")
         for providers, jobs in ((early, cfg.jobs), (late, late_jobs)):
@@ -694,8 +690,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for job in jobs:
                 run_job(job, providers, cfg, rows, infos)
                 save()  # after every case: a run cut short keeps what it measured
-    finally:
-        torch.backends.cudnn.benchmark = saved_bench
     headers, lines = summary_table(rows, infos, cfg.providers)
     print(common.format_table(headers, lines))
     for note in cfg.notes:

@@ -427,17 +427,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg, tasks, pairs = make_plan(args)
     dev = cfg.device
     env = common.env_info(dev)
-    saved_bench = torch.backends.cudnn.benchmark
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     print(common.banner("bench_wrn", env))
     print(f"providers {list(cfg.providers)}; "
           f"tasks {[t.job.label() + ' ' + '/'.join(t.providers) for t in tasks]}; {LAYOUT}; "
           f"fp16 = autocast + static loss scale {bench_train.FP16_LOSS_SCALE:g}; fp32 = TF32 (cuDNN's default); "
           f"SGD momentum {bench_train.MOMENTUM}; "
           f"{'timed steps ' + str(sorted({t.reps for t in tasks})) if dev.type == 'cuda' else 'CPU'}"
-          f"{'; cudnn.benchmark ' + str(torch.backends.cudnn.benchmark) if dev.type == 'cuda' else ''}"
-          f"{'; deadline ' + format(cfg.deadline - _T0, '.0f') + ' s' if cfg.deadline else ''}", flush=True)
+          + common.settings_suffix(dev, not args.no_cudnn_benchmark, cfg.deadline, _T0), flush=True)
     for note in cfg.notes:
         print(f"note: {note}")
     rows: List[dict] = []
@@ -450,13 +446,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.no_write and rows:
             common.write_results(args.out, BENCH, env, rows, keys=KEYS, extra={"skipped": cfg.skipped, **extras()})
 
-    try:
+    with common.cudnn_benchmark(dev, not args.no_cudnn_benchmark):
         for task in tasks:
             run_cfg = dataclasses.replace(cfg, reps=task.reps)  # shares notes, skipped, deadline
             bench_train.run_job(task.job, task.providers, run_cfg, rows, infos, bench=BENCH, row_extra=row_extra)
             save()  # after every case: a run cut short keeps what it measured
-    finally:
-        torch.backends.cudnn.benchmark = saved_bench
     headers, lines = summary_table(rows, infos, cfg.providers)
     print(common.format_table(headers, lines))
     summary = ratios_summary(rows, pairs)

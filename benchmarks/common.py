@@ -31,6 +31,7 @@ Nothing here runs at import time or touches the GPU until called.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -42,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -430,6 +432,51 @@ def check_output(out: torch.Tensor, ref64: torch.Tensor, eager_out, dtype: str, 
     return Check(err, eager_err, bound, bool(math.isfinite(err) and err <= bound))
 
 
+@dataclass
+class Measured:
+    """What :func:`check_then_time` found: the check (None if the call failed), the timing (None
+    unless correct and timed), peak memory, and a note for the row ("" when all went as planned)."""
+
+    check: Optional[Check]
+    timing: Optional[Timing]
+    peak_mb: Optional[float]
+    note: str
+
+    @property
+    def ok(self) -> bool:
+        return self.check is not None and self.check.ok
+
+
+def check_then_time(build: Callable[[], Callable], inputs: Sequence[tuple], judge: Callable[[torch.Tensor], Check],
+                    device: torch.device, *, cuda_graph: bool, label: str, timing: dict,
+                    measure_mem: bool = False) -> Measured:
+    """The single-op benchmarks' rule: ``fn = build()``, run ``fn(*inputs[0])`` under
+    ``no_grad``, ``judge`` its output, and only if correct time it over ``inputs``
+    (:func:`benchmark_graph_or_plain`; with ``measure_mem`` also :func:`peak_mem_mb`). A provider
+    that fails to build or run, or is wrong, is reported on stderr and measured as untimed, never
+    raised."""
+    try:
+        fn = build()
+
+        def timed(*args):
+            with torch.no_grad():
+                return fn(*args)
+
+        chk = judge(timed(*inputs[0]))
+        if not chk.ok:
+            print(f"  WRONG {label}: err {chk.err:.3e} > bound {chk.bound:.3e} (eager {chk.eager_err:.1e}); "
+                  f"not timed", file=sys.stderr)
+            return Measured(chk, None, None, "wrong: not timed")
+        t, graph = benchmark_graph_or_plain(timed, inputs, device, cuda_graph, label, **timing)
+        mem = peak_mem_mb(timed, inputs[0], device) if measure_mem else None
+        note = "plain launches (graph capture failed)" if torch.device(device).type == "cuda" and not graph else ""
+        return Measured(chk, t, mem, note)
+    except Exception as exc:
+        print(f"  FAILED {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        traceback.print_exc(limit=3)
+        return Measured(None, None, None, f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+
 # ---------------------------------------------------------------------------------- result files
 def make_row(*, bench: str, model: str, shape: str, batch: int, dtype: str, mode: str, provider: str,
              timing: Optional[Timing], peak_mem_mb: Optional[float], correct: bool,
@@ -626,6 +673,31 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: Option
     out = [title] if title else []
     out += [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
     return "\n".join(out)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(device: torch.device, on: bool):
+    """``torch.backends.cudnn.benchmark`` set to ``on`` for a CUDA run (left as it is on CPU) while
+    the context is open, restored after, whatever happens inside."""
+    saved = torch.backends.cudnn.benchmark
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def settings_suffix(device: torch.device, cudnn_bench: Optional[bool], deadline: Optional[float],
+                    t0: float) -> str:
+    """The end of a benchmark's settings line: ``; cudnn.benchmark True; deadline 110 s`` (each
+    part only where it applies: a CUDA run, a deadline given as ``time.monotonic()`` after ``t0``)."""
+    out = ""
+    if cudnn_bench is not None and torch.device(device).type == "cuda":
+        out += f"; cudnn.benchmark {cudnn_bench}"
+    if deadline:
+        out += f"; deadline {deadline - t0:.0f} s"
+    return out
 
 
 def env_flag(name: str) -> bool:
