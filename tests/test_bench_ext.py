@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: 
     sys.path.insert(0, str(REPO))
 
 from benchmarks import bench_bandwidth, bench_conv_epilogue, common  # noqa: E402
+from utils import run_bench_cpu  # noqa: E402
 
 
 def _needs_ext():
@@ -36,13 +35,7 @@ def _needs_ext():
 
 
 def _run(args, tmp_path, timeout=120):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", *args, "--device", "cpu", "--out", str(tmp_path)], cwd=tmp_path,
-                       env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
+    return run_bench_cpu(args[0], tmp_path, *args[1:], timeout=timeout)
 
 
 def _results(out_dir: Path, bench: str, keys):

@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: 
 
 from benchmarks import bench_bandwidth, bench_conv_epilogue, bench_layers, common, peaks  # noqa: E402
 from resnet_fused.models import reference  # noqa: E402
+from utils import run_bench_cpu  # noqa: E402
 
 SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)->(\d+)x(\d+)x(\d+) k(\d+)s(\d+)$")
 
@@ -175,12 +174,7 @@ def test_gpu_modes_select_the_documented_cases(monkeypatch):
 def test_cpu_end_to_end(tmp_path):
     _needs_ext()
     pytest.importorskip("triton")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_layers", "--device", "cpu", "--out", str(tmp_path)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_bench_cpu("benchmarks.bench_layers", tmp_path, timeout=120)
     data, rows, md = _results(tmp_path)
     assert set(data["skipped"]) == {"compile"} and data["not_run"] == []
     assert data["peaks_source"] == "measured in this run"

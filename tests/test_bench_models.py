@@ -12,9 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +25,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: 
 
 from benchmarks import bench_models, common  # noqa: E402
 from resnet_fused import backends  # noqa: E402
+from utils import run_bench_cpu  # noqa: E402
 
 MAX = bench_models.MAX_AUTOTUNE
 
@@ -77,12 +76,7 @@ def _check_untimed(row):
 
 # ------------------------------------------------------------------------------------ end to end
 def test_cpu_mode_end_to_end(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_models", "--device", "cpu", "--out", str(tmp_path)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_bench_cpu("benchmarks.bench_models", tmp_path, timeout=240)
     data, md = _results(tmp_path)
     rows = data["rows"]
     provs = ("eager",) + (("cuda",) if _ext_error() is None else ())

@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: 
 
 from benchmarks import bench_train, common  # noqa: E402
 from resnet_fused import backends  # noqa: E402
+from utils import run_bench_cpu  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(not backends.triton_interpreting(),
                                        reason="in-process CPU Triton needs TRITON_INTERPRET=1 at import")
@@ -64,12 +63,7 @@ def _check_untimed(row):
 # ------------------------------------------------------------------------------------ end to end
 def test_cpu_mode_end_to_end(tmp_path):
     pytest.importorskip("triton")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_train", "--device", "cpu", "--out", str(tmp_path)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_bench_cpu("benchmarks.bench_train", tmp_path, timeout=240)
     rows = _rows(tmp_path)
     names = ["resnet50.layer1.1", "resnet50.layer2.0", "wrn10-1"]
     providers = ("eager", "triton") + (("cuda",) if _ext_error() is None else ())

@@ -12,9 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: 
 from benchmarks import bench_train, bench_wrn, common  # noqa: E402
 from resnet_fused import backends  # noqa: E402
 from resnet_fused.modules import PreActBottleneck, WideBasic  # noqa: E402
+from utils import run_bench_cpu  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(not backends.triton_interpreting(),
                                        reason="in-process CPU Triton needs TRITON_INTERPRET=1 at import")
@@ -80,12 +79,7 @@ def _row(model, dtype, provider, ms, correct=True):
 # ------------------------------------------------------------------------------------ end to end
 def test_cpu_mode_end_to_end(tmp_path):
     pytest.importorskip("triton")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_wrn", "--device", "cpu", "--out", str(tmp_path)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_bench_cpu("benchmarks.bench_wrn", tmp_path, timeout=240)
     data = _data(tmp_path)
     assert data["env"]["gpu"].startswith("cpu: ")
     rows = data["rows"]

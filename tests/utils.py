@@ -119,3 +119,26 @@ def _ext_error():
 EXT_ERROR = _ext_error()  # None where the compiled library (backend "cuda") builds and loads here
 NEEDS_EXT = pytest.mark.skipif(EXT_ERROR is not None, reason=f"the compiled library is unavailable: {EXT_ERROR}")
 CUDA_BACKEND = pytest.param("cuda", marks=NEEDS_EXT)  # the "cuda" backend: C++ kernels on CPU tensors
+
+
+def run_bench_cpu(module: str, out_dir, *args: str, timeout: float = 240, interpret: bool = True):
+    """``python -m <module> --device cpu --out <out_dir> *args`` as a subprocess from the repository
+    tree (benchmarks/ is not installed), one intra-op thread, Triton's interpreter on (``interpret``);
+    asserts exit code 0 and returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(repo) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["OMP_NUM_THREADS"] = "1"
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", module, "--device", "cpu", "--out", str(out_dir), *args], cwd=out_dir,
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
