@@ -66,8 +66,7 @@ QUICK_DEADLINE_S = 470.0
 BENCH_STEPS = {"wrn": "bench_wrn", "models": "bench_models", "layers": "bench_layers", "blocks": "bench_blocks",
                "train": "bench_train", "bandwidth": "bench_bandwidth", "epilogue": "bench_conv_epilogue",
                "memory": "bench_memory"}
-BENCH_NAMES = {"wrn": "wrn", "models": "models", "layers": "layers", "blocks": "blocks", "train": "train",
-               "bandwidth": "bandwidth", "epilogue": "conv_epilogue", "memory": "memory"}
+BENCH_NAMES = {"epilogue": "conv_epilogue"}  # a step's result files end in _<bench>; the step's name otherwise
 GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_gpu_train.py", "tests/test_gpu_ext.py")
 # exclusive and exhaustive: each test id matches exactly one expression
 SHARDS = (("gpu-cifar+misc", "cifar or not (fp16 or bf16 or fp32)"), ("gpu-fp16", "fp16 and not cifar"),
@@ -227,7 +226,7 @@ def bench_argv(plan: Plan, step: str, cap: Optional[float]) -> List[str]:
     if step == "memory":
         return argv  # bench_memory measures saved activations on CPU-side accounting: no device options
     argv += ["--device", plan.device]
-    if plan.mode == "quick" and step not in ("memory",):
+    if plan.mode == "quick":
         argv.append("--quick")
     if cap is not None and step in ("wrn", "models", "layers", "train", "epilogue"):
         # the benchmark starts nothing after this (its own deadline), so it ends inside the cap
@@ -339,7 +338,7 @@ def run_bench(plan: Plan, step: str) -> StepResult:
     res = run_simple(plan, step, bench_argv(plan, step, plan.cap(step)))
     if res.status == "SKIPPED":
         return res
-    bench = common.slug(BENCH_NAMES[step])
+    bench = common.slug(BENCH_NAMES.get(step, step))
     fresh = [p for p in plan.parts.glob(f"*_{bench}.json") if p.stat().st_mtime >= t_start - 1]
     if fresh:
         plan.bench_files[step] = max(fresh, key=lambda p: p.stat().st_mtime)
