@@ -2,9 +2,11 @@
 
 Names
 -----
-``"auto"``   the default: Triton for CUDA tensors (the PyTorch path where Triton is unavailable,
-             with one warning); the PyTorch path with BatchNorm folded for CPU tensors (the C++
-             kernels of ``"cuda"`` were measured slower there end to end).
+``"auto"``   the default: measured per call site (:mod:`resnet_fused.dispatch`): at the first call
+             with a new key every available candidate (PyTorch, cuDNN's fused ops, Triton, the
+             compiled library) is checked against PyTorch and timed on the real inputs, and the
+             fastest correct one runs if it beats PyTorch by more than the noise; decisions are
+             cached on disk. ``RESNET_FUSED_TUNE=0``: PyTorch's path unless a decision is cached.
 ``"triton"`` our Triton kernels. CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
              before Triton was imported (how CI proves the kernels).
 ``"cuda"``   the compiled C++/CUDA library (``csrc/``, loaded by :mod:`resnet_fused._ext`, built on
@@ -26,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -184,21 +185,14 @@ def available_backends(device: Optional[torch.device] = None) -> list:
 
 
 # ---------------------------------------------------------------------------------- resolution
-_warned: set = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
 def resolve(requested: Optional[str], x: torch.Tensor, *, fusable: bool = True) -> str:
-    """The concrete backend (``"triton"``, ``"cuda"`` or ``"torch"``) that runs an op on ``x``.
+    """The backend that runs an op on ``x``: ``"triton"``, ``"cuda"``, ``"torch"``, or ``"auto"``.
 
     ``requested``: a backend name, or None for the thread's current choice.
     ``fusable``: False when the case has no fused kernel (groups > 1, float64): then the PyTorch
     path runs whatever was requested, since the requested backend itself is available.
+    ``"auto"`` comes back for a fusable case under ``"auto"``: the caller hands it to the measured
+    dispatch (:mod:`resnet_fused.dispatch`), which picks per call site.
     Raises :class:`BackendUnavailableError` when an explicitly requested backend cannot run on
     ``x``'s device.
     """
@@ -210,13 +204,4 @@ def resolve(requested: Optional[str], x: torch.Tensor, *, fusable: bool = True) 
         if reason is not None:
             raise BackendUnavailableError(f"backend {name!r} requested but unavailable: {reason}")
         return name if fusable else "torch"
-    # auto. On CPU tensors: the PyTorch path (BatchNorm folded). The compiled library's C++ kernels
-    # run there too (backend "cuda"), but measured slower end to end than PyTorch's own vectorised
-    # add/ReLU after a folded conv (benchmarks/results/*_cpu-model-*-backends*), so not by default.
-    if x.device.type != "cuda" or not fusable:
-        return "torch"
-    reason = unavailable_reason("triton", x.device)
-    if reason is None:
-        return "triton"
-    _warn_once("auto-triton", f"resnet_fused: Triton unavailable ({reason}); using the PyTorch path")
-    return "torch"
+    return "auto" if fusable else "torch"

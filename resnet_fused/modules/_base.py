@@ -20,7 +20,8 @@ from ..ops.bn_act import _run as _bn_act_run
 from ..ops.conv_bias_act import _run as _conv_run
 from ..ops.batch_stats import sync_group, update_running_stats
 from ..ops.block_train import BlockSpec, BlockTrainFn, BNSpec, ConvSpec
-from ..ops.fold import FoldCache, is_foldable_bn
+from ..ops.fold import FoldCache, is_foldable_bn, needs_autograd
+from ..dispatch import sites as dispatch_sites
 from ..train_options import low_memory
 
 try:  # symbolic tracing only (torch.export / torch.compile trace real shapes through our checks)
@@ -69,28 +70,48 @@ class FusedBlockMixin:
         self._fold = FoldCache()
 
     def _impl(self, x: Tensor) -> str:
-        """Concrete backend for this forward ("triton", "cuda" or "torch"; errors if one was pinned and is
-        missing)."""
+        """Backend for this forward: "triton", "cuda", "torch", or "auto" (the measured dispatch picks
+        per call site); errors if a pinned backend is missing."""
         return backends.resolve(self.backend, x, fusable=triton_dtype_ok(compute_dtype(x)))
 
     def _conv(self, key: str, impl: str, x: Tensor, conv: nn.Conv2d, norm: Optional[nn.Module] = None,
               residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
         """``relu?(norm(conv(x)) + residual)`` as one fused conv, ``norm`` (eval BN or None) folded."""
+        w_fmt = weight_memory_format(conv.weight)
+        # PyTorch's rule for a conv's output: channels_last if the input or the weight is
+        out_fmt = torch.channels_last if torch.channels_last in (w_fmt, memory_format_of(x)) else torch.contiguous_format
+        if impl == "auto" and conv.groups == 1:
+            grad = needs_autograd(x, residual, conv.weight, conv.bias, getattr(norm, "weight", None),
+                                  getattr(norm, "bias", None))
+            return dispatch_sites.conv_site(
+                x, lambda fmt: self._fold.get(key, conv, norm, memory_format=fmt), tuple(conv.weight.shape), w_fmt,
+                residual, conv.stride, conv.padding, conv.dilation, relu, out_fmt, grad,
+                site=f"{type(self).__name__}.{key}")
+        impl = "torch" if impl == "auto" else impl  # grouped convs: no fused kernel to measure
         # the Triton and CUTLASS kernels read channels_last weights; grouped convs run on the PyTorch
         # path, where a channels_last weight would only make PyTorch produce (then undo) that layout
-        w_fmt = weight_memory_format(conv.weight)
         fused_cl = impl == "triton" or (impl == "cuda" and x.is_cuda)
         fmt = torch.channels_last if fused_cl and conv.groups == 1 else w_fmt
         w, b = self._fold.get(key, conv, norm, memory_format=fmt)
-        # PyTorch's rule for a conv's output: channels_last if the input or the weight is
-        out_fmt = torch.channels_last if torch.channels_last in (w_fmt, memory_format_of(x)) else torch.contiguous_format
         return _conv_run(x, w, b, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu,
                          backend=impl, out_format=out_fmt)
 
     def _bn_relu(self, key: str, impl: str, x: Tensor, norm: nn.Module) -> Tensor:
         """``relu(norm(x))`` for an eval BatchNorm, one pass."""
         scale, shift = self._fold.get(key, None, norm)
+        if impl == "auto":
+            return dispatch_sites.bn_act_site(x, scale, shift, None, True, needs_autograd(x, scale, shift),
+                                              site=f"{type(self).__name__}.{key}")
         return _bn_act_run(x, scale, shift, None, True, backend=impl)
+
+    def _train(self, x: Tensor, impl: str, convs, norms, short_conv=None, short_norm=None) -> Tensor:
+        """A fused-trainable training forward: the fused chain on backend ``impl``, or under "auto"
+        the measured choice between it and the block's own modules."""
+        if impl == "auto":
+            return dispatch_sites.block_train_site(self, x, convs, norms, short_conv, short_norm, low_memory())
+        if impl in TRAIN_BACKENDS:
+            return self._train_fused(x, impl)
+        return self._forward_eager(x)
 
 
 def all_foldable(*norms) -> bool:

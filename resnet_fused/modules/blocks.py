@@ -84,10 +84,9 @@ class _TorchvisionBlock(FusedBlockMixin, nn.Module):
             return self._forward_eager(x)
         pairs = self._pairs()
         self._check(x, pairs)
-        if self._train_fusable(pairs, x) and self._impl(x) in _base.TRAIN_BACKENDS:
+        if self._train_fusable(pairs, x):
             short = conv_bn_pair(self.downsample) or (None, None)
-            return _base.run_block_train(x, False, [c for _, c, _ in pairs], [n for _, _, n in pairs], *short,
-                                         backend=self._impl(x))
+            return self._train(x, self._impl(x), [c for _, c, _ in pairs], [n for _, _, n in pairs], *short)
         if not self._fusable(pairs):
             return self._forward_eager(x)
         impl = self._impl(x)
@@ -103,6 +102,14 @@ class _TorchvisionBlock(FusedBlockMixin, nn.Module):
             last = i == len(pairs) - 1
             out = self._conv(name, impl, out, conv, norm, residual=identity if last else None, relu=True)
         return out
+
+
+    def _train_fused(self, x: Tensor, backend: str) -> Tensor:
+        """The fused training forward on ``backend`` ("triton" or "cuda")."""
+        pairs = self._pairs()
+        short = conv_bn_pair(self.downsample) or (None, None)
+        return _base.run_block_train(x, False, [c for _, c, _ in pairs], [n for _, _, n in pairs], *short,
+                                     backend=backend)
 
 
 class BasicBlock(_TorchvisionBlock):

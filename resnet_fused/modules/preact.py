@@ -82,14 +82,20 @@ class _PreActBlock(FusedBlockMixin, nn.Module):
         return (all(training_bn(n) and bias_free_conv(c) for _, n, c in self._chain())
                 and (sc is None or bias_free_conv(sc)))
 
+    def _train_fused(self, x: Tensor, backend: str) -> Tensor:
+        """The fused training forward on ``backend`` ("triton" or "cuda")."""
+        chain = self._chain()
+        return _base.run_block_train(x, True, [c for _, _, c in chain], [n for _, n, _ in chain],
+                                     self._shortcut_module(), backend=backend)
+
     def forward(self, x: Tensor) -> Tensor:
         if fx_tracing():  # symbolic tracing sees the module-by-module forward (shape checks can't trace)
             return self._forward_eager(x)
         self._check(x)
-        if self._train_fusable(x) and self._impl(x) in _base.TRAIN_BACKENDS:
+        if self._train_fusable(x):
             chain = self._chain()
-            return _base.run_block_train(x, True, [c for _, _, c in chain], [n for _, n, _ in chain],
-                                         self._shortcut_module(), backend=self._impl(x))
+            return self._train(x, self._impl(x), [c for _, _, c in chain], [n for _, n, _ in chain],
+                               self._shortcut_module())
         if not self._fusable():
             return self._forward_eager(x)
         impl = self._impl(x)

@@ -173,6 +173,13 @@ def bn_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] =
             raise ValueError(f"residual: expected shape {list(x.shape)} (x's), got {list(residual.shape)}")
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     impl = backends.resolve(backend, x, fusable=triton_dtype_ok(x.dtype) and triton_dtype_ok(out_dtype))
+    if impl == "auto":  # measured per case (resnet_fused.dispatch)
+        from ..dispatch.sites import bn_act_site
+
+        return bn_act_site(x, scale, shift, residual, relu,
+                           torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                           for t in (x, scale, shift, residual)),
+                           site="ops.bn_act")
     return _run(x, scale, shift, residual, relu, backend=impl)
 
 

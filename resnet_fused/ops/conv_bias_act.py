@@ -409,6 +409,15 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, resi
     out_dtype = cdt if residual is None else torch.promote_types(cdt, residual.dtype)
     fusable = groups == 1 and triton_dtype_ok(cdt) and triton_dtype_ok(out_dtype)
     impl = backends.resolve(backend, x, fusable=fusable)
+    if impl == "auto":  # measured per case (resnet_fused.dispatch)
+        from ..dispatch.sites import conv_site
+        from ._common import weight_memory_format
+
+        return conv_site(x, lambda fmt: (weight, bias), tuple(weight.shape), weight_memory_format(weight), residual,
+                         stride, padding, dilation, relu, memory_format_of(x),
+                         torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                         for t in (x, weight, bias, residual)),
+                         site="ops.conv_bias_act")
     return _run(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend=impl,
                 out_format=memory_format_of(x))
 

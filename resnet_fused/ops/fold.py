@@ -135,6 +135,13 @@ class FoldCache:
         tensors = _sources(conv, norm)
         if needs_autograd(*tensors):
             return self._compute(conv, norm, dtype, memory_format)
+        if torch.compiler.is_compiling():
+            # Inside a traced region the fold becomes part of the graph (a few elementwise ops on
+            # the weights; constant-folded with freezing): version counters and data pointers are
+            # nothing a compiler can guard on, and a cache entry made outside would be a stale
+            # constant inside.
+            with torch.no_grad():
+                return self._compute(conv, norm, dtype, memory_format)
         try:
             stamp = _stamp(tensors)
         except RuntimeError:
