@@ -2,7 +2,7 @@
 
 Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter, which must be
 switched on before triton is first imported: we set TRITON_INTERPRET=1 here unless the caller
-chose. ``gpu``-marked tests are skipped without a CUDA device (they run on the GPU machine).
+chose. Dispatch decisions are not persisted unless a test asks (RESNET_FUSED_CACHE_DIR=""). ``gpu``-marked tests are skipped without a CUDA device (they run on the GPU machine).
 """
 import os
 
@@ -10,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The measured dispatch keeps its decisions in this process only during tests (no file under the
+# user's cache directory); tests of the cache point RESNET_FUSED_CACHE_DIR at a temporary folder.
+os.environ.setdefault("RESNET_FUSED_CACHE_DIR", "")
 
 import pytest  # noqa: E402
 
