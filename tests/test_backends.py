@@ -13,6 +13,8 @@ import torch
 import resnet_fused
 from resnet_fused import (BackendUnavailableError, _ext, available_backends, backends, get_backend, set_backend,
                           use_backend)
+from resnet_fused.dispatch import candidates as dispatch_candidates
+from resnet_fused.dispatch import keys as dispatch_keys
 from resnet_fused.ops import bn_act, conv_bias_act
 from utils import INTERPRET
 
@@ -38,7 +40,7 @@ NOT_BUILT = "simulated for the test: the C++/CUDA extension is not built"
 def ext_unavailable(monkeypatch):
     """The loader's state as on a machine where the library cannot be built."""
     monkeypatch.setattr(_ext, "_state", {"done": True, "error": NOT_BUILT})
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(dispatch_candidates, "_warned", set())
 
 
 @pytest.fixture(autouse=True)
@@ -244,29 +246,44 @@ def test_triton_without_interpreter(monkeypatch, ext_unavailable):
             pass
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
         backends.resolve("triton", X)
-    assert backends.resolve("auto", X) == "torch"
+    assert backends.resolve("auto", X) == "auto"  # the measured dispatch decides per site
     assert get_backend() == "auto"
 
 
 # -------------------------------------------------------------------------------------- resolve
 def test_resolve_cpu():
-    """'auto' on CPU: the PyTorch path (the C++ kernels run only when asked for, as "cuda")."""
-    auto_cpu = "torch"
-    assert backends.resolve("auto", X) == auto_cpu
+    """'auto' comes back as 'auto' for fusable cases (the measured dispatch picks per call site)
+    and as the PyTorch path for cases no kernel covers; explicit names are kept."""
+    assert backends.resolve("auto", X) == "auto"
     if EXT_ERROR is None:
         assert backends.resolve("cuda", X) == "cuda"
     assert backends.resolve("torch", X) == "torch"
     assert backends.resolve("auto", X, fusable=False) == "torch"
     with use_backend("torch"):
         assert backends.resolve(None, X) == "torch"
-    assert backends.resolve(None, X) == auto_cpu  # None: the current choice, 'auto'
+    assert backends.resolve(None, X) == "auto"  # None: the current choice, 'auto'
 
 
-def test_resolve_cpu_without_extension_is_silent(ext_unavailable):
-    """'auto' on CPU never needed the library: nothing to warn about."""
+def _facts(device):
+    case = ("conv_bias_act", (1, 2, 3, 3), "nchw", (2, 2, 3, 3), "nchw", (1, 1), (1, 1), (1, 1), 1, "float32",
+            "float32", None, True, False, False)
+    return dispatch_keys.facts(case, torch.device(device))
+
+
+def test_auto_without_extension_warns_once(ext_unavailable):
+    """Resolving is silent; the measured dispatch runs without the missing library's candidate and
+    says so once per process, with the reason."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert [backends.resolve("auto", X) for _ in range(3)] == ["torch"] * 3
+        assert [backends.resolve("auto", X) for _ in range(3)] == ["auto"] * 3
+    cuda = dispatch_candidates.get("conv_bias_act", "cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reasons = [cuda.unsupported(_facts("cpu")) for _ in range(3)]
+        y = conv_bias_act(torch.randn(1, 2, 4, 4), torch.randn(3, 2, 1, 1), backend="auto")
+    assert reasons == [NOT_BUILT] * 3 and y.shape == (1, 3, 4, 4)
+    runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(runtime) == 1 and NOT_BUILT in str(runtime[0].message) and "'cuda'" in str(runtime[0].message)
 
 
 @NEEDS_INTERPRETER
@@ -279,32 +296,38 @@ def test_resolve_triton_on_cpu_under_interpreter():
     assert backends.resolve(None, X) == "triton"
 
 
-@NEEDS_INTERPRETER
-def test_resolve_auto_cuda_like_picks_triton_without_warning(monkeypatch):
-    monkeypatch.setattr(backends, "_warned", set())
+def test_auto_measures_triton_on_cuda_not_on_the_interpreter(monkeypatch):
+    """'auto' offers the Triton candidate for CUDA tensors; the interpreter (CPU tensors) is a test
+    vehicle it never measures."""
+    monkeypatch.setattr(dispatch_candidates, "_warned", set())
+    triton = dispatch_candidates.get("conv_bias_act", "triton")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backends.resolve("auto", cuda_like()) == "triton"
+        assert backends.resolve("auto", cuda_like()) == "auto"
         assert backends.resolve("auto", cuda_like(), fusable=False) == "torch"
+        assert triton.unsupported(_facts("cuda")) is None
+        assert "test vehicle" in triton.unsupported(_facts("cpu"))
 
 
-def test_auto_fallback_warns_once(monkeypatch):
-    """'auto' on a CUDA tensor with Triton broken: the PyTorch path, and one warning per process.
+def test_auto_without_triton_warns_once(monkeypatch):
+    """'auto' on a CUDA tensor with Triton broken: the dispatch measures without the Triton
+    candidate, and says so once per process.
 
     Honest simulation: Triton does import here, so we stand in for a machine where it does not by
     replacing ``triton_import_error`` (the one place backends learns why Triton cannot run), and for
-    a CUDA tensor by an object whose device is CUDA (see ``cuda_like``).
+    CUDA tensors by CUDA facts (the candidates look at nothing else).
     """
     reason = "import triton failed (ImportError: simulated for the test)"
     monkeypatch.setattr(backends, "triton_import_error", lambda: reason)
-    monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(dispatch_candidates, "_warned", set())
+    triton = dispatch_candidates.get("conv_bias_act", "triton")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert [backends.resolve("auto", cuda_like()) for _ in range(3)] == ["torch"] * 3
-        assert backends.resolve(None, cuda_like()) == "torch"
+        assert [triton.unsupported(_facts("cuda")) for _ in range(3)] == [reason] * 3
+        assert backends.resolve("auto", cuda_like()) == "auto"
     runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(runtime) == 1, [str(w.message) for w in caught]
-    assert reason in str(runtime[0].message) and "PyTorch path" in str(runtime[0].message)
+    assert reason in str(runtime[0].message) and "'triton'" in str(runtime[0].message)
     # an explicit request is not silently downgraded: it raises, with the same reason
     with pytest.raises(BackendUnavailableError, match="simulated for the test"):
         backends.resolve("triton", cuda_like())

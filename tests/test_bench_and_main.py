@@ -195,11 +195,15 @@ def test_main_resnet18_cpu(tmp_path):
     assert "FAIL" not in text
     data = json.loads(out.read_text())
     assert tuple(data["env"]) == common.ENV_KEYS
-    # "auto" on CPU resolves to the PyTorch path (BatchNorm folded) for eval and the train step
-    _check_rows(data["rows"], {"eager", "torch"})
+    # "auto": the measured dispatch picks per site; the run prints its decisions and saves them
+    _check_rows(data["rows"], {"eager", "auto"})
     assert [(r["mode"], r["provider"]) for r in data["rows"]] == [
-        ("infer", "eager"), ("infer", "torch"), ("train_step", "eager"), ("train_step", "torch")]
+        ("infer", "eager"), ("infer", "auto"), ("train_step", "eager"), ("train_step", "auto")]
     assert data["summary"]["pass"] is True and data["summary"]["blocks"] == 8
+    assert "resnet_fused dispatch:" in text
+    decisions = data["summary"]["dispatch"]
+    assert {d["op"] for d in decisions} == {"conv_bias_act", "block_train"}
+    assert all(d["source"] == "measured" and d["chosen"] in d["candidates"] for d in decisions)
 
 
 def test_main_rejects_unknown_model_and_unavailable_backend(tmp_path):
