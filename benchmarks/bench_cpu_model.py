@@ -5,11 +5,17 @@ anything, and times stock and fused interleaved call by call) over a grid of bat
 layouts, collects its rows and writes one result file (JSON + CSV, schema of ``benchmarks.common``)::
 
     python -m benchmarks.bench_cpu_model [--out benchmarks/results] [--iters 20] [--threads N]
-                                         [--backends torch cuda] [--eval-only]
+                                         [--backends torch cuda] [--eval-only] [--batches 1 8 32]
 
-``--backends``: the converted model's backend for each run (``torch``: BatchNorm folded, PyTorch's
-add/ReLU; ``cuda``: the compiled library's C++ epilogue kernels; default ``auto``, which is ``cuda``
-where the library loads). Each backend's fused row is timed against its own interleaved eager run.
+The grid: batch 1, 8 and 32, NCHW and channels_last, each an eval forward (224x224) and a training
+step (forward + backward + SGD at 112x112, the same batch).
+
+``--backends``: the converted model's backend for each run (default ``auto``: the measured dispatch
+picks per conv site between PyTorch's path and the compiled library's C++ kernels, and per training
+block between the block's own modules and the fused chain; ``torch``: BatchNorm folded, PyTorch's
+add/ReLU; ``cuda``: the compiled library's kernels everywhere). Each backend's fused row is timed
+against its own interleaved eager run; the dispatch decisions of every ``auto`` run are saved in
+the JSON (``"dispatch"``: per configuration, the main job's decision rows).
 
 Each configuration is run ``--repeats`` times in fresh processes; every run's rows are kept, so the
 spread between runs (this is a shared 2-vCPU VM: expect a few percent) is visible in the data.
@@ -26,20 +32,16 @@ from pathlib import Path
 
 from benchmarks import common
 
-GRID = [  # (batch, channels_last, with the training step)
-    (1, False, False),
-    (8, False, True),
-    (8, True, False),
-    (32, False, False),
-]
+BATCHES = (1, 8, 32)
 
 
 def run_config(batch: int, channels_last: bool, train: bool, iters: int, threads, model: str,
-               backend: str = "auto") -> list:
+               backend: str = "auto", decisions: dict = None, size: int = 224) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, "-m", "resnet_fused", model, "--device", "cpu", "--batch", str(batch),
-               "--iters", str(iters), "--json", str(out), "--backend", backend]
+               "--train-batch", str(batch), "--size", str(size), "--iters", str(iters), "--json", str(out),
+               "--backend", backend]
         cmd += ["--channels-last"] if channels_last else []
         cmd += [] if train else ["--no-train"]
         cmd += ["--threads", str(threads)] if threads else []
@@ -49,7 +51,11 @@ def run_config(batch: int, channels_last: bool, train: bool, iters: int, threads
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
             raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-        rows = json.loads(out.read_text())["rows"]
+        data = json.loads(out.read_text())
+        rows = data["rows"]
+        if decisions is not None and backend == "auto":
+            label = f"batch {batch} {'channels_last' if channels_last else 'NCHW'}"
+            decisions.setdefault(label, []).append(data["summary"].get("dispatch", []))
     for row in rows:  # name the layout in the shape column: the schema has no layout field
         row["shape"] += "_cl" if channels_last else "_nchw"
         row["bench"] = "cpu_model"
@@ -65,15 +71,18 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch", "cuda"])
     ap.add_argument("--eval-only", action="store_true", help="skip the training-step rows")
+    ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    ap.add_argument("--size", type=int, default=224, help="eval input size (the train step uses min(size, 112))")
     args = ap.parse_args(argv)
-    rows = []
-    for batch, cl, train in GRID:
-        for _ in range(args.repeats):
-            for backend in args.backends:
-                rows += run_config(batch, cl, train and not args.eval_only, args.iters, args.threads, args.model,
-                                   backend)
+    rows, decisions = [], {}
+    for batch in args.batches:
+        for cl in (False, True):
+            for _ in range(args.repeats):
+                for backend in args.backends:
+                    rows += run_config(batch, cl, not args.eval_only, args.iters, args.threads, args.model,
+                                       backend, decisions, args.size)
     env = common.env_info()
-    paths = common.write_results(args.out, f"cpu_model_{args.model}", env, rows)
+    paths = common.write_results(args.out, f"cpu_model_{args.model}", env, rows, extra={"dispatch": decisions})
     print("wrote", *paths)
     table = []
     for eager, fused in zip(rows[0::2], rows[1::2]):  # the main job writes each eager row, then its fused row

@@ -253,3 +253,21 @@ def test_bench_blocks_triton_interpreter(tmp_path):
     # without the environment variable the flag is refused with the reason
     r = _run(["-m", "benchmarks.bench_blocks", "--device", "cpu", "--interpret", "--no-write"], tmp_path)
     assert r.returncode != 0 and "TRITON_INTERPRET=1" in r.stderr
+
+
+def test_bench_cpu_model_auto_records_decisions(tmp_path):
+    """The CPU whole-model benchmark end to end at a tiny size: eager vs the converted model under
+    'auto', both layouts, eval and train step, every row correct, and the dispatch decisions of
+    each configuration saved beside the rows."""
+    r = _run(["-m", "benchmarks.bench_cpu_model", "--model", "resnet18", "--batches", "2", "--size", "32",
+              "--iters", "1", "--repeats", "1", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (path,) = tmp_path.glob("*cpu-model-resnet18.json")
+    data = json.loads(path.read_text())
+    assert [(row["mode"], row["provider"], row["shape"]) for row in data["rows"]] == [
+        (m, p, f"3x{s}x{s}_{lay}") for lay in ("nchw", "cl") for m, s in (("infer", 32), ("train_step", 32))
+        for p in ("eager", "auto")]
+    assert all(row["correct"] for row in data["rows"])
+    assert sorted(data["dispatch"]) == ["batch 2 NCHW", "batch 2 channels_last"]
+    for runs in data["dispatch"].values():
+        assert {d["op"] for d in runs[0]} == {"conv_bias_act", "block_train"}
