@@ -39,18 +39,23 @@ def _seed_and_backend():
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """The backend of every fused conv the modules run, in order (proves which path ran: empty
-    means the eager module-by-module forward)."""
+    """The backend of every fused conv the modules run, in order ("auto" for one the measured
+    dispatch ran); proves which path ran: empty means the eager module-by-module forward."""
     from resnet_fused.modules import _base
 
     calls = []
-    real = _base._conv_run
+    real, real_site = _base._conv_run, _base.dispatch_sites.conv_site
 
     def spy(*a, **k):
         calls.append(k.get("backend"))
         return real(*a, **k)
 
+    def site_spy(*a, **k):
+        calls.append("auto")
+        return real_site(*a, **k)
+
     monkeypatch.setattr(_base, "_conv_run", spy)
+    monkeypatch.setattr(_base.dispatch_sites, "conv_site", site_spy)
     return calls
 
 

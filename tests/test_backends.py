@@ -41,6 +41,9 @@ def ext_unavailable(monkeypatch):
     """The loader's state as on a machine where the library cannot be built."""
     monkeypatch.setattr(_ext, "_state", {"done": True, "error": NOT_BUILT})
     monkeypatch.setattr(dispatch_candidates, "_warned", set())
+    resnet_fused.dispatch.forget()  # decisions made with the library present do not apply
+    yield
+    resnet_fused.dispatch.forget()
 
 
 @pytest.fixture(autouse=True)

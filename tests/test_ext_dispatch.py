@@ -34,6 +34,7 @@ import torch
 import resnet_fused as rf
 from resnet_fused import _ext, backends
 from resnet_fused.backends import BackendUnavailableError
+from resnet_fused.dispatch import candidates as dispatch_candidates
 from resnet_fused.ops import bn_act
 from test_blocks import build_pair
 from test_preact_blocks import build_pair as build_preact_pair
@@ -381,8 +382,10 @@ def fresh_loader(monkeypatch, tmp_path):
     (a library already loaded into this process stays loaded, whatever the fake state says)."""
     monkeypatch.setattr(_ext, "_state", {})
     monkeypatch.setattr(_ext, "_package_dir", lambda: tmp_path)
-    monkeypatch.setattr(backends, "_warned", set())
-    return tmp_path
+    monkeypatch.setattr(dispatch_candidates, "_warned", set())
+    rf.dispatch.forget()  # decisions made with the real library present are not this loader's
+    yield tmp_path
+    rf.dispatch.forget()
 
 
 def _cpu_x():
@@ -408,13 +411,14 @@ def _check_unavailable_everywhere(reason_part):
     with pytest.raises(BackendUnavailableError, match=_re_escape(err)):
         with rf.use_backend("cuda"):
             pass
-    # "auto" on the CPU takes the PyTorch path, which never needed the library: no warning
+    # "auto" measures without the library's candidate (the PyTorch path wins on CPU), and says so
+    # once, with the reason
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y1 = bn_act(x, s, h, backend="auto")
         y2 = bn_act(x, s, h, backend="auto")
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert msgs == [], msgs
+    assert len(msgs) == 1 and "'cuda' candidate" in msgs[0] and err in msgs[0], msgs
     torch.testing.assert_close(y1, bn_act(x, s, h, backend="torch"), rtol=0, atol=0)
     assert torch.equal(y1, y2)
     return err
@@ -502,6 +506,9 @@ except backends.BackendUnavailableError as exc:
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     out["auto"] = backends.resolve("auto", x)
+    for _ in range(2):  # the measured dispatch, twice, on a case "cuda" would take
+        y = rf.ops.conv_bias_act(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1), backend="auto")
+    out["auto_ran"] = list(y.shape)
 out["warnings"] = [str(w.message) for w in caught]
 print(json.dumps(out))
 """
@@ -509,8 +516,8 @@ print(json.dumps(out))
 
 def test_jit_0_in_a_fresh_process_gives_the_precise_reason(tmp_path):
     """RESNET_FUSED_JIT=0, no ahead-of-time build, an empty extension cache: nothing is built, and
-    the reason says so; "cuda" is refused with it, "auto" takes the PyTorch path silently (on CPU
-    it never uses the library)."""
+    the reason says so; "cuda" is refused with it; "auto" runs without the library's candidate and
+    says so once, with the same reason."""
     pkg, cache = tmp_path / "pkg", tmp_path / "torch_extensions"
     pkg.mkdir()
     cache.mkdir()
@@ -520,7 +527,8 @@ def test_jit_0_in_a_fresh_process_gives_the_precise_reason(tmp_path):
     assert out["err"] == want == out["cuda_err"], out
     assert out["registered"] is False
     assert out["resolve"] == f"backend 'cuda' requested but unavailable: {want}", out
-    assert out["auto"] == "torch" and out["warnings"] == [], out
+    assert out["auto"] == "auto" and out["auto_ran"] == [1, 2, 3, 3], out
+    assert len(out["warnings"]) == 1 and "'cuda' candidate" in out["warnings"][0] and want in out["warnings"][0], out
     assert not any(cache.iterdir()), f"something was built or cached: {list(cache.iterdir())}"
 
 
