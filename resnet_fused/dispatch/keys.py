@@ -36,8 +36,16 @@ CASE_FIELDS = {
 }
 
 
+_DTYPE_NAMES = {}
+
+
 def dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
-    return None if dtype is None else str(dtype).replace("torch.", "")
+    if dtype is None:
+        return None
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:  # str(dtype) costs a microsecond: this runs on every dispatched call
+        name = _DTYPE_NAMES[dtype] = str(dtype).replace("torch.", "")
+    return name
 
 
 def layout_name(t: Tensor) -> str:
@@ -110,6 +118,7 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return None if name is None else getattr(torch, name)
 
 
+@functools.lru_cache(maxsize=4096)
 def facts(case: tuple, device: torch.device) -> Facts:
     f = dict(zip(CASE_FIELDS[case[0]], case[1:]))
     res = f.get("residual")

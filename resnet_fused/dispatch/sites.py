@@ -42,9 +42,13 @@ def conv_site(x: Tensor, fold: Fold, w_shape: Sequence[int], w_fmt: torch.memory
     case = keys.conv_case(x, w_shape, w_fmt, stride, padding, dilation, 1, cdt, out_dtype, residual, relu, grad)
     facts = keys.facts(case, x.device)
 
+    autocast = torch.is_autocast_enabled(x.device.type)
+
     def call(c: cands.Candidate) -> Tensor:
         w, b = fold(c.weight_format(facts))
         xc, wc = _cast(x, w, cdt)
+        if not autocast:  # entering a disabled autocast costs more than a small conv: only when needed
+            return c.fn(xc, wc, b, residual, stride, padding, dilation, relu, out_format)
         with torch.autocast(x.device.type, enabled=False):
             return c.fn(xc, wc, b, residual, stride, padding, dilation, relu, out_format)
 

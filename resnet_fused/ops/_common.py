@@ -72,11 +72,18 @@ def weight_memory_format(w: Tensor) -> torch.memory_format:
     ``suggest_memory_format`` does. Unlike :func:`memory_format_of`, a 1x1 weight converted with
     ``.to(memory_format=torch.channels_last)`` counts as channels_last (it is both), and makes the
     conv's output channels_last, as in eager."""
+    if w.dim() != 4:
+        return torch.contiguous_format
+    # the dense cases first (suggest_memory_format costs microseconds on every fused conv call)
+    dense, dense_cl = w.is_contiguous(), w.is_contiguous(memory_format=torch.channels_last)
+    if dense != dense_cl:
+        return torch.channels_last if dense_cl else torch.contiguous_format
+    # dense in both layouts (1x1 kernels, one channel), or neither: ATen decides by the strides
     try:
         from torch._prims_common import suggest_memory_format
     except ImportError:  # pragma: no cover - older torch
         return memory_format_of(w)
-    return suggest_memory_format(w) if w.dim() == 4 else torch.contiguous_format
+    return suggest_memory_format(w)
 
 
 def conv_uses_tf32() -> bool:
