@@ -16,8 +16,8 @@ For a key (:mod:`.keys`) seen for the first time in a process:
 3. **static** — where measuring is not allowed (``RESNET_FUSED_TUNE=0``; while torch.compile,
    torch.export or torch.jit trace; during CUDA graph capture; on fake or meta tensors; training
    with SyncBatchNorm, whose trials would need every rank to measure in step), the cached decision
-   if there is one, else the static default, ``torch`` (``source="static"``, not remembered, so the
-   key is measured at its first call where measuring is allowed).
+   if there is one, else the static default, ``torch`` (``source="static"``; remembered for that
+   reason only, so the key is measured at its first call where measuring is allowed).
 
 Thread-safe: decisions are made under one lock (a second thread with the same key waits and uses
 the first one's decision); a decided key costs a tuple build and one dict lookup per call.
@@ -64,6 +64,7 @@ class Decision:
 
 _lock = threading.RLock()
 _memo: Dict[tuple, Decision] = {}
+_static_memo: Dict[tuple, Decision] = {}  # (memo key, why not measured) -> the static decision
 _rows: Dict[str, Decision] = {}  # every decision of this process, by key, in order of first use
 _file = DecisionFile()
 
@@ -77,6 +78,7 @@ def forget() -> None:
     """Drop this process's decisions and report rows (the cache file stays)."""
     with _lock:
         _memo.clear()
+        _static_memo.clear()
         _rows.clear()
         _file.forget()
 
@@ -105,13 +107,19 @@ def decide(case: tuple, device: torch.device, trial: Callable[[cands.Candidate],
             if site is not None:
                 hit.sites.add(site)
             return hit.chosen
+        why_not = no_measuring or measuring_blocked(device)
+        hit = None if why_not is None else _static_memo.get((memo_key, why_not))
+        if hit is not None:  # decided statically for this reason before (no cache entry then)
+            if site is not None:
+                hit.sites.add(site)
+            return hit.chosen
         d = _lookup(case, device, site)
         if d is not None:
             _memo[memo_key] = d
             return d.chosen
-        why_not = no_measuring or measuring_blocked(device)
         if why_not is not None:
-            return _static(case, device, site, why_not).chosen
+            d = _static_memo[(memo_key, why_not)] = _static(case, device, site, why_not)
+            return d.chosen
         d = _measure(case, device, trial, site)
         if d.source == "measured":
             _memo[memo_key] = d
