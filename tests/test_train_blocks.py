@@ -96,9 +96,15 @@ def test_fused_train_three_sgd_steps(case, fmt, fused_train_calls):
     assert fused_train_calls == [is_preact(case)] * 3, "each training forward must be one fused block"
 
 
-def test_backend_choice_decides_the_training_path(fused_train_calls):
-    """Global "auto" on CPU and "torch" train eagerly; "triton" (global or pinned) fuses; a block
-    pinned to "torch" stays eager inside ``use_backend("triton")``."""
+def test_backend_choice_decides_the_training_path(fused_train_calls, monkeypatch):
+    """Global "auto" with measuring off (its static default) and "torch" train eagerly; "triton"
+    (global or pinned) fuses; a block pinned to "torch" stays eager inside
+    ``use_backend("triton")``. (The measured "auto", whose trials run the fused chain, is
+    tests/test_dispatch_train.py's subject.)"""
+    from resnet_fused import dispatch
+
+    monkeypatch.setenv("RESNET_FUSED_TUNE", "0")
+    dispatch.forget()
     case = "bottle-s2-ds-batch1"
     ours, ref = build(case, backend=None)
     rf.set_backend("auto")  # the conftest fixture restores the previous global choice
