@@ -590,8 +590,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extra = {"goal": goal, "timing": "CUDA-graph replay" if cfg.cuda_graph else
              ("CUDA events, plain launches" if cfg.device.type == "cuda" else "perf_counter (CPU)")}
     if cfg.dispatch:
-        extra["dispatch"] = [common.dispatch_entry({"shape": shape, "batch": cfg.batch, "dtype": dtype, "mode": "infer",
-                                                    "layout": layout, "variant": op}, record)
+        extra["dispatch"] = [common.dispatch_entry({"shape": shape, "batch": cfg.batch, "dtype": dtype,
+                                                    "mode": "infer", "layout": layout, "variant": op}, record)
                              for (op, shape, layout, dtype), record in cfg.dispatch.items()]
     return common.finish(rows, args.out, BENCH, env, write=not args.no_write, keys=KEYS, skipped=cfg.skipped,
                          extra=extra, markdown=(f"bench_bandwidth: memory-bound kernels vs copy, {env['gpu']}",

@@ -109,7 +109,8 @@ CUDA; CI): the quick subset at tiny sizes (bench_conv_epilogue's and bench_bandw
 channels / 16, small spatial sizes), batch 2, fp32, providers eager, cuda (the library's C++
 kernels), triton (through the interpreter, only with ``TRITON_INTERPRET=1`` set before Python
 starts) and auto (on CPU tensors it measures torch against the C++ kernels: the interpreter is
-never its candidate); cudnn_fused is skipped (CUDA only); compile is left out unless ``--compile``. CPU numbers prove the script, nothing else.
+never its candidate); cudnn_fused is skipped (CUDA only); compile is left out unless
+``--compile``. CPU numbers prove the script, nothing else.
 
 Outputs: a table per section on stdout; under ``--out`` (default ``benchmarks/results``)
 ``<date>_<device>_<commit>_layers.{json,csv,md}``: rows with :data:`benchmarks.common.ROW_KEYS` +
@@ -475,7 +476,7 @@ def run_conv_job(cj: ConvJob, pairs: Sequence[Tuple[str, str]], cfg: Config, row
         t, mem, ok, status, kernel = m.timing, m.peak_mb, m.ok, m.note, got["kernel"]
         record = common.dispatch_record() if prov == "auto" and m.check is not None else None
         chose = "" if record is None else common.auto_note(record["decisions"])
-        note = "; ".join(x for x in (status, chose, _modules_note(cj.modules), f"kernel: {kernel}" if kernel else "")
+        note = "; ".join(x for x in (status, _modules_note(cj.modules), f"kernel: {kernel}" if kernel else "", chose)
                          if x)
         rows.append(conv_row(cj, prov, variant, t, mem, ok, note, cfg.peaks))
         r = rows[-1]

@@ -93,8 +93,8 @@ CPU (the default without CUDA; CI, ``tests/test_bench_models.py``): tiny sizes t
 script: inference of ``resnet18`` and ``resnet50`` at 3x32x32, batch 1 and 2; a training step of
 ``resnet18`` at 3x64x64, batch 4; fp32; providers ``eager``, ``cuda`` (the compiled library's
 C++ kernels, where it loads) and ``auto`` (on CPU tensors it measures ``torch`` against the C++
-kernels; the Triton interpreter is never a candidate). Not resnet50's training step, nor smaller images or batch 2: the
-probed gradients of a randomly initialised ResNet-50 are ill-conditioned (eager fp32's own
+kernels; the Triton interpreter is never a candidate). Not resnet50's training step, nor smaller
+images or batch 2: the probed gradients of a randomly initialised ResNet-50 are ill-conditioned (eager fp32's own
 relative error against float64 is 1e-2 to 1e-1 at every size tried, 32x32 to 224x224, batch 2 to
 8, and moves by more than 4x between NCHW and channels_last or one and two threads; resnet18's
 too at 32x32 or 64x64 with batch 2), so the 4 x eager bound passes or fails a correct provider by

@@ -727,7 +727,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in cfg.notes:
         print(f"note: {note}")
     return common.finish(rows, args.out, BENCH, env, write=not args.no_write and bool(rows), skipped=cfg.skipped,
-                         extra={"dispatch": dispatch_list(rows, infos)}, markdown=(f"bench_train: training step, {env['gpu']}", headers, lines))
+                         extra={"dispatch": dispatch_list(rows, infos)},
+                         markdown=(f"bench_train: training step, {env['gpu']}", headers, lines))
 
 
 if __name__ == "__main__":

@@ -57,9 +57,9 @@ Modes:
   fp32, providers eager, triton (the kernels through Triton's interpreter: needs
   ``TRITON_INTERPRET=1`` in the environment before Python starts, else triton is skipped with a
   note), cuda (the compiled library's C++ kernels, where it loads) and auto (on CPU tensors it
-  measures the blocks' own modules against the C++ kernels; the interpreter is never a candidate). It proves the script, its
-  checks and its files; its times say nothing about the paper's claims (``paper_ms`` is null).
-  About 20 s on 2 CPU cores, nearly all of it the interpreter (``tests/test_bench_wrn.py``).
+  measures the blocks' own modules against the C++ kernels; the interpreter is never a
+  candidate). It proves the script, its checks and its files; its times say nothing about the
+  paper's claims (``paper_ms`` is null). About 20 s on 2 CPU cores, nearly all of it the interpreter (``tests/test_bench_wrn.py``).
 
 Outputs (``--out``, default ``benchmarks/results``; rewritten after every case, so a run cut short
 keeps what it measured): ``<date>_<device>_<commit>_wrn.{json,csv,md}``, rows
@@ -282,8 +282,9 @@ def speedups(rows: Sequence[dict]) -> List[dict]:
 
 
 def goal_verdict(rows: Sequence[dict], target: float = GOAL) -> List[dict]:
-    """Per (dtype, provider of :data:`GOAL_PROVIDERS`: triton, cuda, auto): of the networks it ran on, how many networks it ran correctly at
-    >= ``target`` x eager (``met`` of ``of``), and the worst. A network where the provider ran but
+    """Per (dtype, provider of :data:`GOAL_PROVIDERS`: triton, cuda, auto): of the networks it ran
+    on, how many networks it ran correctly at >= ``target`` x eager (``met`` of ``of``), and the
+    worst. A network where the provider ran but
     was wrong or failed (or eager had no time) counts as missed, with a null speedup."""
     sp = {(s["model"], s["dtype"], s["provider"]): s["speedup"] for s in speedups(rows)}
     out = []
