@@ -35,7 +35,8 @@ and with a residual (an output-shaped tensor added before the ReLU), ``variant``
 - ``triton``: ``resnet_fused.ops.conv_bias_act(..., backend="triton")`` on the same folded weights;
 - ``cudnn_fused``: cuDNN's own fused op on the same folded weights (``torch.ops.aten.
   cudnn_convolution_relu`` / ``cudnn_convolution_add_relu``, as the dispatch's candidate
-  ``resnet_fused.dispatch.candidates._cudnn_fused`` calls them): CUDA only, skipped elsewhere;
+  ``resnet_fused.dispatch.candidates._cudnn_fused`` calls them, the float32 bias rounded to the
+  input's dtype on each call as that candidate does): CUDA only, skipped elsewhere;
 - ``auto``: ``resnet_fused.ops.conv_bias_act(..., backend="auto")`` on the same folded weights,
   what users get: the measured dispatch checks and times every candidate (torch, cudnn_fused,
   triton, cuda) on its first call and runs the fastest correct one. That first call is the check

@@ -59,7 +59,8 @@ Modes:
   note), cuda (the compiled library's C++ kernels, where it loads) and auto (on CPU tensors it
   measures the blocks' own modules against the C++ kernels; the interpreter is never a
   candidate). It proves the script, its checks and its files; its times say nothing about the
-  paper's claims (``paper_ms`` is null). About 20 s on 2 CPU cores, nearly all of it the interpreter (``tests/test_bench_wrn.py``).
+  paper's claims (``paper_ms`` is null). About 20 s on 2 CPU cores, nearly all of it the
+  interpreter (``tests/test_bench_wrn.py``).
 
 Outputs (``--out``, default ``benchmarks/results``; rewritten after every case, so a run cut short
 keeps what it measured): ``<date>_<device>_<commit>_wrn.{json,csv,md}``, rows
