@@ -93,8 +93,10 @@ CPU (the default without CUDA; CI, ``tests/test_bench_models.py``): tiny sizes t
 script: inference of ``resnet18`` and ``resnet50`` at 3x32x32, batch 1 and 2; a training step of
 ``resnet18`` at 3x64x64, batch 4; fp32; providers ``eager``, ``cuda`` (the compiled library's
 C++ kernels, where it loads) and ``auto`` (on CPU tensors it measures ``torch`` against the C++
-kernels; the Triton interpreter is never a candidate). Not resnet50's training step, nor smaller
-images or batch 2: the probed gradients of a randomly initialised ResNet-50 are ill-conditioned (eager fp32's own
+kernels; the Triton interpreter is never a candidate), auto on resnet18 only unless ``--providers``
+names it (resnet18 has every kind of conv key and block; measuring resnet50's 53 convs as well would
+only add CI time; a note says so). Not resnet50's training step, nor smaller images or batch 2: the
+probed gradients of a randomly initialised ResNet-50 are ill-conditioned (eager fp32's own
 relative error against float64 is 1e-2 to 1e-1 at every size tried, 32x32 to 224x224, batch 2 to
 8, and moves by more than 4x between NCHW and channels_last or one and two threads; resnet18's
 too at 32x32 or 64x64 with batch 2), so the 4 x eager bound passes or fails a correct provider by
@@ -172,6 +174,10 @@ CPU_MODELS = ("resnet18", "resnet50")
 # (module docstring), so the 4 x eager bound would pass or fail a correct provider by luck
 CPU_TRAIN_MODELS, CPU_TRAIN_SIZE = ("resnet18",), 64
 CPU_TRITON_MODELS = ("resnet18",)  # the interpreter, if asked for at all
+# auto's CPU default (CI): resnet18 has every kind of conv key (3x3 + ReLU, + add + ReLU, the 1x1
+# downsample without ReLU) and every block kind of its training step; measuring resnet50's 53 convs
+# as well would only add CI time. --providers naming auto runs it on every model.
+CPU_AUTO_MODELS = ("resnet18",)
 GRAPH_MAX_BATCH = 32  # CUDA-graph replays at and below this inference batch
 MEM_FRACTION = 0.75  # a training batch is halved while its reference step's estimate exceeds this share
 MIN_TRAIN_BATCH = 8
@@ -222,7 +228,8 @@ class Task:
 def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, models: Optional[Sequence[str]] = None,
                modes: Sequence[str] = ("infer", "train"), batches: Optional[Sequence[int]] = None,
                dtypes: Optional[Sequence[str]] = None, layouts: Sequence[str] = (CL,), size: Optional[int] = None,
-               max_autotune: bool = True) -> List[Task]:
+               max_autotune: bool = True, cpu_auto_models: Optional[Sequence[str]] = CPU_AUTO_MODELS
+               ) -> List[Task]:
     """Every task in the order it runs: eager / triton / cuda (/ torch) of every case, then compile
     (default) of every case, then compile max-autotune+freezing of the inference cases.
 
@@ -232,7 +239,7 @@ def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, mode
     first batch (256) with every provider and at the last (1) without compile; training at 256;
     fp16. CPU: inference of resnet18 and resnet50 at 32x32, batch 1 and 2; training of resnet18
     at 64x64, batch 4 (``models`` / ``batches`` / ``size`` replace these); fp32; triton (if asked
-    for) on resnet18 only."""
+    for) on resnet18 only; auto on ``cpu_auto_models`` (None: every model)."""
     train_size = size or (GPU_SIZE if gpu else CPU_TRAIN_SIZE)
     size = size or (GPU_SIZE if gpu else CPU_SIZE)
     if gpu:
@@ -257,7 +264,9 @@ def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, mode
     do_compile = "compile" in providers
 
     def early_runs(model: str) -> Tuple[Tuple[str, str], ...]:
-        keep = [p for p in early if gpu or p != "triton" or model in CPU_TRITON_MODELS]
+        cpu_ok = {"triton": model in CPU_TRITON_MODELS,
+                  "auto": cpu_auto_models is None or model in cpu_auto_models}
+        keep = [p for p in early if gpu or cpu_ok.get(p, True)]
         return tuple((p, "") for p in keep)
 
     infer = [(m, b, d, lay) for m in models for d in dtypes for lay in layouts for b in infer_b] \
@@ -813,12 +822,15 @@ def make_config(args: argparse.Namespace) -> Config:
             providers.remove("triton")
             skipped["triton"] = CPU_TRITON_REASON
     modes = tuple(args.modes)
+    auto_named = bool(args.providers and "auto" in args.providers)
     tasks = plan_tasks(gpu, providers, quick=args.quick, models=args.models, modes=modes, batches=args.batches,
                        dtypes=args.dtypes, layouts=tuple(dict.fromkeys(args.layouts)), size=args.size,
-                       max_autotune=not args.no_max_autotune)
+                       max_autotune=not args.no_max_autotune, cpu_auto_models=None if auto_named else CPU_AUTO_MODELS)
     notes: List[str] = []
     if not gpu and "triton" in providers:
         notes.append(f"triton on CPU (the interpreter): {', '.join(CPU_TRITON_MODELS)} only")
+    if not gpu and "auto" in providers and not auto_named:
+        notes.append(f"auto on CPU: {', '.join(CPU_AUTO_MODELS)} only (name auto in --providers for every model)")
     if gpu:
         timing = dict(warmup_ms=10.0, rep_ms=50.0) if args.quick else dict(warmup_ms=25.0, rep_ms=100.0)
         timing["min_reps"] = args.reps

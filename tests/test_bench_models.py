@@ -141,7 +141,8 @@ def test_cpu_mode_end_to_end(tmp_path):
     provs = ("eager",) + (("cuda",) if _ext_error() is None else ()) + ("auto",)
     want = [(m, "infer", b) for m in ("resnet18",) for b in (1, 2)] + [("resnet18", "train_step", 4)] \
         + [("resnet50", "infer", b) for b in (1, 2)]
-    assert [(x["model"], x["mode"], x["batch"], x["provider"]) for x in rows] == [w + (p,) for w in want for p in provs]
+    assert [(x["model"], x["mode"], x["batch"], x["provider"]) for x in rows] == [
+        w + (p,) for w in want for p in provs if p != "auto" or w[0] == "resnet18"]  # auto: resnet18 on CPU
     assert {x["mode"] for x in rows} == {"infer", "train_step"}
     for row in rows:
         _check_timed(row)
@@ -167,7 +168,7 @@ def test_cpu_mode_end_to_end(tmp_path):
     # warm-up (no key first met while timing)
     convs = dict(re.findall(r"^  (resnet\d+) infer b1 fp32 auto +; ok .*fused convs/forward (\d+) \(auto\)",
                             r.stdout, re.M))
-    assert convs == {"resnet18": "20", "resnet50": "53"}, r.stdout
+    assert convs == {"resnet18": "20"}, r.stdout
     check_dispatch(data)
     for e in data["dispatch"]:
         ops = {d["op"] for d in e["decisions"]}
@@ -181,7 +182,8 @@ def test_cpu_mode_end_to_end(tmp_path):
             assert d["candidates"]["triton"].startswith("unsupported: the Triton interpreter")
             if d["op"] == "conv_bias_act":
                 assert d["candidates"]["cudnn_fused"] == "unsupported: CUDA only"
-    assert "first seen after the warm-up" not in r.stdout + r.stderr and data["notes"] == []
+    assert "first seen after the warm-up" not in r.stdout + r.stderr
+    assert data["notes"] == ["auto on CPU: resnet18 only (name auto in --providers for every model)"]
     assert re.search(r"^  resnet18 b4 fp32 auto +; ok .*auto: block_train ", r.stdout, re.M), r.stdout
     assert "WRONG" not in r.stdout + r.stderr
 
@@ -309,13 +311,16 @@ def test_cpu_task_list_and_config():
     assert got == [("infer", "resnet18", 32, 1, "fp32", "channels_last", all4),
                    ("infer", "resnet18", 32, 2, "fp32", "channels_last", all4),
                    ("train_step", "resnet18", 64, 4, "fp32", "channels_last", all4),
-                   ("infer", "resnet50", 32, 1, "fp32", "channels_last", ("eager", "cuda", "auto")),  # triton: r18
-                   ("infer", "resnet50", 32, 2, "fp32", "channels_last", ("eager", "cuda", "auto"))]
+                   ("infer", "resnet50", 32, 1, "fp32", "channels_last", ("eager", "cuda")),  # triton, auto: r18
+                   ("infer", "resnet50", 32, 2, "fp32", "channels_last", ("eager", "cuda"))]
+    every = _plan(bench_models.plan_tasks(False, list(all4), cpu_auto_models=None))  # auto named: every model
+    assert [t[6] for t in every if t[1] == "resnet50"] == [("eager", "cuda", "auto")] * 2
     cfg = bench_models.make_config(bench_models.parse_args(["--device", "cpu", "--quick"]))
     assert cfg.deadline is not None  # --quick stops starting providers in time
     assert "compile" not in cfg.providers and "compile" in cfg.skipped
     # the default providers: auto (what users get) beside each backend; triton's interpreter left out
     assert cfg.providers == ["eager"] + (["cuda"] if _ext_error() is None else []) + ["auto"]
+    assert "auto on CPU: resnet18 only" in cfg.notes[0]
     for bad in (["--reps", "0"], ["--batches", "0"]):
         with pytest.raises(SystemExit):
             bench_models.make_config(bench_models.parse_args(["--device", "cpu"] + bad))
