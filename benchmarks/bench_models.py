@@ -93,11 +93,12 @@ CPU (the default without CUDA; CI, ``tests/test_bench_models.py``): tiny sizes t
 script: inference of ``resnet18`` and ``resnet50`` at 3x32x32, batch 1 and 2; a training step of
 ``resnet18`` at 3x64x64, batch 4; fp32; providers ``eager``, ``cuda`` (the compiled library's
 C++ kernels, where it loads) and ``auto`` (on CPU tensors it measures ``torch`` against the C++
-kernels; the Triton interpreter is never a candidate), auto on resnet18 only unless ``--providers``
-names it (resnet18 has every kind of conv key and block; measuring resnet50's 53 convs as well would
-only add CI time; a note says so). Not resnet50's training step, nor smaller images or batch 2: the
-probed gradients of a randomly initialised ResNet-50 are ill-conditioned (eager fp32's own
-relative error against float64 is 1e-2 to 1e-1 at every size tried, 32x32 to 224x224, batch 2 to
+kernels; the Triton interpreter is never a candidate), auto on resnet18's inference only unless
+``--providers`` names it (it has every kind of conv key; measuring resnet50's 53 convs or the
+training step's blocks as well would only add CI time, and bench_wrn's CPU mode runs auto's
+training path through the same harness; a note says so). Not resnet50's training step, nor
+smaller images or batch 2: the probed gradients of a randomly initialised ResNet-50 are
+ill-conditioned (eager fp32's own relative error against float64 is 1e-2 to 1e-1 at every size tried, 32x32 to 224x224, batch 2 to
 8, and moves by more than 4x between NCHW and channels_last or one and two threads; resnet18's
 too at 32x32 or 64x64 with batch 2), so the 4 x eager bound passes or fails a correct provider by
 luck (seen: cuda, resnet50 at 32x32, batch 8: 7.9e-3 against a bound of 1.3e-3; torch.compile,
@@ -174,10 +175,11 @@ CPU_MODELS = ("resnet18", "resnet50")
 # (module docstring), so the 4 x eager bound would pass or fail a correct provider by luck
 CPU_TRAIN_MODELS, CPU_TRAIN_SIZE = ("resnet18",), 64
 CPU_TRITON_MODELS = ("resnet18",)  # the interpreter, if asked for at all
-# auto's CPU default (CI): resnet18 has every kind of conv key (3x3 + ReLU, + add + ReLU, the 1x1
-# downsample without ReLU) and every block kind of its training step; measuring resnet50's 53 convs
-# as well would only add CI time. --providers naming auto runs it on every model.
-CPU_AUTO_MODELS = ("resnet18",)
+# auto's CPU default (CI): resnet18's inference, which has every kind of conv key (3x3 + ReLU,
+# + add + ReLU, the 1x1 downsample without ReLU). Measuring resnet50's 53 convs, or the training
+# step's blocks (bench_wrn's CPU mode runs auto's training path through the same harness), would
+# only add CI time. --providers naming auto runs it on every case.
+CPU_AUTO_CASES = (("infer", "resnet18"),)
 GRAPH_MAX_BATCH = 32  # CUDA-graph replays at and below this inference batch
 MEM_FRACTION = 0.75  # a training batch is halved while its reference step's estimate exceeds this share
 MIN_TRAIN_BATCH = 8
@@ -228,7 +230,7 @@ class Task:
 def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, models: Optional[Sequence[str]] = None,
                modes: Sequence[str] = ("infer", "train"), batches: Optional[Sequence[int]] = None,
                dtypes: Optional[Sequence[str]] = None, layouts: Sequence[str] = (CL,), size: Optional[int] = None,
-               max_autotune: bool = True, cpu_auto_models: Optional[Sequence[str]] = CPU_AUTO_MODELS
+               max_autotune: bool = True, cpu_auto_cases: Optional[Sequence[Tuple[str, str]]] = CPU_AUTO_CASES
                ) -> List[Task]:
     """Every task in the order it runs: eager / triton / cuda (/ torch) of every case, then compile
     (default) of every case, then compile max-autotune+freezing of the inference cases.
@@ -239,7 +241,8 @@ def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, mode
     first batch (256) with every provider and at the last (1) without compile; training at 256;
     fp16. CPU: inference of resnet18 and resnet50 at 32x32, batch 1 and 2; training of resnet18
     at 64x64, batch 4 (``models`` / ``batches`` / ``size`` replace these); fp32; triton (if asked
-    for) on resnet18 only; auto on ``cpu_auto_models`` (None: every model)."""
+    for) on resnet18 only; auto on the (mode, model) pairs of ``cpu_auto_cases`` (None: every
+    case)."""
     train_size = size or (GPU_SIZE if gpu else CPU_TRAIN_SIZE)
     size = size or (GPU_SIZE if gpu else CPU_SIZE)
     if gpu:
@@ -263,9 +266,9 @@ def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, mode
     early = [p for p in providers if p not in LATE]
     do_compile = "compile" in providers
 
-    def early_runs(model: str) -> Tuple[Tuple[str, str], ...]:
+    def early_runs(model: str, mode: str = "infer") -> Tuple[Tuple[str, str], ...]:
         cpu_ok = {"triton": model in CPU_TRITON_MODELS,
-                  "auto": cpu_auto_models is None or model in cpu_auto_models}
+                  "auto": cpu_auto_cases is None or (mode, model) in cpu_auto_cases}
         keep = [p for p in early if gpu or cpu_ok.get(p, True)]
         return tuple((p, "") for p in keep)
 
@@ -278,12 +281,14 @@ def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, mode
             head = [x for x in infer if x[0] == m and x[1] == infer_b[0]]
             rest = [x for x in infer if x[0] == m and x[1] != infer_b[0]]
             tasks += [Task("infer", m, size, b, d, lay, early_runs(m)) for _, b, d, lay in head]
-            tasks += [Task("train_step", m, train_size, b, d, CL, early_runs(m)) for mm, b, d in train if mm == m]
+            tasks += [Task("train_step", m, train_size, b, d, CL, early_runs(m, "train_step"))
+                      for mm, b, d in train if mm == m]
             tasks += [Task("infer", m, size, b, d, lay, early_runs(m)) for _, b, d, lay in rest]
     else:
         for m in models:
             tasks += [Task("infer", m, size, b, d, lay, early_runs(m)) for mm, b, d, lay in infer if mm == m]
-            tasks += [Task("train_step", m, train_size, b, d, CL, early_runs(m)) for mm, b, d in train if mm == m]
+            tasks += [Task("train_step", m, train_size, b, d, CL, early_runs(m, "train_step"))
+                      for mm, b, d in train if mm == m]
     tasks = [t for t in tasks if t.runs]
     if do_compile:
         for m in models:
@@ -825,12 +830,13 @@ def make_config(args: argparse.Namespace) -> Config:
     auto_named = bool(args.providers and "auto" in args.providers)
     tasks = plan_tasks(gpu, providers, quick=args.quick, models=args.models, modes=modes, batches=args.batches,
                        dtypes=args.dtypes, layouts=tuple(dict.fromkeys(args.layouts)), size=args.size,
-                       max_autotune=not args.no_max_autotune, cpu_auto_models=None if auto_named else CPU_AUTO_MODELS)
+                       max_autotune=not args.no_max_autotune, cpu_auto_cases=None if auto_named else CPU_AUTO_CASES)
     notes: List[str] = []
     if not gpu and "triton" in providers:
         notes.append(f"triton on CPU (the interpreter): {', '.join(CPU_TRITON_MODELS)} only")
     if not gpu and "auto" in providers and not auto_named:
-        notes.append(f"auto on CPU: {', '.join(CPU_AUTO_MODELS)} only (name auto in --providers for every model)")
+        notes.append("auto on CPU: " + ", ".join(f"{model} {mode}" for mode, model in CPU_AUTO_CASES)
+                     + " only (name auto in --providers for every case)")
     if gpu:
         timing = dict(warmup_ms=10.0, rep_ms=50.0) if args.quick else dict(warmup_ms=25.0, rep_ms=100.0)
         timing["min_reps"] = args.reps

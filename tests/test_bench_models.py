@@ -141,8 +141,8 @@ def test_cpu_mode_end_to_end(tmp_path):
     provs = ("eager",) + (("cuda",) if _ext_error() is None else ()) + ("auto",)
     want = [(m, "infer", b) for m in ("resnet18",) for b in (1, 2)] + [("resnet18", "train_step", 4)] \
         + [("resnet50", "infer", b) for b in (1, 2)]
-    assert [(x["model"], x["mode"], x["batch"], x["provider"]) for x in rows] == [
-        w + (p,) for w in want for p in provs if p != "auto" or w[0] == "resnet18"]  # auto: resnet18 on CPU
+    assert [(x["model"], x["mode"], x["batch"], x["provider"]) for x in rows] == [  # auto: resnet18 infer on CPU
+        w + (p,) for w in want for p in provs if p != "auto" or w[:2] == ("resnet18", "infer")]
     assert {x["mode"] for x in rows} == {"infer", "train_step"}
     for row in rows:
         _check_timed(row)
@@ -170,21 +170,20 @@ def test_cpu_mode_end_to_end(tmp_path):
                             r.stdout, re.M))
     assert convs == {"resnet18": "20"}, r.stdout
     check_dispatch(data)
+    assert [(e["model"], e["mode"], e["batch"]) for e in data["dispatch"]] == [("resnet18", "infer", 1),
+                                                                                ("resnet18", "infer", 2)]
     for e in data["dispatch"]:
-        ops = {d["op"] for d in e["decisions"]}
-        if e["mode"] == "infer":
-            assert ops == {"conv_bias_act"} and all(d["case"]["grad"] is False for d in e["decisions"])
-            assert e["decisions"][0]["case"]["x"] == [e["batch"], 3, 32, 32]  # the stem, at the timed shape
-        else:
-            assert ops == {"block_train"} and len(e["decisions"]) == 7  # resnet18's distinct blocks
-            assert all(d["case"]["x"][0] == 4 for d in e["decisions"])
+        assert {d["op"] for d in e["decisions"]} == {"conv_bias_act"}
+        assert all(d["case"]["grad"] is False for d in e["decisions"])
+        assert e["decisions"][0]["case"]["x"] == [e["batch"], 3, 32, 32]  # the stem, at the timed shape
+        assert len(e["decisions"]) == 15  # resnet18's 20 convs: 15 distinct (input, geometry, epilogue)
         for d in e["decisions"]:
             assert d["candidates"]["triton"].startswith("unsupported: the Triton interpreter")
             if d["op"] == "conv_bias_act":
                 assert d["candidates"]["cudnn_fused"] == "unsupported: CUDA only"
     assert "first seen after the warm-up" not in r.stdout + r.stderr
-    assert data["notes"] == ["auto on CPU: resnet18 only (name auto in --providers for every model)"]
-    assert re.search(r"^  resnet18 b4 fp32 auto +; ok .*auto: block_train ", r.stdout, re.M), r.stdout
+    assert data["notes"] == ["auto on CPU: resnet18 infer only (name auto in --providers for every case)"]
+    assert re.search(r"^  resnet18 infer b2 fp32 auto +; ok .*auto: conv_bias_act ", r.stdout, re.M), r.stdout
     assert "WRONG" not in r.stdout + r.stderr
 
 
@@ -310,17 +309,18 @@ def test_cpu_task_list_and_config():
     got = _plan(bench_models.plan_tasks(False, list(all4)))
     assert got == [("infer", "resnet18", 32, 1, "fp32", "channels_last", all4),
                    ("infer", "resnet18", 32, 2, "fp32", "channels_last", all4),
-                   ("train_step", "resnet18", 64, 4, "fp32", "channels_last", all4),
+                   ("train_step", "resnet18", 64, 4, "fp32", "channels_last", all4[:3]),  # auto: infer
                    ("infer", "resnet50", 32, 1, "fp32", "channels_last", ("eager", "cuda")),  # triton, auto: r18
                    ("infer", "resnet50", 32, 2, "fp32", "channels_last", ("eager", "cuda"))]
-    every = _plan(bench_models.plan_tasks(False, list(all4), cpu_auto_models=None))  # auto named: every model
+    every = _plan(bench_models.plan_tasks(False, list(all4), cpu_auto_cases=None))  # auto named: every case
     assert [t[6] for t in every if t[1] == "resnet50"] == [("eager", "cuda", "auto")] * 2
+    assert [t[6] for t in every if t[0] == "train_step"] == [all4]
     cfg = bench_models.make_config(bench_models.parse_args(["--device", "cpu", "--quick"]))
     assert cfg.deadline is not None  # --quick stops starting providers in time
     assert "compile" not in cfg.providers and "compile" in cfg.skipped
     # the default providers: auto (what users get) beside each backend; triton's interpreter left out
     assert cfg.providers == ["eager"] + (["cuda"] if _ext_error() is None else []) + ["auto"]
-    assert "auto on CPU: resnet18 only" in cfg.notes[0]
+    assert cfg.notes == ["auto on CPU: resnet18 infer only (name auto in --providers for every case)"]
     for bad in (["--reps", "0"], ["--batches", "0"]):
         with pytest.raises(SystemExit):
             bench_models.make_config(bench_models.parse_args(["--device", "cpu"] + bad))
