@@ -58,7 +58,8 @@ Modes:
   ``TRITON_INTERPRET=1`` in the environment before Python starts, else triton is skipped with a
   note), cuda (the compiled library's C++ kernels, where it loads) and auto (on CPU tensors it
   measures the blocks' own modules against the C++ kernels; the interpreter is never a
-  candidate). It proves the script, its checks and its files; its times say nothing about the
+  candidate; on wrn10-1 only unless ``--providers`` names it: one network proves the path, a
+  second would only add CI time). It proves the script, its checks and its files; its times say nothing about the
   paper's claims (``paper_ms`` is null). About 20 s on 2 CPU cores, nearly all of it the
   interpreter (``tests/test_bench_wrn.py``).
 
@@ -176,6 +177,9 @@ GPU_NETWORKS = (Network("resnet164", "preact", 164, 1, GPU_SIZE), Network("resne
                 Network("wrn40-4", "wrn", 40, 4, GPU_SIZE), Network("wrn16-10", "wrn", 16, 10, GPU_SIZE),
                 Network("wrn28-10", "wrn", 28, 10, GPU_SIZE))
 CPU_NETWORKS = (Network("preact11", "preact", 11, 1, CPU_SIZE), Network("wrn10-1", "wrn", 10, 1, CPU_SIZE))
+# auto's CPU default (CI): one network proves its path (measured in the checked step, decisions in
+# the JSON); a second would only add CI time. --providers naming auto runs it on both.
+CPU_AUTO_NETWORKS = ("wrn10-1",)
 # compile's order: the headline pair first, ResNet-1001 (minutes of compile) last
 COMPILE_ORDER = ("wrn28-10", "wrn40-4", "wrn16-10", "resnet164", "resnet1001")
 
@@ -213,13 +217,14 @@ class Task:
 
 
 def plan(networks: Sequence[Network], providers: Sequence[str], dtypes: Sequence[str], *, quick: bool,
-         cpu: bool, reps: Optional[int], dtypes_given: bool) -> List[Task]:
+         cpu: bool, reps: Optional[int], dtypes_given: bool,
+         cpu_auto: Optional[Sequence[str]] = CPU_AUTO_NETWORKS) -> List[Task]:
     """Every (network, dtype) with its providers, in run order (early providers: network by
     network, fp16 before fp32; compile's tasks after all of them, :data:`COMPILE_ORDER`).
 
     ``--quick`` (without ``--dtypes``): fp32 runs eager only; compile only for
     :data:`QUICK_COMPILE` in fp16; ResNet-1001 gets :data:`QUICK_REPS_RESNET1001` timed steps
-    unless ``reps`` was given."""
+    unless ``reps`` was given. CPU: auto on the networks of ``cpu_auto`` only (None: all)."""
     batch = CPU_BATCH if cpu else GPU_BATCH
     early = [p for p in providers if p not in bench_train.LATE_PROVIDERS]
     late = [p for p in providers if p in bench_train.LATE_PROVIDERS]
@@ -232,7 +237,9 @@ def plan(networks: Sequence[Network], providers: Sequence[str], dtypes: Sequence
         for dtype in dtypes:
             job = Job(case, batch, dtype)
             eager_only = quick and not dtypes_given and dtype == "fp32"
-            tasks.append(Task(net, job, ("eager",) if eager_only else tuple(early), n_reps))
+            provs = tuple(p for p in early if not (cpu and p == "auto" and cpu_auto is not None
+                                                   and net.name not in cpu_auto))
+            tasks.append(Task(net, job, ("eager",) if eager_only else provs, n_reps))
             if late and not eager_only and (not quick or net.name in QUICK_COMPILE):
                 late_tasks.append(Task(net, job, tuple(late), n_reps))
     rank = {n: i for i, n in enumerate(COMPILE_ORDER)}
@@ -420,8 +427,11 @@ def make_plan(args: argparse.Namespace) -> Tuple[Config, List[Task], Tuple[Tuple
     dtypes = list(dict.fromkeys(args.dtypes)) if args.dtypes else (["fp32"] if cpu else ["fp16", "fp32"])
     if args.reps is not None and args.reps < 1:
         raise SystemExit(f"--reps: expected at least 1, got {args.reps}")
+    auto_named = bool(args.providers and "auto" in args.providers)
     tasks = plan(networks, providers, dtypes, quick=args.quick and not cpu, cpu=cpu, reps=args.reps,
-                 dtypes_given=bool(args.dtypes))
+                 dtypes_given=bool(args.dtypes), cpu_auto=None if auto_named else CPU_AUTO_NETWORKS)
+    if cpu and "auto" in providers and not auto_named:
+        notes.append(f"auto on CPU: {', '.join(CPU_AUTO_NETWORKS)} only (name auto in --providers for both)")
     deadline_s = args.deadline if args.deadline is not None else (QUICK_DEADLINE_S if args.quick else None)
     deadline = None if deadline_s is None else _T0 + deadline_s
     cfg = Config(dev, [t.job for t in tasks], providers, args.reps or DEFAULT_REPS, deadline, notes, skipped)

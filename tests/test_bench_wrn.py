@@ -86,7 +86,8 @@ def test_cpu_mode_end_to_end(tmp_path):
     rows = data["rows"]
     names = ["preact11", "wrn10-1"]
     providers = ("eager", "triton") + (("cuda",) if _ext_error() is None else ()) + ("auto",)
-    assert [(x["model"], x["provider"]) for x in rows] == [(n, p) for n in names for p in providers]
+    assert [(x["model"], x["provider"]) for x in rows] == [  # auto: wrn10-1 only on CPU
+        (n, p) for n in names for p in providers if p != "auto" or n == "wrn10-1"]
     for row in rows:
         _check_timed(row)
         assert row["batch"] == 2 and row["shape"] == "3x8x8"
@@ -97,24 +98,27 @@ def test_cpu_mode_end_to_end(tmp_path):
                                                       r.stdout, re.M) if p == prov}
         assert fused == {"preact11": 3, "wrn10-1": 3}, (prov, r.stdout)
     assert "WRONG" not in r.stdout + r.stderr and "FAILED" not in r.stdout + r.stderr
-    # auto: each network's three block shapes measured in its first (checked, untimed) step
+    # auto: the network's three block shapes measured in its first (checked, untimed) step
     check_dispatch(data)
-    assert [(e["model"], e["mode"], e["layout"]) for e in data["dispatch"]] == [
-        (n, "train_step", "channels_last") for n in names]
+    assert [(e["model"], e["mode"], e["layout"]) for e in data["dispatch"]] == [("wrn10-1", "train_step",
+                                                                                 "channels_last")]
     for e in data["dispatch"]:
         assert [d["op"] for d in e["decisions"]] == ["block_train"] * 3, e
         assert all(d["case"]["x"][0] == 2 for d in e["decisions"])
-    assert re.search(r"^  preact11 b2 fp32 auto +; ok .*auto: block_train ", r.stdout, re.M), r.stdout
+    assert re.search(r"^  wrn10-1 b2 fp32 auto +; ok .*auto: block_train ", r.stdout, re.M), r.stdout
+    assert "note: auto on CPU: wrn10-1 only (name auto in --providers for both)" in r.stdout
     assert "first seen after the warm-up" not in r.stdout + r.stderr
     # ratios: the stand-in pair for every provider, computed from the rows themselves
     ms = {(x["model"], x["provider"]): x["median_ms"] for x in rows}
     tw = data["ratios"]["thin_wide"]
-    assert [(t["provider"], t["thin"], t["wide"]) for t in tw] == [(p, "preact11", "wrn10-1") for p in providers]
+    assert [(t["provider"], t["thin"], t["wide"]) for t in tw] == [
+        (p, "preact11", "wrn10-1") for p in providers if p != "auto"]  # auto ran on one network
     for t in tw:
         assert t["paper_ratio"] is None
         assert math.isclose(t["ratio"], ms[("preact11", t["provider"])] / ms[("wrn10-1", t["provider"])],
                             rel_tol=1e-3)
-    assert [(g["provider"], g["of"]) for g in data["ratios"]["goal"]] == [(p, 2) for p in providers[1:]]
+    assert [(g["provider"], g["of"]) for g in data["ratios"]["goal"]] == [
+        (p, 1 if p == "auto" else 2) for p in providers[1:]]
     assert data["paper"]["claims"] == {"resnet1001/wrn28-10": pytest.approx(1.641, abs=1e-3),
                                        "resnet1001/wrn40-4": pytest.approx(7.529, abs=1e-3)}
     assert data["skipped"] == ({} if "cuda" in providers else {"cuda": _ext_error()})
@@ -185,9 +189,12 @@ def test_options():
     assert pairs == bench_wrn.CPU_PAIRS
     assert [(t.job.case.name, t.job.batch, t.job.dtype) for t in tasks] == [("preact11", 2, "fp32"),
                                                                              ("wrn10-1", 2, "fp32")]
-    cfg, _, _ = bench_wrn.make_plan(bench_wrn.parse_args(["--device", "cpu"]))
+    cfg, tasks, _ = bench_wrn.make_plan(bench_wrn.parse_args(["--device", "cpu"]))
     assert cfg.deadline is None
     assert list(cfg.providers) == [p for p in ("eager", "triton", "cuda", "auto") if p not in cfg.skipped]
+    assert [("auto" in t.providers) for t in tasks] == [False, True]  # auto: wrn10-1 only, by default
+    _, tasks, _ = bench_wrn.make_plan(bench_wrn.parse_args(["--device", "cpu", "--providers", "eager", "auto"]))
+    assert [t.providers for t in tasks] == [("eager", "auto")] * 2  # named: every network
 
 
 def test_row_extra_compile_seconds_and_paper_time():
