@@ -469,10 +469,6 @@ def run_case(a: Act, layout: str, dtype: str, cfg: Config, rows: List[dict],
                                                                f"{op.name} {label} {prov}",
                                                                **common.provider_timing(cfg.device, prov, cfg.timing))
                     note = "" if graph or dev.type != "cuda" else "plain launches (graph capture failed)"
-                    if prov == "auto":
-                        record = common.dispatch_record()
-                        cfg.dispatch[(op.name, f"{a.c}x{a.hw}x{a.hw}", layout, dtype)] = record
-                        note = "; ".join(x for x in (common.auto_note(record["decisions"]), note) if x)
                 else:
                     note = "wrong: not timed"
                     print(f"  WRONG {op.name} {label} {prov}: err {chk.err:.3e} > bound {chk.bound:.3e}; not timed",
@@ -481,6 +477,10 @@ def run_case(a: Act, layout: str, dtype: str, cfg: Config, rows: List[dict],
                 ok, t, note = False, None, f"failed: {type(exc).__name__}: {str(exc)[:200]}"
                 print(f"  FAILED {op.name} {label} {prov}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 traceback.print_exc(limit=3)
+            if prov == "auto":  # its decisions, also when it was wrong or failed
+                record = common.dispatch_record()
+                cfg.dispatch[(op.name, f"{a.c}x{a.hw}x{a.hw}", layout, dtype)] = record
+                note = "; ".join(x for x in (note, common.auto_note(record["decisions"])) if x)
             rows.append(make_row(op.name, a, cfg.batch, layout, dtype, prov, nbytes, t, copy, chk, ok, note))
             r = rows[-1]
             if r["gbps"] is not None:

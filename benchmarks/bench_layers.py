@@ -475,7 +475,7 @@ def run_conv_job(cj: ConvJob, pairs: Sequence[Tuple[str, str]], cfg: Config, row
         m = measure(build, bc.case.inputs, ref, eager_out, job.dtype, cfg, prov, what,
                     measure_mem=True)
         t, mem, ok, status, kernel = m.timing, m.peak_mb, m.ok, m.note, got["kernel"]
-        record = common.dispatch_record() if prov == "auto" and m.check is not None else None
+        record = common.dispatch_record() if prov == "auto" else None  # (also when it failed)
         chose = "" if record is None else common.auto_note(record["decisions"])
         note = "; ".join(x for x in (status, _modules_note(cj.modules), f"kernel: {kernel}" if kernel else "", chose)
                          if x)

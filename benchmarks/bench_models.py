@@ -532,9 +532,9 @@ def run_infer(task: Task, cfg: Config, state: State, rows: List[dict]) -> None:
             with inductor_freezing(max_mode):
                 if prov == "compile":
                     torch._dynamo.reset()
-                mod = make_infer_provider(prov, variant, eager, task.model, task.size, dev, dt, fmt)
                 if prov == "auto":
                     common.dispatch_fresh()  # the warm-up call below measures every conv of the case
+                mod = make_infer_provider(prov, variant, eager, task.model, task.size, dev, dt, fmt)
                 _sync(dev)
                 with count_fused_convs() as impls, torch.no_grad():
                     tic = time.perf_counter()
@@ -573,6 +573,8 @@ def run_infer(task: Task, cfg: Config, state: State, rows: List[dict]) -> None:
             info.error = f"{type(exc).__name__}: {exc}"
             print(f"  FAILED {task.label()} {name}: {info.error}", file=sys.stderr)
             traceback.print_exc(limit=3)
+            if prov == "auto":  # what the dispatch decided before it failed
+                info.dispatch = common.dispatch_record()
         finally:
             mod = None
             if prov == "compile":

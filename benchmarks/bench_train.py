@@ -490,12 +490,12 @@ def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], i
         timing, peak, ok, info = None, None, False, Info(None, None, None)
         module = fwd = opt = step = None
         try:
+            if prov == "auto":
+                common.dispatch_fresh()  # the first step below measures every block of the case
             if ref_q is None:
                 raise RuntimeError("no reference step to check against")
             module, fwd, opt = build_provider(prov, case, base, dev, job.dtype)
             step = make_step(fwd, opt, case, dev, job.dtype)
-            if prov == "auto":
-                common.dispatch_fresh()  # this first step measures every block of the case
             _sync(dev)
             with count_fused_blocks() as calls:
                 tic = time.perf_counter()
@@ -549,6 +549,8 @@ def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], i
             info.error = f"{type(exc).__name__}: {exc}"
             print(f"  FAILED {job.label()} {prov}: {info.error}", file=sys.stderr)
             traceback.print_exc(limit=3)
+            if prov == "auto":  # what the dispatch decided before it failed
+                info.dispatch = common.dispatch_record()
         finally:
             module = fwd = opt = step = None  # this provider's model is freed before the next one is built
             for x, _ in inputs:

@@ -263,12 +263,13 @@ def test_peaks_file_is_used_instead_of_measuring(tmp_path, monkeypatch):
 
 def test_wrong_provider_is_recorded_and_not_timed(tmp_path, monkeypatch, capsys):
     """A fused conv and a memory op 1% off: correct=false, no time, the floor still given; the
-    others correct and timed; exit code 1. ``cuda`` is faked (no library needed)."""
+    others correct and timed; exit code 1. ``cuda`` is faked (no library needed), and so is a wrong
+    ``auto``, whose rows still get their (here empty) dispatch entries."""
     monkeypatch.setattr(common, "provider_unavailable", lambda p, d: None)
     real = bench_layers.conv_provider_fn
 
     def fn(provider, variant, job, bc, allow_tf32):
-        if provider == "cuda":
+        if provider in ("cuda", "auto"):
             eager = real("eager", variant, job, bc, allow_tf32)
             return lambda x, r: eager(x, r) * 1.01
         return real(provider, variant, job, bc, allow_tf32)
@@ -279,16 +280,19 @@ def test_wrong_provider_is_recorded_and_not_timed(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(bench_layers, "conv_provider_fn", fn)
     monkeypatch.setattr(bench_layers, "kernel_name", lambda *a: "fake")
     monkeypatch.setitem(bench_bandwidth.RUNNERS, "cuda", broken)
+    monkeypatch.setitem(bench_bandwidth.RUNNERS, "auto", broken)
     pk = _write_peaks(tmp_path / "p.json")
-    rc = bench_layers.main(["--device", "cpu", "--models", "resnet50", "--providers", "eager", "cuda", "--convs",
-                            "layer1.0.conv3", "--acts", "1024x14", "--ops", "bn_add_relu", "--peaks",
+    rc = bench_layers.main(["--device", "cpu", "--models", "resnet50", "--providers", "eager", "cuda", "auto",
+                            "--convs", "layer1.0.conv3", "--acts", "1024x14", "--ops", "bn_add_relu", "--peaks",
                             str(tmp_path / "p.json"), "--out", str(tmp_path / "out")])
     assert rc == 1
-    _, rows, md = _results(tmp_path / "out")
+    data, rows, md = _results(tmp_path / "out")
     _check_against_peaks(rows, pk)
-    assert len(rows) == 1 + 2 * 2 + 2
+    assert len(rows) == 1 + 3 * 2 + 3
+    wrong = [r for r in rows if r["provider"] == "auto"]
+    assert [(e["variant"], e["decisions"]) for e in data["dispatch"]] == [(r["variant"], []) for r in wrong]
     for row in rows:
-        if row["provider"] == "cuda":
+        if row["provider"] in ("cuda", "auto"):
             assert row["correct"] is False and row["median_ms"] is None and row["images_per_s"] is None
             assert row["tflops"] is None and row["frac_of_peak"] is None and row["gbps"] is None
             assert row["frac_of_copy"] is None and row["floor_ms"] > 0
