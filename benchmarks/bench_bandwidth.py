@@ -40,7 +40,12 @@ Providers: ``cuda`` (the compiled library: CUDA kernels on a GPU, the C++ kernel
 ``bn_relu_bwd_apply`` and ``resnet_fused.ops.batch_stats.channel_stats``; there is no Triton
 kernel for the two mask ops), ``eager`` (the torch op sequence: broadcast arithmetic, ``torch.where``,
 ``sum``, ``var_mean``, ``threshold_backward``; a bool mask). A provider that cannot run here is
-skipped with its reason (printed, and under ``"skipped"`` in the JSON).
+skipped with its reason (printed, and under ``"skipped"`` in the JSON). Asked for with
+``--providers``: ``auto`` (``resnet_fused.ops.bn_act(..., backend="auto")`` on the BN folded to
+one affine, for bn_relu and bn_add_relu: the measured dispatch, which checks and times its
+candidates in the first, untimed call on the timed shapes; forgotten before each case, no decision
+file; ``note`` says what it chose, the JSON's ``"dispatch"`` holds the decisions as
+:func:`benchmarks.common.dispatch_entry` gives them, ``model`` empty and ``variant`` the op).
 
 Correctness first: each provider's outputs against float64 computed from the same inputs; error
 within max(dtype floor, 4 x eager's error in the same dtype) (:func:`benchmarks.common.check_output`;
@@ -76,7 +81,8 @@ from . import common
 BENCH = "bandwidth"
 KEYS = ("bench", "op", "shape", "batch", "layout", "dtype", "provider", "bytes", "median_ms", "p20_ms", "p80_ms",
         "gbps", "copy_gbps", "frac_of_copy", "err", "bound", "correct", "note")
-PROVIDERS = ("cuda", "triton", "eager")
+PROVIDERS = ("cuda", "triton", "eager")  # the default; "auto" runs where asked for (AUTO_OPS only)
+AUTO_OPS = ("bn_relu", "bn_add_relu")  # what resnet_fused.ops.bn_act computes: its "auto" path
 GOAL_FRAC = 0.85  # the issue's goal for the cuda provider on an H100
 FACTOR = 4.0
 
@@ -164,6 +170,8 @@ def make_inputs(batch: int, a: Act, channels_last: bool, dt: torch.dtype, dev: t
         "r_scale": (torch.rand(C, generator=gen, device=dev) + 0.5) / r_s, "r_shift": 0.3 * rnd(C),
         "k2": 0.01 * rnd(C), "k3": 0.01 * rnd(C), "r_k2": 0.01 * rnd(C), "r_k3": 0.01 * rnd(C),
     }
+    # the same BN as one affine, y * scale + shift_folded: what the inference op bn_act takes
+    vec["shift_folded"] = vec["shift"] - vec["mean"] * vec["scale"]
     return Inputs(y, r, g, relu_out, mask, mask_bool, {k: v.float().contiguous() for k, v in vec.items()})
 
 
@@ -220,8 +228,8 @@ class Op:
 
 
 OPS = (
-    Op("bn_relu", 2, False, 3, 0, "fwd"),
-    Op("bn_add_relu", 3, False, 3, 1, "fwd"),
+    Op("bn_relu", 2, False, 3, 0, "fwd", PROVIDERS + ("auto",)),
+    Op("bn_add_relu", 3, False, 3, 1, "fwd", PROVIDERS + ("auto",)),
     Op("dual_bn_add_relu", 3, False, 6, 2, "fwd"),
     Op("bn_relu_mask", 2, True, 3, 0, "fwd", ("cuda", "eager")),
     Op("bwd_reduce", 2, False, 3 + 2, 0, "reduce"),
@@ -311,7 +319,18 @@ def run_eager(op: Op, d: Inputs, up: bool = False):
     return dy, dr.to(dt)
 
 
-RUNNERS: Dict[str, Callable] = {"cuda": run_cuda, "triton": run_triton, "eager": run_eager}
+def run_auto(op: Op, d: Inputs):
+    """``resnet_fused.ops.bn_act(..., backend="auto")`` (the measured dispatch) on the folded BN:
+    bn_relu and bn_add_relu only (:data:`AUTO_OPS`)."""
+    from resnet_fused.ops import bn_act
+
+    if op.name not in AUTO_OPS:
+        raise ValueError(f"{op.name}: no auto path (resnet_fused.ops.bn_act covers {AUTO_OPS})")
+    return (bn_act(d.y, d.vec["scale"], d.vec["shift_folded"], d.r if op.res == 1 else None, relu=True,
+                   backend="auto"),)
+
+
+RUNNERS: Dict[str, Callable] = {"cuda": run_cuda, "triton": run_triton, "eager": run_eager, "auto": run_auto}
 
 
 # ----------------------------------------------------------------------------------- correctness
@@ -366,6 +385,8 @@ class Config:
     cuda_graph: bool
     timing: dict
     skipped: Dict[str, str] = field(default_factory=dict)
+    # auto: (op, shape, layout, dtype) -> common.dispatch_record() after its run
+    dispatch: Dict[tuple, dict] = field(default_factory=dict)
 
 
 
@@ -437,6 +458,8 @@ def run_case(a: Act, layout: str, dtype: str, cfg: Config, rows: List[dict],
                 continue
             t, chk, ok, note = None, None, False, ""
             try:
+                if prov == "auto":
+                    common.dispatch_fresh()  # the checked call below (the timed shapes) measures
                 outs = RUNNERS[prov](op, base)
                 chk = judge(op, outs, ref, eager, dtype, base)
                 ok = chk.ok
@@ -454,6 +477,10 @@ def run_case(a: Act, layout: str, dtype: str, cfg: Config, rows: List[dict],
                 ok, t, note = False, None, f"failed: {type(exc).__name__}: {str(exc)[:200]}"
                 print(f"  FAILED {op.name} {label} {prov}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 traceback.print_exc(limit=3)
+            if prov == "auto":  # its decisions, also when it was wrong or failed
+                record = common.dispatch_record()
+                cfg.dispatch[(op.name, f"{a.c}x{a.hw}x{a.hw}", layout, dtype)] = record
+                note = "; ".join(x for x in (note, common.auto_note(record["decisions"])) if x)
             rows.append(make_row(op.name, a, cfg.batch, layout, dtype, prov, nbytes, t, copy, chk, ok, note))
             r = rows[-1]
             if r["gbps"] is not None:
@@ -511,7 +538,7 @@ def goal_line(rows: List[dict], device: torch.device) -> str:
 
 # -------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[Sequence[str]] = None):
-    p = common.base_parser("python -m benchmarks.bench_bandwidth", __doc__, providers=PROVIDERS,
+    p = common.base_parser("python -m benchmarks.bench_bandwidth", __doc__, providers=PROVIDERS + ("auto",),
                            quick_help="GPU: batch 64, fp16 only (about a minute on an H100)")
     p.add_argument("--batch", type=int, default=None, help="override the batch size")
     p.add_argument("--layouts", nargs="+", choices=("cl", "nchw"), default=None, help="default: both")
@@ -550,10 +577,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     common.print_skipped(cfg.skipped)
     rows: List[dict] = []
     copies: Dict[int, Tuple[float, common.Timing]] = {}
-    for dtype in cfg.dtypes:
-        for a in cfg.acts:
-            for layout in cfg.layouts:
-                run_case(a, layout, dtype, cfg, rows, copies)
+    with common.dispatch_isolated():
+        for dtype in cfg.dtypes:
+            for a in cfg.acts:
+                for layout in cfg.layouts:
+                    run_case(a, layout, dtype, cfg, rows, copies)
     headers, lines = summary_table(rows, cfg.providers)
     print(common.format_table(headers, lines))
     goal = goal_line(rows, cfg.device)
@@ -561,6 +589,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     common.print_skipped(cfg.skipped)
     extra = {"goal": goal, "timing": "CUDA-graph replay" if cfg.cuda_graph else
              ("CUDA events, plain launches" if cfg.device.type == "cuda" else "perf_counter (CPU)")}
+    if cfg.dispatch:
+        extra["dispatch"] = [common.dispatch_entry({"shape": shape, "batch": cfg.batch, "dtype": dtype,
+                                                    "mode": "infer", "layout": layout, "variant": op}, record)
+                             for (op, shape, layout, dtype), record in cfg.dispatch.items()]
     return common.finish(rows, args.out, BENCH, env, write=not args.no_write, keys=KEYS, skipped=cfg.skipped,
                          extra=extra, markdown=(f"bench_bandwidth: memory-bound kernels vs copy, {env['gpu']}",
                                                 headers, lines), notes=[goal])

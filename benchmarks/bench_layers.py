@@ -33,6 +33,17 @@ and with a residual (an output-shaped tensor added before the ReLU), ``variant``
   GEMM with our epilogue where a configuration fits, else cuDNN + our epilogue kernel; ``note``
   gives ``conv_kernel_name(...)``;
 - ``triton``: ``resnet_fused.ops.conv_bias_act(..., backend="triton")`` on the same folded weights;
+- ``cudnn_fused``: cuDNN's own fused op on the same folded weights (``torch.ops.aten.
+  cudnn_convolution_relu`` / ``cudnn_convolution_add_relu``, as the dispatch's candidate
+  ``resnet_fused.dispatch.candidates._cudnn_fused`` calls them, the float32 bias rounded to the
+  input's dtype on each call as that candidate does): CUDA only, skipped elsewhere;
+- ``auto``: ``resnet_fused.ops.conv_bias_act(..., backend="auto")`` on the same folded weights,
+  what users get: the measured dispatch checks and times every candidate (torch, cudnn_fused,
+  triton, cuda) on its first call and runs the fastest correct one. That first call is the check
+  before timing, on the timed shapes, so no timed call measures. The dispatch forgets its
+  decisions before each case (every case measures its own key) and reads and writes no decision
+  file while the script runs (``RESNET_FUSED_CACHE_DIR=""``). ``note`` says what it chose, with
+  each candidate's measured time; the JSON's ``"dispatch"`` holds the decision;
 - ``compile``: ``torch.compile`` of the eager separate-op function (a fresh compile per case).
 
 Which variant a model's convs really run: ResNet-50 (post-activation) runs conv + BN + ReLU (stem,
@@ -47,7 +58,9 @@ Memory-bound rows: the ops of :mod:`benchmarks.bench_bandwidth` (``variant`` = t
 ``bn_relu``, ``bn_add_relu``, ``dual_bn_add_relu``, ``bn_relu_mask``, ``bwd_reduce``,
 ``bwd_reduce_dual``, ``bwd_apply``, ``bwd_apply_dual``, ``channel_stats``, ``relu_mask_backward``),
 run by its :func:`~benchmarks.bench_bandwidth.run_case` at each BN input shape, providers ``cuda``,
-``triton`` (none for the two mask ops) and ``eager``. ``mode``: ``infer`` for the three BN-apply
+``triton`` (none for the two mask ops), ``eager`` and ``auto`` (``resnet_fused.ops.bn_act(...,
+backend="auto")`` for ``bn_relu`` and ``bn_add_relu``, the ops it computes; measured, forgotten and
+recorded as for the convs). ``mode``: ``infer`` for the three BN-apply
 forwards without a mask (an inference forward runs them where a BN cannot be folded into a conv:
 the first BN + ReLU of a pre-activation block; a training forward runs them too), ``train_step``
 for the ops only a training step runs (the mask-saving forward, the backward passes, the batch
@@ -80,9 +93,10 @@ that cannot run here is skipped with its reason (printed, and under ``"skipped"`
 Timing: CUDA-graph replay (``--no-graph``: plain launches; plain launches also where capture
 fails, noted) over input copies larger than twice the L2, median and p20/p80 (bench_conv_epilogue's
 and bench_bandwidth's harness, :func:`benchmarks.common.benchmark_graph_or_plain`);
-``cudnn.benchmark`` on. Order: conv alone, eager and cuda for every conv case, then the memory ops
-(cuda, eager), then triton (memory ops, then convs: each new conv shape is autotuned on first
-call), then compile, so a run cut short keeps the headline numbers; ``--deadline`` (``--quick``:
+``cudnn.benchmark`` on. Order: conv alone, eager, cuda and cudnn_fused for every conv case, then the
+memory ops (cuda, eager), then triton (memory ops, then convs: each new conv shape is autotuned on
+first call), then auto (convs, then memory ops: its triton candidate finds the kernels tuned), then
+compile, so a run cut short keeps the headline numbers; ``--deadline`` (``--quick``:
 75 s after start) starts nothing later (no compile case later than 15 s before it) and lists what
 it left out under ``"not_run"``: on a cold Triton cache a quick run may leave out some triton and
 compile rows; results are rewritten after every case.
@@ -93,15 +107,20 @@ one-call run, about a minute): batch 64 / 128, fp16, six ResNet-50 geometries
 (:data:`benchmarks.bench_conv_epilogue.QUICK`) and four of WRN-28-10 (:data:`WRN_QUICK`), three ops
 (:data:`QUICK_OPS`) at three activation shapes (:data:`QUICK_ACTS`). CPU (the default without
 CUDA; CI): the quick subset at tiny sizes (bench_conv_epilogue's and bench_bandwidth's ``tiny``:
-channels / 16, small spatial sizes), batch 2, fp32, providers eager and cuda (the library's C++
-kernels) and triton (through the interpreter, only with ``TRITON_INTERPRET=1`` set before Python
-starts); compile is left out unless ``--compile``. CPU numbers prove the script, nothing else.
+channels / 16, small spatial sizes), batch 2, fp32, providers eager, cuda (the library's C++
+kernels), triton (through the interpreter, only with ``TRITON_INTERPRET=1`` set before Python
+starts) and auto (on CPU tensors it measures torch against the C++ kernels: the interpreter is
+never its candidate); cudnn_fused is skipped (CUDA only); compile is left out unless
+``--compile``. CPU numbers prove the script, nothing else.
 
 Outputs: a table per section on stdout; under ``--out`` (default ``benchmarks/results``)
 ``<date>_<device>_<commit>_layers.{json,csv,md}``: rows with :data:`benchmarks.common.ROW_KEYS` +
 ``variant layout tflops frac_of_peak gbps frac_of_copy floor_ms note`` (:data:`KEYS`); the JSON also
-has ``peaks`` (the ceilings used), ``peaks_source``, ``timing``, ``tf32``, ``cudnn_benchmark`` and
-``not_run``; the markdown has the conv table and the memory table.
+has ``peaks`` (the ceilings used), ``peaks_source``, ``timing``, ``tf32``, ``cudnn_benchmark``,
+``not_run`` and ``dispatch`` (one entry per auto row, :func:`benchmarks.common.dispatch_entry`: the
+row's ``model shape batch dtype mode layout variant``, the dispatch's ``env`` and its
+``decisions``, each with ``op case chosen candidates source sites margin measure_ms``); the
+markdown has the conv table and the memory table.
 
 Pending: nothing of this has run on a GPU; the ``--quick`` time is an estimate.
 """
@@ -127,15 +146,16 @@ from .bench_conv_epilogue import Case, ConvSpec, Job, kernel_name, make_case, me
 
 BENCH = "layers"
 KEYS = common.row_keys("variant", "layout", "tflops", "frac_of_peak", "gbps", "frac_of_copy", "floor_ms", "note")
-PROVIDERS = ("eager", "cuda", "triton", "compile")
+PROVIDERS = ("eager", "cuda", "cudnn_fused", "triton", "auto", "compile")
 SECTIONS = ("conv", "memory")
 LAYOUT = "channels_last"
 FACTOR = 4.0
 BN_EPS = 1e-5
 QUICK_DEADLINE_S = 75.0
 # a run cut short keeps the first phases: (section, providers)
-PHASES = (("conv", ("eager", "cuda")), ("memory", ("eager", "cuda")), ("memory", ("triton",)),
-          ("conv", ("triton",)), ("conv", ("compile",)))
+# auto after triton: its measuring then finds Triton's kernels compiled and autotuned for the shape
+PHASES = (("conv", ("eager", "cuda", "cudnn_fused")), ("memory", ("eager", "cuda")), ("memory", ("triton",)),
+          ("conv", ("triton",)), ("conv", ("auto",)), ("memory", ("auto",)), ("conv", ("compile",)))
 # with a deadline, no torch.compile case starts later than this many seconds before it (a cold
 # compile of one case takes seconds to tens of seconds, and the suite kills the step at its cap)
 COMPILE_MARGIN_S = 15.0
@@ -300,6 +320,7 @@ class Config:
     peaks: Optional[peaks_mod.Peaks] = None
     skipped: Dict[str, str] = field(default_factory=dict)
     not_run: List[str] = field(default_factory=list)
+    dispatch: List[dict] = field(default_factory=list)  # the JSON's "dispatch": one entry per auto row
 
 
 def _past_deadline(cfg: Config, what: str, margin_s: float = 0.0) -> bool:
@@ -383,12 +404,25 @@ def eager_fn(job: Job, bc: BNCase) -> Callable:
 
 def conv_provider_fn(provider: str, variant: str, job: Job, bc: BNCase, allow_tf32: bool) -> Callable:
     """``fn(x, r)`` of (provider, variant) on one conv case."""
+    s = job.spec
     if variant == "conv_alone":
         return provider_fn("conv_alone", job, bc.case, allow_tf32)
     if provider == "eager":
         return eager_fn(job, bc)
     if provider in ("cuda", "triton"):
         return provider_fn(provider, job, bc.folded, allow_tf32)
+    if provider == "auto":
+        from resnet_fused.ops import conv_bias_act
+
+        w, b32 = bc.folded.w, bc.folded.b32
+        return lambda x, r: conv_bias_act(x, w, b32, r, stride=s.stride, padding=s.padding, relu=True,
+                                          backend="auto")
+    if provider == "cudnn_fused":
+        from resnet_fused.dispatch.candidates import _cudnn_fused
+
+        w, b32 = bc.folded.w, bc.folded.b32
+        st, pd = (s.stride, s.stride), (s.padding, s.padding)
+        return lambda x, r: _cudnn_fused(x, w, b32, r, st, pd, (1, 1), True, torch.channels_last)
     if provider == "compile":
         torch._dynamo.reset()  # a fresh compile per case (the recompile limit would fall back to eager)
         return torch.compile(eager_fn(job, bc), dynamic=False)
@@ -433,18 +467,26 @@ def run_conv_job(cj: ConvJob, pairs: Sequence[Tuple[str, str]], cfg: Config, row
         def build(prov=prov, variant=variant, bc=bc):
             if prov == "cuda":
                 got["kernel"] = kernel_name("cuda", job, bc.folded, allow_tf32)
+            if prov == "auto":
+                common.dispatch_fresh()  # the checked first call (the timed shapes) measures this case
             return conv_provider_fn(prov, variant, job, bc, allow_tf32)
 
         ref, eager_out = (bc.case.conv64, None) if variant == "conv_alone" else (bc.ref64, bc.eager_out)
         m = measure(build, bc.case.inputs, ref, eager_out, job.dtype, cfg, prov, what,
                     measure_mem=True)
         t, mem, ok, status, kernel = m.timing, m.peak_mb, m.ok, m.note, got["kernel"]
-        note = "; ".join(x for x in (status, _modules_note(cj.modules), f"kernel: {kernel}" if kernel else "") if x)
+        record = common.dispatch_record() if prov == "auto" else None  # (also when it failed)
+        chose = "" if record is None else common.auto_note(record["decisions"])
+        note = "; ".join(x for x in (status, _modules_note(cj.modules), f"kernel: {kernel}" if kernel else "", chose)
+                         if x)
         rows.append(conv_row(cj, prov, variant, t, mem, ok, note, cfg.peaks))
         r = rows[-1]
+        if record is not None:
+            cfg.dispatch.append(common.dispatch_entry(r, record))
         if r["median_ms"] is not None:
             print(f"  {what:<70} {r['median_ms']:.4f} ms  {r['tflops']:.3g} TFLOP/s  {r['frac_of_peak']:.2f} of peak"
-                  f"  floor {r['floor_ms']:.4f} ms{'  [' + kernel + ']' if kernel else ''}", flush=True)
+                  f"  floor {r['floor_ms']:.4f} ms{'  [' + (kernel or chose) + ']' if kernel or chose else ''}",
+                  flush=True)
         if prov == "compile":
             torch._dynamo.reset()
     del bc
@@ -490,7 +532,13 @@ def run_mem_job(mj: MemJob, providers: Sequence[str], cfg: Config, rows: List[di
     except Exception as exc:  # inputs could not be made: nothing of this case ran
         print(f"  FAILED {mj.label()} memory ops: {type(exc).__name__}: {exc}", file=sys.stderr)
         traceback.print_exc(limit=3)
-    rows.extend(mem_row(mj, r, cfg.peaks) for r in brows if r["provider"] != "copy")
+    for r in brows:
+        if r["provider"] == "copy":
+            continue
+        rows.append(mem_row(mj, r, cfg.peaks))
+        record = bcfg.dispatch.get((r["op"], r["shape"], "cl", mj.dtype)) if r["provider"] == "auto" else None
+        if record is not None:
+            cfg.dispatch.append(common.dispatch_entry(rows[-1], record))
 
 
 # ------------------------------------------------------------------------------------- tables
@@ -514,7 +562,7 @@ def conv_table(rows: List[dict], providers: Sequence[str], info: Dict[tuple, Tup
     fused provider in ms; fused / conv alone and eager / the faster of cuda and triton; the best
     fraction of the matmul peak; the roofline floor and which ceiling sets it. ``info``:
     conv_key + (variant,) -> (the geometry's first module, "math" | "memory")."""
-    fused = [p for p in ("cuda", "triton", "compile") if p in providers]
+    fused = [p for p in ("cuda", "cudnn_fused", "triton", "auto", "compile") if p in providers]
     headers = ["model", "conv", "shape", "batch", "dtype", "variant", "conv ms", "eager ms"]
     headers += [f"{p} ms" for p in fused]
     headers += [f"{p}/conv" for p in fused if p != "compile"] + ["eager/fused", "best of peak", "floor ms", "bound"]
@@ -561,7 +609,7 @@ def conv_key(model: str, job: Job) -> tuple:
 
 def mem_table(rows: List[dict], providers: Sequence[str]) -> Tuple[List[str], List[list]]:
     """One line per (model, op, shape, dtype): each provider's GB/s and fraction of the copy bandwidth."""
-    provs = [p for p in ("cuda", "triton", "eager") if p in providers]
+    provs = [p for p in ("cuda", "triton", "auto", "eager") if p in providers]
     headers = ["model", "op", "shape", "batch", "dtype", "mode", "floor ms"]
     for p in provs:
         headers += [f"{p} GB/s", f"{p}/copy"]
@@ -703,7 +751,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              "timing": "CUDA-graph replay" if cfg.cuda_graph else
              ("CUDA events, plain launches" if dev.type == "cuda" else "perf_counter (CPU)"),
              "tf32": dev.type == "cuda" and conv_uses_tf32(), "cudnn_benchmark": dev.type == "cuda",
-             "not_run": cfg.not_run}
+             "not_run": cfg.not_run, "dispatch": cfg.dispatch}
 
     def save() -> None:
         if not args.no_write and rows:
@@ -711,7 +759,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     baselines = set()
     copies: Dict[int, tuple] = {}
-    with common.cudnn_benchmark(dev, True):
+    with common.dispatch_isolated(), common.cudnn_benchmark(dev, True):
         for section, phase in PHASES:
             provs = [p for p in cfg.providers if p in phase]
             if not provs:
@@ -727,7 +775,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     run_conv_job(cj, pairs, cfg, rows)
                     save()
             else:
-                mem_provs = [p for p in provs if p in bench_bandwidth.PROVIDERS]
+                mem_provs = [p for p in provs if p in bench_bandwidth.RUNNERS]
                 for mj in cfg.mem_jobs if mem_provs else ():
                     run_mem_job(mj, mem_provs, cfg, rows, copies)
                     save()

@@ -13,12 +13,12 @@ separate kernels) and with ``torch.compile`` of the eager network: in inference 
 (H100): ResNet-50 inference at batch 256, fp16, channels_last: fused >= 1.5x eager and >= 1.1x
 torch.compile max-autotune with freezing; ResNet-50 training step at batch 256, AMP,
 channels_last: fused >= 1.3x eager and >= torch.compile. "Fused" is the better of triton and cuda;
-each is also judged alone. A number that misses is reported as it is (log, markdown, JSON
-``"goals"``).
+each is also judged alone, and so is auto (what users get). A number that misses is reported as it
+is (log, markdown, JSON ``"goals"``).
 
 Models: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``resnet152``,
 ``wide_resnet50_2``; 3x224x224 input (GPU), 1000 classes. Eager and compile run the plain network
-of :mod:`resnet_fused.models.reference`; triton and cuda run ours
+of :mod:`resnet_fused.models.reference`; triton, cuda and auto run ours
 (``resnet_fused.models.<name>(backend=...)``, the same state_dict loaded strictly). Inference: the
 BN running statistics are measured on one random train-mode batch with random affine parameters
 (:func:`benchmarks.bench_blocks.calibrate_bn`: random statistics blow a 50-layer network up in
@@ -28,7 +28,7 @@ Modes and precision:
 
 - ``infer``: batch 1, 32, 256; ``fp16`` = fp16 weights and input, ``fp32`` = fp32 with
   PyTorch's default TF32 convolutions (both sides); channels_last (``--layouts nchw`` adds
-  NCHW). Providers ``eager``, ``triton``, ``cuda``, then ``compile`` twice: ``variant="default"``
+  NCHW). Providers ``eager``, ``triton``, ``cuda``, ``auto``, then ``compile`` twice: ``variant="default"``
   (``torch.compile(model)``) and ``variant="max-autotune+freezing"`` (``torch.compile(model,
   mode="max-autotune")`` with ``torch._inductor.config.freezing = True`` while it compiles and
   runs, restored after; it brings Inductor's own CUDA graphs). A fresh ``torch._dynamo.reset()``
@@ -36,7 +36,7 @@ Modes and precision:
 - ``train_step``: batch 256 (or less where memory says, below); ``fp16`` = AMP
   (``torch.autocast`` float16, fp32 master weights, static loss scale 1024 with the learning rate
   divided by it, no GradScaler), ``fp32`` = TF32 convolutions; SGD momentum 0.9; channels_last
-  only. Providers ``eager``, ``triton``, ``cuda``, ``compile`` (default mode). This is
+  only. Providers ``eager``, ``triton``, ``cuda``, ``auto``, ``compile`` (default mode). This is
   :func:`benchmarks.bench_train.run_job` (its step, its checks, its timing) with this script's
   model cases. The batch: 256 unless the estimated memory of the reference step (activations of
   every leaf module on the meta device x batch x the reference dtype's bytes: float32 for AMP runs,
@@ -44,13 +44,23 @@ Modes and precision:
   an 80 GB H100: 128); an out-of-memory error in a job (the allocator's ``num_ooms`` grew) drops
   its rows and re-runs it at half the batch. The batch used is the row's ``batch``, and a note
   says why.
-- Order: eager, triton and cuda of every case first; then ``compile`` (default) of every case;
+- ``auto``: our network with ``backend="auto"``, the measured dispatch (:mod:`resnet_fused.dispatch`):
+  at its first call with a new key each conv site (inference) or block (training step) runs every
+  candidate on the real inputs, checks and times it, and keeps the fastest correct one. That first
+  call is this script's untimed warm-up, made with exactly the timed inputs' shape, dtype and layout
+  (inference: the checked call; training: the checked step), so no timed call measures; a key first
+  met later would be named in ``"notes"``. The dispatch forgets its decisions before each case's
+  auto run (``resnet_fused.dispatch.forget``: every case measures its own keys, as a fresh process
+  would, and its record is complete) and reads and writes no decision file while the script runs
+  (``RESNET_FUSED_CACHE_DIR=""`` in this process). The JSON's ``"dispatch"`` holds each auto case's
+  decisions (below); the log line says what was chosen.
+- Order: eager, triton, cuda and auto of every case first; then ``compile`` (default) of every case;
   then ``max-autotune+freezing`` last (it autotunes for minutes). A run cut short keeps the
   fused-vs-eager answers; results are rewritten after every case; ``--deadline`` seconds after
   the start no provider starts (skips are listed in the JSON's ``"notes"``).
 - ``--quick`` (a step of the benchmark suite, meant for ~120 s on an H100; an estimate): resnet50
-  only, headline rows first: inference batch 256 fp16 (eager, triton, cuda), training step batch
-  256 AMP (eager, triton, cuda), inference batch 1 fp16 (eager, triton, cuda), then compile
+  only, headline rows first: inference batch 256 fp16 (eager, triton, cuda, auto), training step
+  batch 256 AMP (eager, triton, cuda, auto), inference batch 1 fp16 (eager, triton, cuda, auto), then compile
   (default) of the batch-256 inference and training step, then max-autotune+freezing of the
   batch-256 inference if time allows; no provider starts after 120 s (``--deadline``; the suite
   passes its own).
@@ -81,10 +91,14 @@ workspaces; not parameters, momentum buffers or inputs). Null on CPU.
 
 CPU (the default without CUDA; CI, ``tests/test_bench_models.py``): tiny sizes that prove the
 script: inference of ``resnet18`` and ``resnet50`` at 3x32x32, batch 1 and 2; a training step of
-``resnet18`` at 3x64x64, batch 4; fp32; providers ``eager`` and ``cuda`` (the compiled library's
-C++ kernels, where it loads). Not resnet50's training step, nor smaller images or batch 2: the
-probed gradients of a randomly initialised ResNet-50 are ill-conditioned (eager fp32's own
-relative error against float64 is 1e-2 to 1e-1 at every size tried, 32x32 to 224x224, batch 2 to
+``resnet18`` at 3x64x64, batch 4; fp32; providers ``eager``, ``cuda`` (the compiled library's
+C++ kernels, where it loads) and ``auto`` (on CPU tensors it measures ``torch`` against the C++
+kernels; the Triton interpreter is never a candidate), auto on resnet18's inference only unless
+``--providers`` names it (it has every kind of conv key; measuring resnet50's 53 convs or the
+training step's blocks as well would only add CI time, and bench_wrn's CPU mode runs auto's
+training path through the same harness; a note says so). Not resnet50's training step, nor
+smaller images or batch 2: the probed gradients of a randomly initialised ResNet-50 are
+ill-conditioned (eager fp32's own relative error against float64 is 1e-2 to 1e-1 at every size tried, 32x32 to 224x224, batch 2 to
 8, and moves by more than 4x between NCHW and channels_last or one and two threads; resnet18's
 too at 32x32 or 64x64 with batch 2), so the 4 x eager bound passes or fails a correct provider by
 luck (seen: cuda, resnet50 at 32x32, batch 8: 7.9e-3 against a bound of 1.3e-3; torch.compile,
@@ -100,11 +114,14 @@ about 90 s and 200 s): it is left out of the CPU mode (recorded under ``"skipped
 Outputs (``--out``, default ``benchmarks/results``): ``<date>_<device>_<commit>_models.{json,csv,md}``
 via :mod:`benchmarks.common`. Rows: :func:`benchmarks.common.row_keys` ``("variant", "layout",
 "compile_s")``, ``bench="models"``, ``model`` the torchvision name, ``shape`` what ran
-(``3x224x224``), ``mode`` infer | train_step, ``provider`` eager | triton | cuda | compile,
+(``3x224x224``), ``mode`` infer | train_step, ``provider`` eager | triton | cuda | auto | compile,
 ``variant`` "" (compile: "default" | "max-autotune+freezing"), ``layout`` channels_last | nchw.
 JSON: ``env``, ``skipped`` (provider -> why it cannot run here), ``goals`` (:func:`goals`: per goal
-and baseline, fused / triton / cuda ratio, target, verdict met | missed | not measured, and a
-sentence), ``notes`` (deadline skips, batch reductions), ``rows``. Markdown and stdout: one line
+and baseline, fused / triton / cuda / auto ratio, target, verdict met | missed | not measured, and a
+sentence), ``notes`` (deadline skips, batch reductions), ``dispatch`` (one entry per auto row:
+:func:`benchmarks.common.dispatch_entry`, the row's ``model shape batch dtype mode layout variant``,
+the dispatch's ``env`` and its ``decisions``, each with ``op case chosen candidates source sites
+margin measure_ms``), ``rows``. Markdown and stdout: one line
 per (model, mode, batch, dtype): eager ms and images/s, each provider's ms, speedup over eager and
 peak MiB, compile seconds; the goal verdicts under it.
 
@@ -143,7 +160,7 @@ MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_re
 LAYERS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3),
           "resnet152": (3, 8, 36, 3), "wide_resnet50_2": (3, 4, 6, 3)}
 BASIC = ("resnet18", "resnet34")
-MODEL_PROVIDERS = ("eager", "triton", "cuda", "compile", "torch")
+MODEL_PROVIDERS = ("eager", "triton", "cuda", "auto", "compile", "torch")
 LATE = ("compile",)
 DEFAULT = "default"
 MAX_AUTOTUNE = "max-autotune+freezing"
@@ -158,6 +175,11 @@ CPU_MODELS = ("resnet18", "resnet50")
 # (module docstring), so the 4 x eager bound would pass or fail a correct provider by luck
 CPU_TRAIN_MODELS, CPU_TRAIN_SIZE = ("resnet18",), 64
 CPU_TRITON_MODELS = ("resnet18",)  # the interpreter, if asked for at all
+# auto's CPU default (CI): resnet18's inference, which has every kind of conv key (3x3 + ReLU,
+# + add + ReLU, the 1x1 downsample without ReLU). Measuring resnet50's 53 convs, or the training
+# step's blocks (bench_wrn's CPU mode runs auto's training path through the same harness), would
+# only add CI time. --providers naming auto runs it on every case.
+CPU_AUTO_CASES = (("infer", "resnet18"),)
 GRAPH_MAX_BATCH = 32  # CUDA-graph replays at and below this inference batch
 MEM_FRACTION = 0.75  # a training batch is halved while its reference step's estimate exceeds this share
 MIN_TRAIN_BATCH = 8
@@ -180,6 +202,7 @@ GOALS = (
 )
 GOAL_SHAPE = "3x224x224"
 FUSED = ("triton", "cuda")
+JUDGED = FUSED + ("auto",)  # each judged alone in the goals; "fused" is the faster of FUSED
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -207,7 +230,8 @@ class Task:
 def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, models: Optional[Sequence[str]] = None,
                modes: Sequence[str] = ("infer", "train"), batches: Optional[Sequence[int]] = None,
                dtypes: Optional[Sequence[str]] = None, layouts: Sequence[str] = (CL,), size: Optional[int] = None,
-               max_autotune: bool = True) -> List[Task]:
+               max_autotune: bool = True, cpu_auto_cases: Optional[Sequence[Tuple[str, str]]] = CPU_AUTO_CASES
+               ) -> List[Task]:
     """Every task in the order it runs: eager / triton / cuda (/ torch) of every case, then compile
     (default) of every case, then compile max-autotune+freezing of the inference cases.
 
@@ -217,7 +241,8 @@ def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, mode
     first batch (256) with every provider and at the last (1) without compile; training at 256;
     fp16. CPU: inference of resnet18 and resnet50 at 32x32, batch 1 and 2; training of resnet18
     at 64x64, batch 4 (``models`` / ``batches`` / ``size`` replace these); fp32; triton (if asked
-    for) on resnet18 only."""
+    for) on resnet18 only; auto on the (mode, model) pairs of ``cpu_auto_cases`` (None: every
+    case)."""
     train_size = size or (GPU_SIZE if gpu else CPU_TRAIN_SIZE)
     size = size or (GPU_SIZE if gpu else CPU_SIZE)
     if gpu:
@@ -241,8 +266,10 @@ def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, mode
     early = [p for p in providers if p not in LATE]
     do_compile = "compile" in providers
 
-    def early_runs(model: str) -> Tuple[Tuple[str, str], ...]:
-        keep = [p for p in early if gpu or p != "triton" or model in CPU_TRITON_MODELS]
+    def early_runs(model: str, mode: str = "infer") -> Tuple[Tuple[str, str], ...]:
+        cpu_ok = {"triton": model in CPU_TRITON_MODELS,
+                  "auto": cpu_auto_cases is None or (mode, model) in cpu_auto_cases}
+        keep = [p for p in early if gpu or cpu_ok.get(p, True)]
         return tuple((p, "") for p in keep)
 
     infer = [(m, b, d, lay) for m in models for d in dtypes for lay in layouts for b in infer_b] \
@@ -254,12 +281,14 @@ def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, mode
             head = [x for x in infer if x[0] == m and x[1] == infer_b[0]]
             rest = [x for x in infer if x[0] == m and x[1] != infer_b[0]]
             tasks += [Task("infer", m, size, b, d, lay, early_runs(m)) for _, b, d, lay in head]
-            tasks += [Task("train_step", m, train_size, b, d, CL, early_runs(m)) for mm, b, d in train if mm == m]
+            tasks += [Task("train_step", m, train_size, b, d, CL, early_runs(m, "train_step"))
+                      for mm, b, d in train if mm == m]
             tasks += [Task("infer", m, size, b, d, lay, early_runs(m)) for _, b, d, lay in rest]
     else:
         for m in models:
             tasks += [Task("infer", m, size, b, d, lay, early_runs(m)) for mm, b, d, lay in infer if mm == m]
-            tasks += [Task("train_step", m, train_size, b, d, CL, early_runs(m)) for mm, b, d in train if mm == m]
+            tasks += [Task("train_step", m, train_size, b, d, CL, early_runs(m, "train_step"))
+                      for mm, b, d in train if mm == m]
     tasks = [t for t in tasks if t.runs]
     if do_compile:
         for m in models:
@@ -382,7 +411,7 @@ def make_infer_provider(prov: str, variant: str, eager: nn.Module, model: str, s
     the freezing flag while it compiles)."""
     if prov == "eager":
         return eager
-    if prov in ("triton", "cuda", "torch"):
+    if prov in ("triton", "cuda", "torch", "auto"):
         net = getattr(resnet_fused.models, model)(backend=prov)
         net.load_state_dict(_calibrated(model, size, SEED).state_dict(), strict=True)
         return net.to(device, dtype).to(memory_format=fmt).eval()
@@ -414,6 +443,7 @@ class InferInfo:
     impls: Tuple[str, ...] = ()
     graph: Optional[bool] = None
     error: Optional[str] = None
+    dispatch: Optional[dict] = None  # auto: common.dispatch_record() after the run
 
 
 @dataclass
@@ -426,6 +456,7 @@ class State:
     train_cases: Dict[tuple, bench_train.Case] = field(default_factory=dict)
     train_infos: Dict = field(default_factory=dict)
     status: Dict[tuple, str] = field(default_factory=dict)  # row key -> "WRONG" | "FAILED"
+    dispatch: Dict[tuple, dict] = field(default_factory=dict)  # auto row key -> its dispatch record
 
 
 def row_key(row: dict) -> tuple:
@@ -501,15 +532,19 @@ def run_infer(task: Task, cfg: Config, state: State, rows: List[dict]) -> None:
             with inductor_freezing(max_mode):
                 if prov == "compile":
                     torch._dynamo.reset()
+                if prov == "auto":
+                    common.dispatch_fresh()  # the warm-up call below measures every conv of the case
                 mod = make_infer_provider(prov, variant, eager, task.model, task.size, dev, dt, fmt)
                 _sync(dev)
                 with count_fused_convs() as impls, torch.no_grad():
                     tic = time.perf_counter()
-                    out = mod(x.clone())
+                    out = mod(x.clone())  # the timed inputs' shape, dtype and layout: auto decides here
                     _sync(dev)
                     info.first_s = time.perf_counter() - tic
-                if prov in ("triton", "cuda", "torch"):
+                if prov in ("triton", "cuda", "torch", "auto"):
                     info.fused, info.impls = len(impls), tuple(sorted(set(impls)))
+                if prov == "auto":
+                    info.dispatch = common.dispatch_record()
                 info.check = common.check_output(out, ref64, eager_out, task.dtype)
                 ok = info.check.ok
                 del out
@@ -523,6 +558,12 @@ def run_infer(task: Task, cfg: Config, state: State, rows: List[dict]) -> None:
                     timing, info.graph = common.benchmark_graph_or_plain(fn, inputs, dev, graph,
                                                                          f"{task.label()} {name}", **opts)
                     peak = common.peak_mem_mb(fn, inputs[0], dev)
+                    if prov == "auto":
+                        warm, info.dispatch = info.dispatch, common.dispatch_record()
+                        late = common.dispatch_late(warm, info.dispatch)
+                        if late is not None:
+                            print(f"  note: {task.label()} {late}", file=sys.stderr)
+                            cfg.notes.append(f"{task.label()}: {late}")
                 else:
                     c = info.check
                     print(f"  WRONG {task.label()} {name}: rel err {c.err:.3e} > bound {c.bound:.3e} "
@@ -532,6 +573,8 @@ def run_infer(task: Task, cfg: Config, state: State, rows: List[dict]) -> None:
             info.error = f"{type(exc).__name__}: {exc}"
             print(f"  FAILED {task.label()} {name}: {info.error}", file=sys.stderr)
             traceback.print_exc(limit=3)
+            if prov == "auto":  # what the dispatch decided before it failed
+                info.dispatch = common.dispatch_record()
         finally:
             mod = None
             if prov == "compile":
@@ -542,6 +585,8 @@ def run_infer(task: Task, cfg: Config, state: State, rows: List[dict]) -> None:
                                     extra=extra_cols(prov, variant, task.layout, info.first_s)))
         if not ok:
             state.status[row_key(rows[-1])] = "WRONG" if info.check is not None else "FAILED"
+        if info.dispatch is not None:
+            state.dispatch[row_key(rows[-1])] = info.dispatch
         print("  " + infer_line(task, name, rows[-1], info), flush=True)
     del eager, inputs
     _free(dev)
@@ -558,7 +603,9 @@ def infer_line(task: Task, name: str, row: dict, info: InferInfo) -> str:
     if info.fused is not None:
         parts.append(f"fused convs/forward {info.fused} ({'/'.join(info.impls) or '-'})")
     if info.first_s is not None:
-        parts.append(f"first call {info.first_s:.2f} s")
+        parts.append(f"first call {info.first_s:.2f} s{' (dispatch measuring included)' if name == 'auto' else ''}")
+    if info.dispatch is not None:
+        parts.append(common.auto_note(info.dispatch["decisions"]))
     if row["median_ms"] is not None:
         parts.append(f"{row['median_ms']:.3f} ms (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}), "
                      f"{row['images_per_s']:.1f} img/s{', CUDA graph' if info.graph else ''}")
@@ -613,9 +660,11 @@ def run_train(task: Task, cfg: Config, state: State, rows: List[dict]) -> None:
             continue
         break
     for r in rows[n0:]:
+        info = state.train_infos.get(job.key + (r["provider"],))
         if not r["correct"]:
-            info = state.train_infos.get(job.key + (r["provider"],))
             state.status[row_key(r)] = "WRONG" if info is not None and info.verdict is not None else "FAILED"
+        if info is not None and info.dispatch is not None:
+            state.dispatch[row_key(r)] = info.dispatch
 
 
 # ----------------------------------------------------------------------------------------- goals
@@ -633,12 +682,13 @@ def _find(rows: Sequence[dict], model: str, mode: str, batch: int, dtype: str, l
 def goals(rows: Sequence[dict]) -> List[dict]:
     """The issue's ResNet-50 goals judged on ``rows`` (a pure function): one entry per (goal,
     baseline) with the baseline's time, and for ``fused`` (the faster of triton and cuda),
-    ``triton`` and ``cuda``: provider, ms, ratio (baseline ms / provider ms), verdict ("met",
-    "missed" or "not measured": no correct timed row at 3x224x224 for it or the baseline); ``met``
-    is fused's verdict as a bool (None when not measured); ``text`` says it in a sentence."""
+    ``triton``, ``cuda`` and ``auto`` (the measured dispatch: what users get): provider, ms, ratio
+    (baseline ms / provider ms), verdict ("met", "missed" or "not measured": no correct timed row
+    at 3x224x224 for it or the baseline); ``met`` is fused's verdict as a bool (None when not
+    measured); ``text`` says it in a sentence."""
     out = []
     for title, model, mode, batch, dtype, layout, targets in GOALS:
-        timed = {p: _find(rows, model, mode, batch, dtype, layout, p, "") for p in FUSED}
+        timed = {p: _find(rows, model, mode, batch, dtype, layout, p, "") for p in JUDGED}
         for base_p, base_v, target in targets:
             base = _find(rows, model, mode, batch, dtype, layout, base_p, base_v)
             base_name = label_of(base_p, base_v) + (f" ({base_v})" if base_p == "compile" else "")
@@ -655,10 +705,10 @@ def goals(rows: Sequence[dict]) -> List[dict]:
                 return {"provider": prov, "ms": r["median_ms"], "ratio": round(ratio, 4),
                         "verdict": "met" if ratio >= target else "missed"}
 
-            have = [(p, r) for p, r in timed.items() if r is not None]
+            have = [(p, r) for p, r in timed.items() if r is not None and p in FUSED]
             best = min(have, key=lambda pr: pr[1]["median_ms"]) if have else (None, None)
             entry["fused"] = verdict(best[1], best[0])
-            for p in FUSED:
+            for p in JUDGED:
                 entry[p] = verdict(timed[p], p)
             v = entry["fused"]["verdict"]
             entry["met"] = None if v == "not measured" else v == "met"
@@ -675,14 +725,14 @@ def goal_text(entry: dict) -> str:
 
     f = entry["fused"]
     head = one(f"fused ({f['provider']})" if f["provider"] else "fused", f)
-    return f"{entry['goal']}: {head} ({'; '.join(one(p, entry[p]) for p in FUSED)})"
+    return f"{entry['goal']}: {head} ({'; '.join(one(p, entry[p]) for p in JUDGED)})"
 
 
 # ------------------------------------------------------------------------------------------ table
 def summary_table(rows: Sequence[dict], status: Dict[tuple, str]) -> Tuple[List[str], List[list]]:
     """(headers, lines), one line per (model, mode, batch, dtype[, layout]): eager ms, images/s and
     peak MiB; each other provider run's ms, speedup over eager and peak MiB; compile seconds."""
-    order = ["eager", "triton", "cuda", "torch", "compile", "compile-max"]
+    order = ["eager", "triton", "cuda", "auto", "torch", "compile", "compile-max"]
     present = {label_of(r["provider"], r["variant"]) for r in rows}
     others = [p for p in order[1:] if p in present]
     layouts = len({r["layout"] for r in rows}) > 1
@@ -765,7 +815,7 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.batches and min(args.batches) < 1:
         raise SystemExit(f"--batches: expected positive sizes, got {args.batches}")
     skipped: Dict[str, str] = {}
-    providers = common.order_providers(args.providers, ["eager", "triton", "cuda", "compile"], "eager")
+    providers = common.order_providers(args.providers, ["eager", "triton", "cuda", "auto", "compile"], "eager")
     if args.compile and "compile" not in providers:
         providers.append("compile")
     if args.no_compile and "compile" in providers:
@@ -779,12 +829,16 @@ def make_config(args: argparse.Namespace) -> Config:
             providers.remove("triton")
             skipped["triton"] = CPU_TRITON_REASON
     modes = tuple(args.modes)
+    auto_named = bool(args.providers and "auto" in args.providers)
     tasks = plan_tasks(gpu, providers, quick=args.quick, models=args.models, modes=modes, batches=args.batches,
                        dtypes=args.dtypes, layouts=tuple(dict.fromkeys(args.layouts)), size=args.size,
-                       max_autotune=not args.no_max_autotune)
+                       max_autotune=not args.no_max_autotune, cpu_auto_cases=None if auto_named else CPU_AUTO_CASES)
     notes: List[str] = []
     if not gpu and "triton" in providers:
         notes.append(f"triton on CPU (the interpreter): {', '.join(CPU_TRITON_MODELS)} only")
+    if not gpu and "auto" in providers and not auto_named:
+        notes.append("auto on CPU: " + ", ".join(f"{model} {mode}" for mode, model in CPU_AUTO_CASES)
+                     + " only (name auto in --providers for every case)")
     if gpu:
         timing = dict(warmup_ms=10.0, rep_ms=50.0) if args.quick else dict(warmup_ms=25.0, rep_ms=100.0)
         timing["min_reps"] = args.reps
@@ -816,13 +870,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     state = State()
 
     def extras() -> dict:
-        return {"goals": goals(rows), "notes": list(cfg.notes)}
+        return {"goals": goals(rows), "notes": list(cfg.notes),
+                "dispatch": [common.dispatch_entry(r, state.dispatch[row_key(r)]) for r in rows
+                             if row_key(r) in state.dispatch]}
 
     def save() -> None:
         if not args.no_write and rows:
             common.write_results(args.out, BENCH, env, rows, keys=KEYS, extra={"skipped": cfg.skipped, **extras()})
 
-    with common.cudnn_benchmark(dev, not args.no_cudnn_benchmark):
+    with common.dispatch_isolated(), common.cudnn_benchmark(dev, not args.no_cudnn_benchmark):
         for task in cfg.tasks:
             if task.mode == "infer":
                 run_infer(task, cfg, state, rows)

@@ -28,7 +28,12 @@ is unavailable or has no CUDA kernels), ``compile``
 (``torch.compile`` of a copy of the eager network, default mode; ``--no-compile`` drops it). Its
 compile time (the wall time of its first step, compile included) cannot be a result-file column
 (:data:`benchmarks.common.ROW_KEYS` is fixed) and is printed in the log and the summary table.
-Optional: ``torch`` (our network on the PyTorch path: module by module when training).
+Optional: ``torch`` (our network on the PyTorch path: module by module when training) and
+``auto`` (our network with ``backend="auto"``: the measured dispatch picks, per block, between the
+block's own modules and the fused chains; its first step, the checked one, measures every block
+shape, so the timed steps measure nothing; the dispatch starts clean for each case and reads and
+writes no decision file; the JSON's ``"dispatch"`` holds each case's decisions,
+:func:`dispatch_list`).
 ``eager`` and ``triton`` run first for every case; ``compile`` runs after all of them (whole models
 first), so a run cut short by a timeout keeps the fused-vs-eager answer (results are rewritten after
 every case; ``--quick`` starts no provider later than 150 s after the start: ``--deadline``).
@@ -81,7 +86,7 @@ from . import common
 from .bench_blocks import RESNET50_BLOCKS, BlockSpec, randomize_bn, tiny
 
 BENCH = "train"
-TRAIN_PROVIDERS = ("eager", "triton", "cuda", "compile", "torch")
+TRAIN_PROVIDERS = ("eager", "triton", "cuda", "auto", "compile", "torch")
 LATE_PROVIDERS = ("compile",)  # run after every other provider of every case
 MOMENTUM = 0.9
 LR_MODEL = 1e-2  # effective learning rate (before dividing by the loss scale)
@@ -352,7 +357,7 @@ def build_provider(name: str, case: Case, base: nn.Module, device: torch.device,
     is divided by the loss scale of ``dtype`` (the same update as unscaled SGD)."""
     if name in ("eager", "compile"):
         module = copy.deepcopy(base)
-    elif name in ("triton", "cuda", "torch"):
+    elif name in ("triton", "cuda", "torch", "auto"):
         module = case.build_ours(name)
         module.load_state_dict(base.state_dict(), strict=True)
     else:
@@ -395,12 +400,14 @@ class Config:
 
 @dataclass
 class Info:
-    """What a row cannot hold: the check verdict, first-step seconds, fused blocks per step."""
+    """What a row cannot hold: the check verdict, first-step seconds, fused blocks per step; for
+    ``auto``, the dispatch decisions of its run (:func:`benchmarks.common.dispatch_record`)."""
 
     verdict: Optional[Verdict]
     first_s: Optional[float]
     fused: Optional[int]
     error: Optional[str] = None
+    dispatch: Optional[dict] = None
 
 
 def _past_deadline(cfg: Config) -> bool:
@@ -483,6 +490,8 @@ def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], i
         timing, peak, ok, info = None, None, False, Info(None, None, None)
         module = fwd = opt = step = None
         try:
+            if prov == "auto":
+                common.dispatch_fresh()  # the first step below measures every block of the case
             if ref_q is None:
                 raise RuntimeError("no reference step to check against")
             module, fwd, opt = build_provider(prov, case, base, dev, job.dtype)
@@ -493,7 +502,10 @@ def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], i
                 out, loss = step(x0, t0)
                 _sync(dev)
                 info.first_s = time.perf_counter() - tic
-            info.fused = len(calls)
+            # auto: the dispatch's trials ran fused blocks on copies too, so the count would mislead
+            info.fused = None if prov == "auto" else len(calls)
+            if prov == "auto":
+                info.dispatch = common.dispatch_record()
             q = collect(case, module, out, loss, x0)
             del out, loss
             # eager is the baseline: its own error sets its bound (as in bench_blocks)
@@ -522,6 +534,12 @@ def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], i
                 if dev.type == "cuda":
                     _sync(dev)
                     peak = (torch.cuda.max_memory_allocated(dev) - base_mem) / 2**20
+                if prov == "auto":
+                    warm, info.dispatch = info.dispatch, common.dispatch_record()
+                    late = common.dispatch_late(warm, info.dispatch)
+                    if late is not None:
+                        print(f"  note: {job.label()} {late}", file=sys.stderr)
+                        cfg.notes.append(f"{job.label()}: {late}")
             elif not ok:
                 c = verdict.checks[verdict.worst_key]
                 print(f"  WRONG {job.label()} {prov}: {verdict.worst_key} rel err {c.err:.3e} > bound {c.bound:.3e}"
@@ -531,6 +549,8 @@ def run_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict], i
             info.error = f"{type(exc).__name__}: {exc}"
             print(f"  FAILED {job.label()} {prov}: {info.error}", file=sys.stderr)
             traceback.print_exc(limit=3)
+            if prov == "auto":  # what the dispatch decided before it failed
+                info.dispatch = common.dispatch_record()
         finally:
             module = fwd = opt = step = None  # this provider's model is freed before the next one is built
             for x, _ in inputs:
@@ -553,6 +573,17 @@ def _free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def dispatch_list(rows: Sequence[dict], infos: Dict) -> List[dict]:
+    """A result file's ``"dispatch"``: for each ``auto`` row, :func:`benchmarks.common.dispatch_entry`
+    of the decisions :func:`run_job` kept for it (the row's model, shape, batch, dtype, mode, layout)."""
+    out = []
+    for r in rows:
+        info = infos.get((r["model"], r["batch"], r["dtype"], r["provider"]))
+        if r["provider"] == "auto" and info is not None and info.dispatch is not None:
+            out.append(common.dispatch_entry(r, info.dispatch))
+    return out
+
+
 def provider_line(job: Job, prov: str, row: dict, info: Info) -> str:
     """One log line per provider: verdict, worst error, fused blocks, first step, time, memory."""
     parts = [f"{job.label()} {prov:<7}"]
@@ -565,7 +596,9 @@ def provider_line(job: Job, prov: str, row: dict, info: Info) -> str:
     if info.fused is not None:
         parts.append(f"fused blocks/step {info.fused}")
     if info.first_s is not None:
-        parts.append(f"first step {info.first_s:.2f} s")
+        parts.append(f"first step {info.first_s:.2f} s{' (dispatch measuring included)' if prov == 'auto' else ''}")
+    if info.dispatch is not None:
+        parts.append(common.auto_note(info.dispatch["decisions"]))
     if row["median_ms"] is not None:
         parts.append(f"{row['median_ms']:.3f} ms/step (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f})")
     if row["peak_mem_mb"] is not None:
@@ -679,9 +712,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def save() -> None:
         if not args.no_write and rows:
-            common.write_results(args.out, BENCH, env, rows, extra={"skipped": cfg.skipped})
+            common.write_results(args.out, BENCH, env, rows,
+                                 extra={"skipped": cfg.skipped, "dispatch": dispatch_list(rows, infos)})
 
-    with common.cudnn_benchmark(dev, not args.no_cudnn_benchmark):
+    with common.dispatch_isolated(), common.cudnn_benchmark(dev, not args.no_cudnn_benchmark):
         # late providers (compile) take the whole models first: the headline numbers before the blocks
         late_jobs = sorted(cfg.jobs, key=lambda j: j.case.kind != "model")
         for providers, jobs in ((early, cfg.jobs), (late, late_jobs)):
@@ -695,6 +729,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in cfg.notes:
         print(f"note: {note}")
     return common.finish(rows, args.out, BENCH, env, write=not args.no_write and bool(rows), skipped=cfg.skipped,
+                         extra={"dispatch": dispatch_list(rows, infos)},
                          markdown=(f"bench_train: training step, {env['gpu']}", headers, lines))
 
 

@@ -21,8 +21,10 @@ reference ``ref_wrn``). Every row carries the paper's Titan X time for its netwo
 Providers, precision, correctness, timing: those of :mod:`benchmarks.bench_train`, whose step
 harness (:func:`benchmarks.bench_train.run_job`) runs every case: ``eager`` (the plain reference
 network: cuDNN convs, BN, ReLU, add as separate kernels), ``triton`` and ``cuda`` (our network with
-the same state_dict, backend pinned: the fused training blocks), ``compile`` (``torch.compile`` of
-the eager network, default mode; ``--no-compile`` drops it). fp32 runs without autocast with
+the same state_dict, backend pinned: the fused training blocks), ``auto`` (the same network with
+``backend="auto"``: the measured dispatch picks, per block shape, between the block's own modules
+and the fused chains; what users get), ``compile`` (``torch.compile`` of the eager network, default
+mode; ``--no-compile`` drops it). fp32 runs without autocast with
 PyTorch's default TF32 convolutions (cuDNN's default on Ampere and later; the paper's Titan X ran
 plain fp32, the precision its numbers are closest to); fp16 is AMP
 (``torch.autocast`` float16, fp32 master weights, static loss scale 1024 with the learning rate
@@ -34,15 +36,18 @@ parameter gradients and BN running statistics, each within max(dtype floor, 4 x 
 a wrong or failing provider gets ``correct=false`` and no time. The log gives the number of fused
 blocks per step (54 for ResNet-164, 333 for ResNet-1001, (depth - 4) / 2 for a WRN).
 Timing: CUDA events per step after 7 untimed steps, 20 timed steps (``--reps``), median with the
-20th / 80th percentiles.
+20th / 80th percentiles. ``auto`` measures its candidates in its first step (the checked one,
+untimed, on the timed batch's shape), so no timed step measures; the dispatch forgets its decisions
+before each network's auto run (each case measures its own block shapes, as a fresh process would)
+and reads and writes no decision file (``RESNET_FUSED_CACHE_DIR=""`` in this process).
 
 Modes:
 
-- GPU, full: the five networks, fp32 and fp16, providers eager, triton, cuda, then compile after
+- GPU, full: the five networks, fp32 and fp16, providers eager, triton, cuda, auto, then compile after
   every other provider of every case (WRN-28-10 and WRN-40-4 first, ResNet-1001 last: compiling its
   1000-layer training graph may take minutes).
 - GPU, ``--quick`` (a step of ``run_gpu.sh``; meant for about 2 minutes on an H100): the five
-  networks in fp16 with eager, triton and cuda; eager alone in fp32 (the stock thin / wide ratio in
+  networks in fp16 with eager, triton, cuda and auto; eager alone in fp32 (the stock thin / wide ratio in
   the paper's precision); compile in fp16 for WRN-28-10 and WRN-40-4 only; ResNet-1001 with 10
   timed steps instead of 20 (unless ``--reps`` is given); no provider starts later than 110 s
   after the start (``--deadline``). ``--dtypes`` replaces the dtypes, and then every dtype gets
@@ -51,9 +56,12 @@ Modes:
   per stage; it plays ResNet-1001) and ``wrn10-1`` (plays the wide networks), 3x8x8 input, batch 2,
   fp32, providers eager, triton (the kernels through Triton's interpreter: needs
   ``TRITON_INTERPRET=1`` in the environment before Python starts, else triton is skipped with a
-  note) and cuda (the compiled library's C++ kernels, where it loads). It proves the script, its
-  checks and its files; its times say nothing about the paper's claims (``paper_ms`` is null).
-  About 20 s on 2 CPU cores, nearly all of it the interpreter (``tests/test_bench_wrn.py``).
+  note), cuda (the compiled library's C++ kernels, where it loads) and auto (on CPU tensors it
+  measures the blocks' own modules against the C++ kernels; the interpreter is never a
+  candidate; on wrn10-1 only unless ``--providers`` names it: one network proves the path, a
+  second would only add CI time). It proves the script, its checks and its files; its times say nothing about the
+  paper's claims (``paper_ms`` is null). About 20 s on 2 CPU cores, nearly all of it the
+  interpreter (``tests/test_bench_wrn.py``).
 
 Outputs (``--out``, default ``benchmarks/results``; rewritten after every case, so a run cut short
 keeps what it measured): ``<date>_<device>_<commit>_wrn.{json,csv,md}``, rows
@@ -63,7 +71,10 @@ for the other providers). The JSON also has ``"skipped"``, ``"paper"`` (the pape
 CIFAR-10 error per network, the claimed ratios) and ``"ratios"`` (:func:`ratios_summary`): per
 measured (dtype, provider) the thin / wide time ratios ResNet-1001 / WRN-28-10 and ResNet-1001 /
 WRN-40-4 beside the paper's 1.64 and 7.53, each non-eager provider's speedup over eager per
-network, and the 1.3x goal per fused provider (how many networks meet it, the worst). The summary
+network, and the 1.3x goal per fused provider and for auto (how many networks meet it, the
+worst); and ``"dispatch"`` (:func:`benchmarks.bench_train.dispatch_list`: per auto row, its
+``model shape batch dtype mode layout variant``, the dispatch's ``env`` and ``decisions``, each
+with ``op case chosen candidates source sites margin measure_ms``). The summary
 table (stdout and markdown): one line per (network, dtype) with the paper's ms, eager's ms, each
 provider's ms and eager / provider, compile seconds; then the thin / wide table and the goal lines.
 
@@ -94,8 +105,9 @@ from .bench_train import Case, Config, Info, Job
 BENCH = "wrn"
 KEYS = common.row_keys("layout", "compile_s", "paper_ms")
 LAYOUT = "channels_last"  # bench_train's harness runs every provider channels_last
-WRN_PROVIDERS = ("eager", "triton", "cuda", "compile", "torch")
+WRN_PROVIDERS = ("eager", "triton", "cuda", "auto", "compile", "torch")
 FUSED = ("triton", "cuda")
+GOAL_PROVIDERS = FUSED + ("auto",)  # the goal judges each fused backend and auto (what users get)
 GOAL = 1.3  # the issue: fused >= 1.3x eager on every network
 GPU_BATCH, GPU_SIZE = 32, 32
 CPU_BATCH, CPU_SIZE = 2, 8
@@ -165,6 +177,9 @@ GPU_NETWORKS = (Network("resnet164", "preact", 164, 1, GPU_SIZE), Network("resne
                 Network("wrn40-4", "wrn", 40, 4, GPU_SIZE), Network("wrn16-10", "wrn", 16, 10, GPU_SIZE),
                 Network("wrn28-10", "wrn", 28, 10, GPU_SIZE))
 CPU_NETWORKS = (Network("preact11", "preact", 11, 1, CPU_SIZE), Network("wrn10-1", "wrn", 10, 1, CPU_SIZE))
+# auto's CPU default (CI): one network proves its path (measured in the checked step, decisions in
+# the JSON); a second would only add CI time. --providers naming auto runs it on both.
+CPU_AUTO_NETWORKS = ("wrn10-1",)
 # compile's order: the headline pair first, ResNet-1001 (minutes of compile) last
 COMPILE_ORDER = ("wrn28-10", "wrn40-4", "wrn16-10", "resnet164", "resnet1001")
 
@@ -202,13 +217,14 @@ class Task:
 
 
 def plan(networks: Sequence[Network], providers: Sequence[str], dtypes: Sequence[str], *, quick: bool,
-         cpu: bool, reps: Optional[int], dtypes_given: bool) -> List[Task]:
+         cpu: bool, reps: Optional[int], dtypes_given: bool,
+         cpu_auto: Optional[Sequence[str]] = CPU_AUTO_NETWORKS) -> List[Task]:
     """Every (network, dtype) with its providers, in run order (early providers: network by
     network, fp16 before fp32; compile's tasks after all of them, :data:`COMPILE_ORDER`).
 
     ``--quick`` (without ``--dtypes``): fp32 runs eager only; compile only for
     :data:`QUICK_COMPILE` in fp16; ResNet-1001 gets :data:`QUICK_REPS_RESNET1001` timed steps
-    unless ``reps`` was given."""
+    unless ``reps`` was given. CPU: auto on the networks of ``cpu_auto`` only (None: all)."""
     batch = CPU_BATCH if cpu else GPU_BATCH
     early = [p for p in providers if p not in bench_train.LATE_PROVIDERS]
     late = [p for p in providers if p in bench_train.LATE_PROVIDERS]
@@ -221,7 +237,9 @@ def plan(networks: Sequence[Network], providers: Sequence[str], dtypes: Sequence
         for dtype in dtypes:
             job = Job(case, batch, dtype)
             eager_only = quick and not dtypes_given and dtype == "fp32"
-            tasks.append(Task(net, job, ("eager",) if eager_only else tuple(early), n_reps))
+            provs = tuple(p for p in early if not (cpu and p == "auto" and cpu_auto is not None
+                                                   and net.name not in cpu_auto))
+            tasks.append(Task(net, job, ("eager",) if eager_only else provs, n_reps))
             if late and not eager_only and (not quick or net.name in QUICK_COMPILE):
                 late_tasks.append(Task(net, job, tuple(late), n_reps))
     rank = {n: i for i, n in enumerate(COMPILE_ORDER)}
@@ -272,12 +290,13 @@ def speedups(rows: Sequence[dict]) -> List[dict]:
 
 
 def goal_verdict(rows: Sequence[dict], target: float = GOAL) -> List[dict]:
-    """Per (dtype, fused provider): of the networks it ran on, how many networks it ran correctly at
-    >= ``target`` x eager (``met`` of ``of``), and the worst. A network where the provider ran but
+    """Per (dtype, provider of :data:`GOAL_PROVIDERS`: triton, cuda, auto): of the networks it ran
+    on, how many networks it ran correctly at >= ``target`` x eager (``met`` of ``of``), and the
+    worst. A network where the provider ran but
     was wrong or failed (or eager had no time) counts as missed, with a null speedup."""
     sp = {(s["model"], s["dtype"], s["provider"]): s["speedup"] for s in speedups(rows)}
     out = []
-    groups = list(dict.fromkeys((r["dtype"], r["provider"]) for r in rows if r["provider"] in FUSED))
+    groups = list(dict.fromkeys((r["dtype"], r["provider"]) for r in rows if r["provider"] in GOAL_PROVIDERS))
     for dtype, prov in groups:
         nets = list(dict.fromkeys(r["model"] for r in rows if r["dtype"] == dtype and r["provider"] == prov))
         vals = {m: sp.get((m, dtype, prov)) for m in nets}
@@ -372,7 +391,7 @@ def append_ratio_markdown(out_dir, env: dict, summary: dict) -> Optional[Path]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = common.base_parser("python -m benchmarks.bench_wrn", __doc__, providers=WRN_PROVIDERS,
                            dtypes=("fp32", "fp16"),
-                           quick_help="GPU: the five networks fp16 (eager, triton, cuda) + eager fp32, compile "
+                           quick_help="GPU: the five networks fp16 (eager, triton, cuda, auto) + eager fp32, compile "
                                       "for WRN-28-10 and WRN-40-4 only, deadline 110 s (meant for ~2 min on an H100)")
     p.add_argument("--networks", nargs="+", default=None, help="only these networks (names as in the table)")
     p.add_argument("--no-compile", action="store_true", help="GPU: leave out torch.compile")
@@ -398,7 +417,7 @@ def make_plan(args: argparse.Namespace) -> Tuple[Config, List[Task], Tuple[Tuple
         if unknown:
             raise SystemExit(f"--networks: unknown {unknown}; this mode has {names}")
         networks = tuple(n for n in networks if n.name in args.networks)
-    default = ["eager", "triton", "cuda"] + ([] if cpu or args.no_compile else ["compile"])
+    default = ["eager", "triton", "cuda", "auto"] + ([] if cpu or args.no_compile else ["compile"])
     providers = common.order_providers(args.providers, default, "eager")
     if args.no_compile and "compile" in providers:
         providers.remove("compile")
@@ -408,8 +427,11 @@ def make_plan(args: argparse.Namespace) -> Tuple[Config, List[Task], Tuple[Tuple
     dtypes = list(dict.fromkeys(args.dtypes)) if args.dtypes else (["fp32"] if cpu else ["fp16", "fp32"])
     if args.reps is not None and args.reps < 1:
         raise SystemExit(f"--reps: expected at least 1, got {args.reps}")
+    auto_named = bool(args.providers and "auto" in args.providers)
     tasks = plan(networks, providers, dtypes, quick=args.quick and not cpu, cpu=cpu, reps=args.reps,
-                 dtypes_given=bool(args.dtypes))
+                 dtypes_given=bool(args.dtypes), cpu_auto=None if auto_named else CPU_AUTO_NETWORKS)
+    if cpu and "auto" in providers and not auto_named:
+        notes.append(f"auto on CPU: {', '.join(CPU_AUTO_NETWORKS)} only (name auto in --providers for both)")
     deadline_s = args.deadline if args.deadline is not None else (QUICK_DEADLINE_S if args.quick else None)
     deadline = None if deadline_s is None else _T0 + deadline_s
     cfg = Config(dev, [t.job for t in tasks], providers, args.reps or DEFAULT_REPS, deadline, notes, skipped)
@@ -440,13 +462,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     infos: Dict = {}
 
     def extras() -> dict:
-        return {"paper": paper_extra(), "ratios": ratios_summary(rows, pairs)}
+        return {"paper": paper_extra(), "ratios": ratios_summary(rows, pairs),
+                "dispatch": bench_train.dispatch_list(rows, infos)}
 
     def save() -> None:
         if not args.no_write and rows:
             common.write_results(args.out, BENCH, env, rows, keys=KEYS, extra={"skipped": cfg.skipped, **extras()})
 
-    with common.cudnn_benchmark(dev, not args.no_cudnn_benchmark):
+    with common.dispatch_isolated(), common.cudnn_benchmark(dev, not args.no_cudnn_benchmark):
         for task in tasks:
             run_cfg = dataclasses.replace(cfg, reps=task.reps)  # shares notes, skipped, deadline
             bench_train.run_job(task.job, task.providers, run_cfg, rows, infos, bench=BENCH, row_extra=row_extra)

@@ -15,10 +15,18 @@ Correctness
 
 Providers and command line
     :func:`provider_unavailable` / :func:`drop_unavailable`: whether a backend provider ("triton",
-    "cuda") can run on the device here, and the reason when not (recorded, never a crash).
+    "cuda", "cudnn_fused") can run on the device here, and the reason when not (recorded, never a
+    crash).
     :func:`base_parser` holds the options every benchmark script shares (``--out``, ``--quick``,
     ``--device``, ``--providers``, ``--dtypes``, ``--no-write``); :func:`order_providers` applies
     ``--providers`` with the baseline first.
+
+The auto provider (``backend="auto"``: the measured dispatch, what users get)
+    :func:`dispatch_isolated` keeps a run off the user's decision file; :func:`dispatch_fresh`
+    forgets the process's decisions before each ``auto`` run, so its warm-up measures every key;
+    :func:`dispatch_record` / :func:`dispatch_entry` give the decisions of a case for the JSON's
+    ``"dispatch"`` list, :func:`auto_note` a one-line summary, :func:`dispatch_late` a note when a
+    key was first met inside a timed region.
 
 Result files
     :func:`write_results` writes ``{"env": env_info(), **extra, "rows": [row, ...]}`` to
@@ -70,7 +78,7 @@ EXTRA_KEYS = ("variant", "layout", "compile_s", "tflops", "frac_of_peak", "gbps"
               "paper_ms", "note")
 ENV_KEYS = ("gpu", "driver", "torch", "triton", "cuda", "git_commit", "timestamp")
 MODES = ("infer", "train_step")
-PROVIDERS = ("eager", "compile", "triton", "cuda", "torch")
+PROVIDERS = ("eager", "compile", "triton", "cuda", "torch", "auto", "cudnn_fused")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Relative-error floors: a few units of rounding of each format (the tests use the same values).
@@ -334,9 +342,11 @@ def provider_unavailable(name: str, device: torch.device) -> Optional[str]:
     """Why provider ``name`` cannot run on ``device`` here, or None.
 
     Only the backend providers can be missing: ``"triton"`` (CUDA tensors, or CPU tensors through
-    Triton's interpreter when ``TRITON_INTERPRET=1`` was set before Python started) and ``"cuda"``
+    Triton's interpreter when ``TRITON_INTERPRET=1`` was set before Python started), ``"cuda"``
     (the compiled library: loaded, and with CUDA kernels for a CUDA device; the reason comes from
-    ``resnet_fused._ext.load_error()`` / ``cuda_error()``). Asking may build the library (first use).
+    ``resnet_fused._ext.load_error()`` / ``cuda_error()``) and ``"cudnn_fused"`` (cuDNN's own
+    fused conv ops: CUDA only). ``"auto"`` always runs: the dispatch measures whichever of its
+    candidates can run here. Asking may build the library (first use).
     """
     from resnet_fused import backends
 
@@ -349,6 +359,11 @@ def provider_unavailable(name: str, device: torch.device) -> Optional[str]:
         return err
     if name == "cuda":
         return backends.unavailable_reason("cuda", device)
+    if name == "cudnn_fused":
+        if device.type != "cuda":
+            return "CUDA only (torch.ops.aten.cudnn_convolution_relu / cudnn_convolution_add_relu)"
+        if not torch.backends.cudnn.is_available():
+            return "cuDNN is not available"
     return None
 
 
@@ -386,6 +401,105 @@ def base_parser(prog: str, doc: str, *, quick_help: str, providers: Sequence[str
     p.add_argument("--dtypes", nargs="+", choices=tuple(dtypes), default=None, help="override the dtypes")
     p.add_argument("--no-write", action="store_true", help="print only, write no result files")
     return p
+
+
+# ------------------------------------------------------------------------------- the auto provider
+# The dispatch's environment fields (the same for every decision of a run on one device): left out
+# of each decision's "case" in a result file, given once per entry under "env".
+DISPATCH_ENV_FIELDS = ("device", "capability", "threads", "resnet_fused", "torch", "triton")
+DISPATCH_CASE_KEYS = ("model", "shape", "batch", "dtype", "mode", "layout", "variant")
+DECISION_KEYS = ("op", "case", "chosen", "candidates", "source", "sites", "margin", "measure_ms")
+
+
+@contextlib.contextmanager
+def dispatch_isolated():
+    """While open: ``RESNET_FUSED_CACHE_DIR=""``, so the ``auto`` provider neither reads the
+    user's decision file (a decision made on another day, by another build or under other load
+    would not be measured here) nor writes it; restored after, whatever happens inside."""
+    from resnet_fused.dispatch import CACHE_DIR_ENV
+
+    saved = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(CACHE_DIR_ENV, None)
+        else:
+            os.environ[CACHE_DIR_ENV] = saved
+
+
+def dispatch_fresh() -> None:
+    """Forget this process's dispatch decisions (``resnet_fused.dispatch.forget``) before an
+    ``auto`` run: its warm-up then measures every key of the case, as a user's first call does,
+    and :func:`dispatch_record` after it is that case's complete record."""
+    from resnet_fused.dispatch import forget
+
+    forget()
+
+
+def dispatch_record() -> dict:
+    """This process's dispatch decisions (taken after a case's ``auto`` run), compact:
+    ``{"env": {...}, "decisions": [...]}``. ``env``: the dispatch's environment fields
+    (:data:`DISPATCH_ENV_FIELDS`: device, CPU threads or GPU capability, the resnet_fused version
+    with its kernel-source hash, torch, triton), the same for every decision of a run. Each
+    decision has :data:`DECISION_KEYS`: ``op``; ``case`` (the key's other fields: shapes,
+    layouts, dtypes, conv geometry, residual / relu / grad / tf32 flags, and ``candidates``, the
+    names that could run the case); ``chosen``; ``candidates`` (name -> median ms, or why it was
+    not timed: ``"unsupported: ..."``, ``"excluded: ..."`` for one that failed its check or
+    raised, ``"not measured: ..."``); ``source`` (``measured`` | ``cache`` | ``static``);
+    ``sites`` (the modules / ops that ran it); ``margin`` (the noise margin a candidate had to
+    beat ``torch`` by); ``measure_ms`` (what measuring the key cost)."""
+    from resnet_fused.dispatch import dispatch_report
+
+    env: Dict[str, object] = {}
+    decisions = []
+    for d in dispatch_report().as_dicts():
+        fields = d["fields"]
+        env = env or {k: fields[k] for k in DISPATCH_ENV_FIELDS if k in fields}
+        case = {k: v for k, v in fields.items() if k != "op" and k not in DISPATCH_ENV_FIELDS}
+        decisions.append({"op": d["op"], "case": case, "chosen": d["chosen"], "candidates": d["candidates"],
+                          "source": d["source"], "sites": d["sites"], "margin": d["margin"],
+                          "measure_ms": d["measure_ms"]})
+    return {"env": env, "decisions": decisions}
+
+
+def dispatch_entry(case: Dict[str, object], record: dict) -> dict:
+    """One entry of a result file's ``"dispatch"`` list: the case's :data:`DISPATCH_CASE_KEYS`
+    as its ``auto`` row has them (a reader joins on them; ``variant`` "" where the rows have no
+    such column), then :func:`dispatch_record`'s ``env`` and ``decisions``."""
+    return {**{k: case.get(k, "") for k in DISPATCH_CASE_KEYS}, **record}
+
+
+def dispatch_late(warm: dict, record: dict) -> Optional[str]:
+    """None if ``record`` (taken after timing) has no key that ``warm`` (taken right after the
+    warm-up call) lacks, else a note saying how many keys were first measured inside the timed
+    region (their measuring inflated the time): the warm-up must call with exactly the timed
+    shapes."""
+    late = len(record["decisions"]) - len(warm["decisions"])
+    if late <= 0:
+        return None
+    return f"auto: {late} dispatch key(s) first seen after the warm-up: measured inside the timed region"
+
+
+def auto_note(decisions: Sequence[dict]) -> str:
+    """What ``auto`` ran, for a log line or a row's ``note``: one decision as ``auto chose cuda
+    (torch 0.412 ms, cuda 0.380 ms; triton excluded)``; several as counts per op, ``auto:
+    conv_bias_act cuda 12, torch 9; block_train torch 7``."""
+    if not decisions:
+        return "auto: no dispatch decision"
+    if len(decisions) == 1:
+        d = decisions[0]
+        timed = [f"{n} {v:.4g} ms" for n, v in d["candidates"].items() if isinstance(v, (int, float))]
+        excluded = [n for n, v in d["candidates"].items() if isinstance(v, str) and v.startswith("excluded")]
+        parts = ", ".join(timed) + (f"; {', '.join(excluded)} excluded" if excluded else "")
+        return f"auto chose {d['chosen']} ({d['source']}{': ' + parts if parts else ''})"
+    per_op: Dict[str, Dict[str, int]] = {}
+    for d in decisions:
+        counts = per_op.setdefault(d["op"], {})
+        counts[d["chosen"]] = counts.get(d["chosen"], 0) + 1
+    return "auto: " + "; ".join(op + " " + ", ".join(f"{n} {k}" for n, k in sorted(c.items(), key=lambda x: -x[1]))
+                                for op, c in per_op.items())
 
 
 # ----------------------------------------------------------------------------------- correctness

@@ -38,7 +38,7 @@ from . import common
 ALL_KEYS = common.ROW_KEYS + common.EXTRA_KEYS
 README_BEGIN = "<!-- results:begin -->"
 README_END = "<!-- results:end -->"
-PROVIDER_ORDER = ("eager", "compile", "triton", "cuda", "torch")
+PROVIDER_ORDER = ("eager", "compile", "triton", "cuda", "cudnn_fused", "auto", "torch")
 _warned: List[str] = []
 
 

@@ -1,7 +1,9 @@
 """benchmarks/bench_layers.py: shapes derived from the models, the GPU modes' case selection, and
 the CPU tiny mode end to end (a subprocess: the library's C++ kernels as ``cuda``, Triton through
-the interpreter) with its result file checked row by row against the ceilings it records; a peaks
-file used instead of measuring; a wrong provider recorded wrong and untimed.
+the interpreter, ``auto`` through the measured dispatch, ``cudnn_fused`` skipped) with its result
+file checked row by row against the ceilings it records and each auto row's dispatch decision; a
+peaks file used instead of measuring; a wrong provider recorded wrong and untimed; a wrong
+candidate of the dispatch excluded from the auto rows and named in the JSON.
 
 The end-to-end test skips, with the loader's reason, where the compiled library does not load; the
 in-process tests fake the ``cuda`` provider and need no library.
@@ -25,6 +27,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: 
 from benchmarks import bench_bandwidth, bench_conv_epilogue, bench_layers, common, peaks  # noqa: E402
 from resnet_fused.models import reference  # noqa: E402
 from utils import run_bench_cpu  # noqa: E402
+from test_bench_models import check_dispatch, spy_measuring  # noqa: E402
 
 SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)->(\d+)x(\d+)x(\d+) k(\d+)s(\d+)$")
 
@@ -164,6 +167,7 @@ def test_gpu_modes_select_the_documented_cases(monkeypatch):
     assert sorted((j.model, j.act.c, j.act.hw) for j in quick.mem_jobs) == [
         ("resnet50", 256, 56), ("resnet50", 1024, 14), ("wrn28-10", 160, 32)]
     assert quick.deadline is not None and quick.cuda_graph and "compile" not in quick.providers
+    assert "auto" in quick.providers and ("cudnn_fused" in quick.providers) != ("cudnn_fused" in quick.skipped)
     full = bench_layers.make_config(bench_layers.parse_args([]))
     assert len(full.conv_jobs) == (23 + 10) * 3 * 2 and len(full.mem_jobs) == (12 + 4) * 3
     assert {(j.model, j.job.batch) for j in full.conv_jobs} == {("resnet50", 256), ("wrn28-10", 128)}
@@ -176,7 +180,8 @@ def test_cpu_end_to_end(tmp_path):
     pytest.importorskip("triton")
     r = run_bench_cpu("benchmarks.bench_layers", tmp_path, timeout=120)
     data, rows, md = _results(tmp_path)
-    assert set(data["skipped"]) == {"compile"} and data["not_run"] == []
+    assert set(data["skipped"]) == {"compile", "cudnn_fused"} and data["not_run"] == []
+    assert data["skipped"]["cudnn_fused"].startswith("CUDA only")
     assert data["peaks_source"] == "measured in this run"
     pk = data["peaks"]
     assert pk["copy_gbps"] > 0 and set(pk["matmul_tflops"]) == {"fp32"} and pk["matmul_tflops"]["fp32"] > 0
@@ -188,20 +193,41 @@ def test_cpu_end_to_end(tmp_path):
         assert row["floor_ms"] > 0
     conv = [x for x in rows if x["variant"] not in bench_bandwidth.OP_NAMES]
     mem = [x for x in rows if x["variant"] in bench_bandwidth.OP_NAMES]
-    # conv: each model's quick geometries, conv alone once, both variants for eager / cuda / triton
+    # conv: each model's quick geometries, conv alone once, both variants for eager / cuda / triton / auto
     assert len({(x["model"], x["shape"]) for x in conv}) == 6 + 4
     for key in {(x["model"], x["shape"]) for x in conv}:
         got = sorted((x["provider"], x["variant"]) for x in conv if (x["model"], x["shape"]) == key)
-        assert got == sorted([("eager", "conv_alone")] + [(p, v) for p in ("eager", "cuda", "triton")
+        assert got == sorted([("eager", "conv_alone")] + [(p, v) for p in ("eager", "cuda", "triton", "auto")
                                                           for v in ("conv_bn_relu", "conv_bn_add_relu")]), key
     stem = [x for x in conv if x["model"] == "resnet50" and x["shape"].startswith("3x16x16")]
     assert stem and all(x["note"].startswith("modules: conv1") for x in stem)
     assert all("kernel: fallback: CPU tensors" in x["note"] for x in conv if x["provider"] == "cuda")
-    # memory: three ops at one or two tiny shapes per model, cuda / triton / eager each
+    # memory: three ops at one or two tiny shapes per model, cuda / triton / eager each, and auto for
+    # the one of them bn_act computes
     assert {(x["model"], x["shape"]) for x in mem} == {("resnet50", "16x14x14"), ("resnet50", "64x4x4"),
                                                        ("wrn28-10", "10x8x8")}
     assert sorted({x["variant"] for x in mem}) == sorted(bench_layers.QUICK_OPS)
-    assert {x["provider"] for x in mem} == {"cuda", "triton", "eager"} and len(mem) == 3 * 3 * 3
+    assert {x["provider"] for x in mem} == {"cuda", "triton", "eager", "auto"} and len(mem) == 3 * 3 * 3 + 3
+    assert {x["variant"] for x in mem if x["provider"] == "auto"} == {"bn_add_relu"}
+    # auto's decision per row: one key (the row's own op and shape), measured in the checked call;
+    # the row's note names the chosen candidate with the times it measured
+    check_dispatch(data)
+    for e in data["dispatch"]:
+        assert len(e["decisions"]) == 1, e
+        d = e["decisions"][0]
+        row = next(x for x in rows
+                   if x["provider"] == "auto" and all(x[k] == e[k] for k in common.DISPATCH_CASE_KEYS))
+        assert f"auto chose {d['chosen']} (measured: torch " in row["note"], row["note"]
+        if e["variant"] == "bn_add_relu":
+            assert d["op"] == "bn_act" and d["case"]["residual"] == ["float32", "cl"]
+            assert d["sites"] == ["ops.bn_act"]
+        else:
+            assert d["op"] == "conv_bias_act" and d["sites"] == ["ops.conv_bias_act"] and d["case"]["grad"] is False
+            assert (d["case"]["residual"] is not None) == (e["variant"] == "conv_bn_add_relu")
+            cin, h, _, cout, _, _, k, st = map(int, SHAPE.match(e["shape"]).groups())
+            assert d["case"]["x"] == [2, cin, h, h] and d["case"]["weight"] == [cout, cin, k, k]
+            assert d["case"]["stride"] == [st, st] and d["case"]["layout"] == "cl"
+    assert "| auto ms |" in md and "| auto GB/s |" in md
     assert "\n| model | conv | shape |" in md and "\n| model | op | shape |" in md
     assert "resnet50" in r.stdout and "wrn28-10" in r.stdout
 
@@ -237,12 +263,13 @@ def test_peaks_file_is_used_instead_of_measuring(tmp_path, monkeypatch):
 
 def test_wrong_provider_is_recorded_and_not_timed(tmp_path, monkeypatch, capsys):
     """A fused conv and a memory op 1% off: correct=false, no time, the floor still given; the
-    others correct and timed; exit code 1. ``cuda`` is faked (no library needed)."""
+    others correct and timed; exit code 1. ``cuda`` is faked (no library needed), and so is a wrong
+    ``auto``, whose rows still get their (here empty) dispatch entries."""
     monkeypatch.setattr(common, "provider_unavailable", lambda p, d: None)
     real = bench_layers.conv_provider_fn
 
     def fn(provider, variant, job, bc, allow_tf32):
-        if provider == "cuda":
+        if provider in ("cuda", "auto"):
             eager = real("eager", variant, job, bc, allow_tf32)
             return lambda x, r: eager(x, r) * 1.01
         return real(provider, variant, job, bc, allow_tf32)
@@ -253,16 +280,19 @@ def test_wrong_provider_is_recorded_and_not_timed(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(bench_layers, "conv_provider_fn", fn)
     monkeypatch.setattr(bench_layers, "kernel_name", lambda *a: "fake")
     monkeypatch.setitem(bench_bandwidth.RUNNERS, "cuda", broken)
+    monkeypatch.setitem(bench_bandwidth.RUNNERS, "auto", broken)
     pk = _write_peaks(tmp_path / "p.json")
-    rc = bench_layers.main(["--device", "cpu", "--models", "resnet50", "--providers", "eager", "cuda", "--convs",
-                            "layer1.0.conv3", "--acts", "1024x14", "--ops", "bn_add_relu", "--peaks",
+    rc = bench_layers.main(["--device", "cpu", "--models", "resnet50", "--providers", "eager", "cuda", "auto",
+                            "--convs", "layer1.0.conv3", "--acts", "1024x14", "--ops", "bn_add_relu", "--peaks",
                             str(tmp_path / "p.json"), "--out", str(tmp_path / "out")])
     assert rc == 1
-    _, rows, md = _results(tmp_path / "out")
+    data, rows, md = _results(tmp_path / "out")
     _check_against_peaks(rows, pk)
-    assert len(rows) == 1 + 2 * 2 + 2
+    assert len(rows) == 1 + 3 * 2 + 3
+    wrong = [r for r in rows if r["provider"] == "auto"]
+    assert [(e["variant"], e["decisions"]) for e in data["dispatch"]] == [(r["variant"], []) for r in wrong]
     for row in rows:
-        if row["provider"] == "cuda":
+        if row["provider"] in ("cuda", "auto"):
             assert row["correct"] is False and row["median_ms"] is None and row["images_per_s"] is None
             assert row["tflops"] is None and row["frac_of_peak"] is None and row["gbps"] is None
             assert row["frac_of_copy"] is None and row["floor_ms"] > 0
@@ -272,6 +302,53 @@ def test_wrong_provider_is_recorded_and_not_timed(tmp_path, monkeypatch, capsys)
     assert "| WRONG |" in md
     err = capsys.readouterr().err
     assert "WRONG resnet50 layer1.0.conv3" in err and "WRONG bn_add_relu" in err
+
+
+def test_auto_excludes_a_wrong_candidate_and_the_json_says_so(tmp_path, monkeypatch):
+    """A candidate 1% off, registered with the dispatch and made the fastest by an injected clock:
+    the auto rows stay correct (the dispatch checked it and ran a right candidate), and the JSON's
+    decision names it excluded with the error it made. Each key is measured in the row's checked
+    call, none while timing."""
+    from resnet_fused import dispatch
+    from resnet_fused.dispatch import candidates as cands
+
+    def wrong_conv(x, weight, bias, residual, stride, padding, dilation, relu, out_format):
+        torch_fn = cands.get("conv_bias_act", "torch").fn
+        return torch_fn(x, weight, bias, residual, stride, padding, dilation, relu, out_format) * 1.01
+
+    def wrong_bn(x, scale, shift, residual, relu):
+        return cands.get("bn_act", "torch").fn(x, scale, shift, residual, relu) * 1.01
+
+    def clock(runs, device):  # if it were not excluded, "wrong" would win by far
+        return {name: [0.5 if name == "wrong" else 1.0] * 3 for name in runs}
+
+    _write_peaks(tmp_path / "p.json")
+    ops, during = spy_measuring(monkeypatch)
+    dispatch.register_candidate("conv_bias_act", "wrong", wrong_conv)
+    dispatch.register_candidate("bn_act", "wrong", wrong_bn)
+    previous = dispatch.set_timer(clock)
+    try:
+        with pytest.warns(RuntimeWarning, match="candidate 'wrong' of (conv_bias_act|bn_act) excluded"):
+            rc = bench_layers.main(["--device", "cpu", "--models", "resnet50", "--providers", "eager", "auto",
+                                    "--convs", "layer1.0.conv3", "--acts", "1024x14", "--ops", "bn_add_relu",
+                                    "--peaks", str(tmp_path / "p.json"), "--out", str(tmp_path / "out")])
+        assert rc == 0
+        data, rows, _ = _results(tmp_path / "out")
+        auto = [x for x in rows if x["provider"] == "auto"]
+        assert [x["variant"] for x in auto] == ["conv_bn_relu", "conv_bn_add_relu", "bn_add_relu"]
+        assert all(x["correct"] and x["median_ms"] > 0 for x in auto)
+        check_dispatch(data)  # while "wrong" is registered: it is one of the op's real candidates
+        for e in data["dispatch"]:
+            (d,) = e["decisions"]
+            assert d["chosen"] == "torch" and d["candidates"]["torch"] == 1.0, d  # the clock's ties go to torch
+            assert d["candidates"]["wrong"].startswith("excluded: output 0: relative error 0.01"), d
+            assert "wrong excluded" in next(x for x in auto if x["variant"] == e["variant"])["note"]
+        assert ops == ["conv_bias_act", "conv_bias_act", "bn_act"] and during == []
+    finally:
+        dispatch.set_timer(previous)
+        dispatch.unregister_candidate("conv_bias_act", "wrong")
+        dispatch.unregister_candidate("bn_act", "wrong")
+        dispatch.forget()
 
 
 def test_deadline_zero_runs_nothing(tmp_path, capsys):

@@ -1,8 +1,10 @@
 """benchmarks/bench_models.py: the CPU mode end to end (a subprocess; the compiled library's C++
 kernels as the cuda provider where it loads), the written JSON / CSV / markdown; the goal verdicts
 on synthetic rows; the GPU task lists and the training-batch memory rule without a GPU; the
-training cases' probe names on every model; a wrong or failing provider recorded ``correct=false``
-and untimed, an unavailable one skipped with its reason; the compile variants' plumbing (freezing
+training cases' probe names on every model; the ``auto`` provider's rows checked and timed like the
+others, with each case's dispatch decisions in the JSON (real candidates, measured in the warm-up);
+a wrong or failing provider recorded ``correct=false`` and untimed, an unavailable one skipped with
+its reason; the compile variants' plumbing (freezing
 on only for max-autotune, restored after) with ``torch.compile`` replaced by a recorder.
 
 Subprocesses run with one intra-op thread, as tests/test_bench_and_main.py does.
@@ -46,7 +48,7 @@ def _results(out_dir: Path):
     files = sorted(out_dir.glob("*_models.json"))
     assert len(files) == 1, files
     data = json.loads(files[0].read_text())
-    assert list(data) == ["env", "skipped", "goals", "notes", "rows"]
+    assert list(data) == ["env", "skipped", "goals", "notes", "dispatch", "rows"]
     assert tuple(data["env"]) == common.ENV_KEYS and data["env"]["gpu"].startswith("cpu: ")
     keys = common.row_keys("variant", "layout", "compile_s")
     assert bench_models.KEYS == keys
@@ -74,15 +76,73 @@ def _check_untimed(row):
     assert row["images_per_s"] is None and row["peak_mem_mb"] is None
 
 
+def check_dispatch(data: dict, device_prefix: str = "cpu: ") -> None:
+    """The JSON's ``"dispatch"``: one entry per auto row, keyed by the row's case fields, whose
+    decisions have the documented fields, were measured (not static, not from a file), name real
+    candidates of their op, and chose one that was timed and beat or tied the others' record."""
+    from resnet_fused.dispatch import candidates as cands
+
+    auto = [r for r in data["rows"] if r["provider"] == "auto"]
+    entries = data["dispatch"]
+    assert len(entries) == len(auto) and auto, entries
+    for e, r in zip(entries, auto):
+        assert tuple(e) == common.DISPATCH_CASE_KEYS + ("env", "decisions"), tuple(e)
+        assert all(e[k] == r.get(k, "") for k in common.DISPATCH_CASE_KEYS), (e, r)
+        assert set(e["env"]) <= set(common.DISPATCH_ENV_FIELDS) and e["env"]["device"].startswith(device_prefix)
+        assert e["decisions"], e
+        for d in e["decisions"]:
+            assert tuple(d) == common.DECISION_KEYS, tuple(d)
+            names = [c.name for c in cands.candidates(d["op"])]
+            assert d["source"] == "measured" and d["sites"] and d["measure_ms"] > 0, d
+            assert set(d["candidates"]) == set(names) and d["chosen"] in names, d
+            assert set(d["case"]["candidates"]) <= set(names) and "torch" in d["case"]["candidates"], d
+            assert not set(d["case"]) & set(common.DISPATCH_ENV_FIELDS), d["case"]
+            timed = {n: v for n, v in d["candidates"].items() if isinstance(v, (int, float))}
+            assert "torch" in timed and d["chosen"] in timed, d
+            for n, v in d["candidates"].items():  # an untimed candidate says why
+                assert n in timed or v.startswith(("unsupported: ", "excluded: ")), (n, v)
+            if d["chosen"] != "torch":  # a fused candidate wins only by more than the noise margin
+                assert timed[d["chosen"]] <= timed["torch"] * (1 - d["margin"] + 1e-4), d  # (rounding)
+
+
+def spy_measuring(monkeypatch):
+    """(ops, during): the op of every dispatch key measured from now on, and of those measured while
+    one of the harness's timing functions (``common.benchmark``, ``benchmark_graph_or_plain``,
+    ``peak_mem_mb``) was running: ``during`` must stay empty (measuring belongs to the warm-up)."""
+    from resnet_fused.dispatch import dispatcher
+
+    ops, during, timing = [], [], []
+    real = dispatcher._measure
+
+    def measure(case, *args, **kwargs):
+        ops.append(case[0])
+        if timing:
+            during.append(case[0])
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(dispatcher, "_measure", measure)
+    for name in ("benchmark", "benchmark_graph_or_plain", "peak_mem_mb"):
+        def timed(*args, _fn=getattr(common, name), **kwargs):
+            timing.append(name)
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                timing.pop()
+
+        monkeypatch.setattr(common, name, timed)
+    return ops, during
+
+
 # ------------------------------------------------------------------------------------ end to end
 def test_cpu_mode_end_to_end(tmp_path):
-    r = run_bench_cpu("benchmarks.bench_models", tmp_path, timeout=240)
+    r = run_bench_cpu("benchmarks.bench_models", tmp_path, timeout=300)
     data, md = _results(tmp_path)
     rows = data["rows"]
-    provs = ("eager",) + (("cuda",) if _ext_error() is None else ())
+    provs = ("eager",) + (("cuda",) if _ext_error() is None else ()) + ("auto",)
     want = [(m, "infer", b) for m in ("resnet18",) for b in (1, 2)] + [("resnet18", "train_step", 4)] \
         + [("resnet50", "infer", b) for b in (1, 2)]
-    assert [(x["model"], x["mode"], x["batch"], x["provider"]) for x in rows] == [w + (p,) for w in want for p in provs]
+    assert [(x["model"], x["mode"], x["batch"], x["provider"]) for x in rows] == [  # auto: resnet18 infer on CPU
+        w + (p,) for w in want for p in provs if p != "auto" or w[:2] == ("resnet18", "infer")]
     assert {x["mode"] for x in rows} == {"infer", "train_step"}
     for row in rows:
         _check_timed(row)
@@ -103,7 +163,50 @@ def test_cpu_mode_end_to_end(tmp_path):
         assert convs == {"resnet18": "20", "resnet50": "53"}, r.stdout
         assert re.search(r"^  resnet18 b4 fp32 cuda +; ok .*fused blocks/step 8;", r.stdout, re.M), r.stdout
         assert "eager/cuda" in r.stdout
+    # auto: our network with backend="auto", every conv site through the dispatch; its decisions per
+    # case: the inference convs (no autograd) and the training step's blocks, measured in the
+    # warm-up (no key first met while timing)
+    convs = dict(re.findall(r"^  (resnet\d+) infer b1 fp32 auto +; ok .*fused convs/forward (\d+) \(auto\)",
+                            r.stdout, re.M))
+    assert convs == {"resnet18": "20"}, r.stdout
+    check_dispatch(data)
+    assert [(e["model"], e["mode"], e["batch"]) for e in data["dispatch"]] == [("resnet18", "infer", 1),
+                                                                                ("resnet18", "infer", 2)]
+    for e in data["dispatch"]:
+        assert {d["op"] for d in e["decisions"]} == {"conv_bias_act"}
+        assert all(d["case"]["grad"] is False for d in e["decisions"])
+        assert e["decisions"][0]["case"]["x"] == [e["batch"], 3, 32, 32]  # the stem, at the timed shape
+        assert len(e["decisions"]) == 15  # resnet18's 20 convs: 15 distinct (input, geometry, epilogue)
+        for d in e["decisions"]:
+            assert d["candidates"]["triton"].startswith("unsupported: the Triton interpreter")
+            if d["op"] == "conv_bias_act":
+                assert d["candidates"]["cudnn_fused"] == "unsupported: CUDA only"
+    assert "first seen after the warm-up" not in r.stdout + r.stderr
+    assert data["notes"] == ["auto on CPU: resnet18 infer only (name auto in --providers for every case)"]
+    assert re.search(r"^  resnet18 infer b2 fp32 auto +; ok .*auto: conv_bias_act ", r.stdout, re.M), r.stdout
     assert "WRONG" not in r.stdout + r.stderr
+
+
+def test_auto_measures_in_the_warm_up_only(tmp_path, monkeypatch):
+    """In process: every conv key of an auto run is measured in its checked first call, none while
+    timing; each case starts clean: resnet50 shares its stem's key with resnet18 at the same batch,
+    and measures it again, so each case's record is complete and holds exactly what it measured."""
+    ops, during = spy_measuring(monkeypatch)
+    rc = bench_models.main(["--device", "cpu", "--models", "resnet18", "resnet50", "--modes", "infer", "--batches",
+                            "1", "--providers", "eager", "auto", "--out", str(tmp_path)])
+    assert rc == 0
+    data, _ = _results(tmp_path)
+    assert [(x["model"], x["provider"]) for x in data["rows"]] == [("resnet18", "eager"), ("resnet18", "auto"),
+                                                                   ("resnet50", "eager"), ("resnet50", "auto")]
+    for row in data["rows"]:
+        _check_timed(row)
+    check_dispatch(data)
+    assert during == [] and set(ops) == {"conv_bias_act"}
+    r18, r50 = data["dispatch"]
+    assert len(ops) == len(r18["decisions"]) + len(r50["decisions"])
+    assert r18["decisions"][0]["case"] == r50["decisions"][0]["case"]  # the stem, measured in both cases
+    assert r18["decisions"][0]["case"]["x"] == [1, 3, 32, 32] and r50["decisions"][0]["sites"] == ["StemConv.stem"]
+    assert len(r50["decisions"]) > len(r18["decisions"])
 
 
 # -------------------------------------------------------------------------------------- goals
@@ -118,10 +221,12 @@ def _row(mode, prov, ms, *, variant="", batch=256, dtype="fp16", correct=True, s
 def test_goals_on_synthetic_rows():
     rows = [
         _row("infer", "eager", 30.0), _row("infer", "triton", 25.0), _row("infer", "cuda", 18.0),
+        _row("infer", "auto", 17.0),  # auto is judged alone: never the "fused" (best of triton / cuda)
         _row("infer", "compile", 24.0, variant="default"), _row("infer", "compile", 21.0, variant=MAX),
         _row("infer", "cuda", 1.0, shape="3x32x32"),  # a CPU-size row never counts
         _row("train_step", "eager", 100.0), _row("train_step", "triton", None, correct=False),
         _row("train_step", "cuda", 80.0), _row("train_step", "compile", 78.0, variant="default"),
+        _row("train_step", "auto", 200.0, correct=False),  # wrong: not measured
     ]
     g = {(x["mode"], x["baseline"], x["baseline_variant"]): x for x in bench_models.goals(rows)}
     assert list(g) == [("infer", "eager", ""), ("infer", "compile", MAX), ("train_step", "eager", ""),
@@ -130,6 +235,8 @@ def test_goals_on_synthetic_rows():
     assert inf["target"] == 1.5 and inf["baseline_ms"] == 30.0
     assert inf["fused"] == {"provider": "cuda", "ms": 18.0, "ratio": round(30 / 18, 4), "verdict": "met"}
     assert inf["triton"]["verdict"] == "missed" and inf["triton"]["ratio"] == 1.2 and inf["met"] is True
+    assert inf["auto"] == {"provider": "auto", "ms": 17.0, "ratio": round(30 / 17, 4), "verdict": "met"}
+    assert "; auto 1.76x: met)" in inf["text"], inf["text"]
     mx = g[("infer", "compile", MAX)]
     assert mx["target"] == 1.1 and mx["fused"]["ratio"] == round(21 / 18, 4) and mx["fused"]["verdict"] == "met"
     assert mx["triton"]["verdict"] == "missed"
@@ -141,11 +248,12 @@ def test_goals_on_synthetic_rows():
     assert tc["target"] == 1.0 and tc["fused"]["verdict"] == "missed"  # 78 / 80 < 1
     assert tc["text"].startswith("ResNet-50 training step, batch 256, AMP, channels_last: fused >= 1.0x compile")
     assert "fused (cuda) 0.97x: missed" in tc["text"] and "triton not measured" in tc["text"]
+    assert tc["auto"]["verdict"] == "not measured" and "auto not measured" in tc["text"]
     # no baseline row (compile default of the inference is not a goal; no max-autotune row): not measured
     no_max = [r for r in rows if r["variant"] != MAX]
     mx = next(x for x in bench_models.goals(no_max) if x["baseline_variant"] == MAX)
     assert mx["met"] is None and mx["baseline_ms"] is None
-    assert all(mx[k]["verdict"] == "not measured" for k in ("fused", "triton", "cuda"))
+    assert all(mx[k]["verdict"] == "not measured" for k in ("fused", "triton", "cuda", "auto"))
     assert mx["cuda"]["ms"] == 18.0  # the fused time is still given
     assert all(x["met"] is None for x in bench_models.goals([]))
 
@@ -157,8 +265,8 @@ def _plan(tasks):
 
 
 def test_gpu_task_lists():
-    provs = ["eager", "triton", "cuda", "compile"]
-    early = ("eager", "triton", "cuda")
+    provs = ["eager", "triton", "cuda", "auto", "compile"]
+    early = ("eager", "triton", "cuda", "auto")
     quick = _plan(bench_models.plan_tasks(True, provs, quick=True))
     cl = "channels_last"
     assert quick == [
@@ -188,7 +296,7 @@ def test_gpu_task_lists():
     assert {r for t in full for r in t.runs if r[0] == "compile"} == {("compile", "default"), ("compile", MAX)}
     no_max = _plan(bench_models.plan_tasks(True, provs, max_autotune=False))
     assert len(no_max) == len(got) - 36 and not any(t[6] == ("compile-max",) for t in no_max)
-    no_compile = _plan(bench_models.plan_tasks(True, ["eager", "triton", "cuda"]))
+    no_compile = _plan(bench_models.plan_tasks(True, ["eager", "triton", "cuda", "auto"]))
     assert len(no_compile) == 6 * 2 * 4 and all(t[6] == early for t in no_compile)
     lay = _plan(bench_models.plan_tasks(True, provs, quick=True, layouts=("channels_last", "nchw"),
                                         max_autotune=False))
@@ -197,15 +305,22 @@ def test_gpu_task_lists():
 
 
 def test_cpu_task_list_and_config():
-    got = _plan(bench_models.plan_tasks(False, ["eager", "triton", "cuda"]))
-    assert got == [("infer", "resnet18", 32, 1, "fp32", "channels_last", ("eager", "triton", "cuda")),
-                   ("infer", "resnet18", 32, 2, "fp32", "channels_last", ("eager", "triton", "cuda")),
-                   ("train_step", "resnet18", 64, 4, "fp32", "channels_last", ("eager", "triton", "cuda")),
-                   ("infer", "resnet50", 32, 1, "fp32", "channels_last", ("eager", "cuda")),  # triton: resnet18 only
+    all4 = ("eager", "triton", "cuda", "auto")
+    got = _plan(bench_models.plan_tasks(False, list(all4)))
+    assert got == [("infer", "resnet18", 32, 1, "fp32", "channels_last", all4),
+                   ("infer", "resnet18", 32, 2, "fp32", "channels_last", all4),
+                   ("train_step", "resnet18", 64, 4, "fp32", "channels_last", all4[:3]),  # auto: infer
+                   ("infer", "resnet50", 32, 1, "fp32", "channels_last", ("eager", "cuda")),  # triton, auto: r18
                    ("infer", "resnet50", 32, 2, "fp32", "channels_last", ("eager", "cuda"))]
+    every = _plan(bench_models.plan_tasks(False, list(all4), cpu_auto_cases=None))  # auto named: every case
+    assert [t[6] for t in every if t[1] == "resnet50"] == [("eager", "cuda", "auto")] * 2
+    assert [t[6] for t in every if t[0] == "train_step"] == [all4]
     cfg = bench_models.make_config(bench_models.parse_args(["--device", "cpu", "--quick"]))
     assert cfg.deadline is not None  # --quick stops starting providers in time
     assert "compile" not in cfg.providers and "compile" in cfg.skipped
+    # the default providers: auto (what users get) beside each backend; triton's interpreter left out
+    assert cfg.providers == ["eager"] + (["cuda"] if _ext_error() is None else []) + ["auto"]
+    assert cfg.notes == ["auto on CPU: resnet18 infer only (name auto in --providers for every case)"]
     for bad in (["--reps", "0"], ["--batches", "0"]):
         with pytest.raises(SystemExit):
             bench_models.make_config(bench_models.parse_args(["--device", "cpu"] + bad))

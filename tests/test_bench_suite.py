@@ -1,7 +1,9 @@
 """The benchmark suite's plumbing on CPU: result schema with optional columns, measured peaks and
 the roofline floor, the combined per-run file (JSON / CSV / markdown / PNG charts), the README
-section, junit parsing, child processes under a time limit, step planning, and one short real run
-of ``python -m benchmarks.suite`` (peaks + layers). CI also runs the whole CPU suite from the
+section, junit parsing, child processes under a time limit, step planning, the auto provider's
+helpers (no decision file, a clean dispatch per case, the compact decision record), and one short
+real run of ``python -m benchmarks.suite`` (peaks + layers, auto's decisions carried into the
+combined file). CI also runs the whole CPU suite from the
 README's test commands."""
 from __future__ import annotations
 
@@ -54,6 +56,86 @@ def _rows():
                                            "frac_of_peak": fp, "gbps": fc and fc * 3000, "frac_of_copy": fc,
                                            "floor_ms": 0.5, "note": ""}))
     return rows
+
+
+# ------------------------------------------------------------------------------ the auto provider
+def test_dispatch_isolated_restores_the_cache_setting(monkeypatch):
+    from resnet_fused.dispatch import CACHE_DIR_ENV, cache_path
+
+    for before in ("/tmp/somewhere", None):
+        if before is None:
+            monkeypatch.delenv(CACHE_DIR_ENV, raising=False)
+        else:
+            monkeypatch.setenv(CACHE_DIR_ENV, before)
+        with pytest.raises(RuntimeError, match="inside"):
+            with common.dispatch_isolated():
+                assert os.environ[CACHE_DIR_ENV] == "" and cache_path() is None  # persistence off
+                raise RuntimeError("inside")
+        assert os.environ.get(CACHE_DIR_ENV) == before
+
+
+def test_auto_and_cudnn_fused_availability():
+    assert common.provider_unavailable("auto", torch.device("cpu")) is None  # measures what can run
+    assert common.provider_unavailable("cudnn_fused", torch.device("cpu")).startswith("CUDA only")
+    assert {"auto", "cudnn_fused"} <= set(common.PROVIDERS)
+
+
+def test_dispatch_record_entry_note_and_late_keys():
+    """A real auto call with an injected clock (torch 1 ms, every other candidate 0.5 ms): the
+    compact record of the decision, the entry for a result file, the note, a late key."""
+    import resnet_fused
+    from resnet_fused import dispatch
+    from resnet_fused.ops import conv_bias_act
+
+    cpu = torch.device("cpu")
+    ext = resnet_fused.backends.unavailable_reason("cuda", cpu) is None
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    previous = dispatch.set_timer(lambda runs, dev: {n: [1.0 if n == "torch" else 0.5] * 3 for n in runs})
+    try:
+        with common.dispatch_isolated(), torch.no_grad():
+            common.dispatch_fresh()
+            assert common.dispatch_record() == {"env": {}, "decisions": []}
+            conv_bias_act(x, w, None, None, padding=1, backend="auto")
+            warm = common.dispatch_record()
+            conv_bias_act(x, w, None, None, padding=1, backend="auto")  # a decided key: nothing new
+            record = common.dispatch_record()
+            assert common.dispatch_late(warm, record) is None
+            conv_bias_act(x[:1], w, None, None, padding=1, backend="auto")  # a new shape: a new key
+            late = common.dispatch_late(warm, common.dispatch_record())
+            common.dispatch_fresh()
+            assert common.dispatch_record()["decisions"] == []
+    finally:
+        dispatch.set_timer(previous)
+        dispatch.forget()
+    assert late == "auto: 1 dispatch key(s) first seen after the warm-up: measured inside the timed region"
+    assert tuple(record) == ("env", "decisions")
+    assert record["env"]["device"] == common.device_name(cpu) and record["env"]["threads"] == torch.get_num_threads()
+    assert set(record["env"]) == {"device", "threads", "resnet_fused", "torch", "triton"}
+    (d,) = record["decisions"]
+    assert tuple(d) == common.DECISION_KEYS and d["op"] == "conv_bias_act" and d["source"] == "measured"
+    assert d["chosen"] == ("cuda" if ext else "torch") and d["sites"] == ["ops.conv_bias_act"]
+    assert d["candidates"]["torch"] == 1.0 and d["candidates"]["cudnn_fused"] == "unsupported: CUDA only"
+    assert d["case"]["x"] == [2, 4, 6, 6] and d["case"]["weight"] == [5, 4, 3, 3] and d["case"]["relu"] is True
+    assert d["case"]["candidates"] == ["torch"] + (["cuda"] if ext else [])
+    assert not set(d["case"]) & set(common.DISPATCH_ENV_FIELDS)
+    row = {"model": "m", "shape": "s", "batch": 2, "dtype": "fp32", "mode": "infer", "provider": "auto"}
+    entry = common.dispatch_entry(row, record)
+    assert entry == {"model": "m", "shape": "s", "batch": 2, "dtype": "fp32", "mode": "infer", "layout": "",
+                     "variant": "", "env": record["env"], "decisions": record["decisions"]}
+    assert common.auto_note(record["decisions"]) == (
+        "auto chose cuda (measured: torch 1 ms, cuda 0.5 ms)" if ext else "auto chose torch (measured: torch 1 ms)")
+
+
+def test_auto_note_forms():
+    one = {"op": "bn_act", "chosen": "torch", "source": "measured",
+           "candidates": {"torch": 0.25, "cuda": "excluded: output 0: relative error 1 > 0.0001",
+                          "triton": "unsupported: CUDA only"}}
+    assert common.auto_note([one]) == "auto chose torch (measured: torch 0.25 ms; cuda excluded)"
+    many = [dict(one, op="conv_bias_act", chosen="cuda"), dict(one, op="conv_bias_act", chosen="torch"),
+            dict(one, op="conv_bias_act", chosen="cuda"), dict(one, op="block_train")]
+    assert common.auto_note(many) == "auto: conv_bias_act cuda 2, torch 1; block_train torch 1"
+    assert common.auto_note([]) == "auto: no dispatch decision"
 
 
 # ------------------------------------------------------------------------------------------ schema
@@ -236,6 +318,11 @@ def test_suite_cpu_run_end_to_end(tmp_path):
     assert data["rows"] and {r["bench"] for r in data["rows"]} == {"layers"}
     assert all(r["correct"] and r["median_ms"] is not None for r in data["rows"])
     assert data["suite"]["benchmarks"]["layers"]["peaks"] == data["suite"]["peaks"]  # handed over, not re-measured
+    # auto ran (triton skipped without the interpreter, cudnn_fused without CUDA, compile on CPU) and its decisions,
+    # one per auto row, travel into the combined file
+    auto = [r for r in data["rows"] if r["provider"] == "auto"]
+    assert auto and len(data["suite"]["benchmarks"]["layers"]["dispatch"]) == len(auto)
+    assert set(data["suite"]["benchmarks"]["layers"]["skipped"]) == {"compile", "triton", "cudnn_fused"}
     parts = combined[0].with_name(combined[0].stem + "_parts")
     assert (parts / "layers.log").exists() and list(parts.glob("*_layers.json"))
     assert combined[0].with_suffix(".csv").exists() and combined[0].with_suffix(".md").exists()

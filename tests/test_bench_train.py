@@ -1,7 +1,8 @@
 """benchmarks/bench_train.py: the CPU mode end to end (a subprocess, Triton kernels through the
 interpreter, the compiled library's C++ kernels as the cuda provider where it loads), a broken
-provider recorded as wrong and untimed (in process, monkeypatched), the AMP step on the PyTorch
-path, and the GPU configuration checked without a GPU (case names, state_dict compatibility, probe
+provider recorded as wrong and untimed (in process, monkeypatched), the auto provider measuring in
+its checked step only (the harness bench_wrn and bench_models' training share), the AMP step on the
+PyTorch path, and the GPU configuration checked without a GPU (case names, state_dict compatibility, probe
 names, output shapes).
 
 The subprocess runs with one intra-op thread, as tests/test_bench_and_main.py does.
@@ -25,6 +26,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: 
 from benchmarks import bench_train, common  # noqa: E402
 from resnet_fused import backends  # noqa: E402
 from utils import run_bench_cpu  # noqa: E402
+from test_bench_models import check_dispatch, spy_measuring  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(not backends.triton_interpreting(),
                                        reason="in-process CPU Triton needs TRITON_INTERPRET=1 at import")
@@ -39,7 +41,7 @@ def _rows(out_dir: Path):
     files = sorted(out_dir.glob("*_train.json"))
     assert len(files) == 1, files
     data = json.loads(files[0].read_text())
-    assert tuple(data) == ("env", "skipped", "rows") and tuple(data["env"]) == common.ENV_KEYS
+    assert tuple(data) == ("env", "skipped", "dispatch", "rows") and tuple(data["env"]) == common.ENV_KEYS
     with open(files[0].with_suffix(".csv")) as f:
         assert len(list(csv.DictReader(f))) == len(data["rows"])
     return data["rows"]
@@ -130,6 +132,28 @@ def test_unavailable_cuda_provider_is_skipped_with_the_reason(tmp_path, monkeypa
     assert [x["provider"] for x in _rows(tmp_path)] == ["eager"]
     assert json.loads(next(tmp_path.glob("*_train.json")).read_text())["skipped"] == {"cuda": "deliberately not built"}
     assert "cuda skipped: deliberately not built" in capsys.readouterr().out
+
+
+def test_auto_measures_in_its_checked_step_only(tmp_path, monkeypatch):
+    """``auto`` (our block with backend="auto"): its first, checked step measures the block's key;
+    no timed step measures; the JSON's "dispatch" holds that decision for the row's case."""
+    ops, during = spy_measuring(monkeypatch)
+    rc = bench_train.main(["--device", "cpu", "--cases", "resnet50.layer2.0", "--providers", "eager", "auto",
+                           "--out", str(tmp_path)])
+    assert rc == 0
+    rows = _rows(tmp_path)
+    assert [x["provider"] for x in rows] == ["eager", "auto"]
+    for row in rows:
+        _check_timed(row)
+    data = json.loads(next(tmp_path.glob("*_train.json")).read_text())
+    check_dispatch(data)
+    (entry,) = data["dispatch"]
+    assert (entry["model"], entry["batch"], entry["mode"]) == ("resnet50.layer2.0", 2, "train_step")
+    assert entry["layout"] == ""  # bench_train's rows have no layout column (channels_last throughout)
+    (d,) = entry["decisions"]
+    assert d["op"] == "block_train" and d["case"]["block"] == "Bottleneck" and d["sites"] == ["Bottleneck"]
+    assert d["case"]["shortcut"] is not None and d["case"]["x"][0] == 2  # layer2.0: the projection shortcut
+    assert ops == ["block_train"] and during == []
 
 
 def test_amp_step_on_the_pytorch_path(tmp_path):

@@ -1,9 +1,9 @@
 """benchmarks/bench_wrn.py (the WRN paper's Figure 4 re-run): the CPU mode end to end (a
 subprocess, Triton through the interpreter, the compiled library's C++ kernels as the cuda
-provider where it loads), the thin / wide ratios, speedups and goal on synthetic rows, the paper's
-table, the GPU networks' architectures (parameter counts, probes, fused blocks) and run plan
-checked without a GPU, and a broken provider recorded wrong and untimed (in process,
-monkeypatched).
+provider where it loads, and auto with its dispatch decisions in the JSON), the thin / wide ratios,
+speedups and goal on synthetic rows, the paper's table, the GPU networks' architectures (parameter
+counts, probes, fused blocks) and run plan checked without a GPU, and a broken provider recorded
+wrong and untimed (in process, monkeypatched).
 
 The subprocess runs with one intra-op thread, as tests/test_bench_train.py does.
 """
@@ -27,6 +27,7 @@ from benchmarks import bench_train, bench_wrn, common  # noqa: E402
 from resnet_fused import backends  # noqa: E402
 from resnet_fused.modules import PreActBottleneck, WideBasic  # noqa: E402
 from utils import run_bench_cpu  # noqa: E402
+from test_bench_models import check_dispatch  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(not backends.triton_interpreting(),
                                        reason="in-process CPU Triton needs TRITON_INTERPRET=1 at import")
@@ -42,7 +43,7 @@ def _data(out_dir: Path) -> dict:
     files = sorted(out_dir.glob("*_wrn.json"))
     assert len(files) == 1, files
     data = json.loads(files[0].read_text())
-    assert tuple(data) == ("env", "skipped", "paper", "ratios", "rows"), tuple(data)
+    assert tuple(data) == ("env", "skipped", "paper", "ratios", "dispatch", "rows"), tuple(data)
     assert tuple(data["env"]) == common.ENV_KEYS
     assert all(tuple(r) == bench_wrn.KEYS for r in data["rows"])
     with open(files[0].with_suffix(".csv")) as f:
@@ -84,35 +85,48 @@ def test_cpu_mode_end_to_end(tmp_path):
     assert data["env"]["gpu"].startswith("cpu: ")
     rows = data["rows"]
     names = ["preact11", "wrn10-1"]
-    providers = ("eager", "triton") + (("cuda",) if _ext_error() is None else ())
-    assert [(x["model"], x["provider"]) for x in rows] == [(n, p) for n in names for p in providers]
+    providers = ("eager", "triton") + (("cuda",) if _ext_error() is None else ()) + ("auto",)
+    assert [(x["model"], x["provider"]) for x in rows] == [  # auto: wrn10-1 only on CPU
+        (n, p) for n in names for p in providers if p != "auto" or n == "wrn10-1"]
     for row in rows:
         _check_timed(row)
         assert row["batch"] == 2 and row["shape"] == "3x8x8"
     # the fused providers really trained through the fused blocks: one per bottleneck unit of
     # preact11 (three stages of one), one per WideBasic of WRN-10-1 (three groups of one)
-    for prov in providers[1:]:
+    for prov in [p for p in providers if p in bench_wrn.FUSED]:
         fused = {m: int(n) for m, p, n in re.findall(r"^  (\S+) b2 fp32 (\w+) *; ok .*fused blocks/step (\d+)",
                                                       r.stdout, re.M) if p == prov}
         assert fused == {"preact11": 3, "wrn10-1": 3}, (prov, r.stdout)
     assert "WRONG" not in r.stdout + r.stderr and "FAILED" not in r.stdout + r.stderr
+    # auto: the network's three block shapes measured in its first (checked, untimed) step
+    check_dispatch(data)
+    assert [(e["model"], e["mode"], e["layout"]) for e in data["dispatch"]] == [("wrn10-1", "train_step",
+                                                                                 "channels_last")]
+    for e in data["dispatch"]:
+        assert [d["op"] for d in e["decisions"]] == ["block_train"] * 3, e
+        assert all(d["case"]["x"][0] == 2 for d in e["decisions"])
+    assert re.search(r"^  wrn10-1 b2 fp32 auto +; ok .*auto: block_train ", r.stdout, re.M), r.stdout
+    assert "note: auto on CPU: wrn10-1 only (name auto in --providers for both)" in r.stdout
+    assert "first seen after the warm-up" not in r.stdout + r.stderr
     # ratios: the stand-in pair for every provider, computed from the rows themselves
     ms = {(x["model"], x["provider"]): x["median_ms"] for x in rows}
     tw = data["ratios"]["thin_wide"]
-    assert [(t["provider"], t["thin"], t["wide"]) for t in tw] == [(p, "preact11", "wrn10-1") for p in providers]
+    assert [(t["provider"], t["thin"], t["wide"]) for t in tw] == [
+        (p, "preact11", "wrn10-1") for p in providers if p != "auto"]  # auto ran on one network
     for t in tw:
         assert t["paper_ratio"] is None
         assert math.isclose(t["ratio"], ms[("preact11", t["provider"])] / ms[("wrn10-1", t["provider"])],
                             rel_tol=1e-3)
-    assert [(g["provider"], g["of"]) for g in data["ratios"]["goal"]] == [(p, 2) for p in providers[1:]]
+    assert [(g["provider"], g["of"]) for g in data["ratios"]["goal"]] == [
+        (p, 1 if p == "auto" else 2) for p in providers[1:]]
     assert data["paper"]["claims"] == {"resnet1001/wrn28-10": pytest.approx(1.641, abs=1e-3),
                                        "resnet1001/wrn40-4": pytest.approx(7.529, abs=1e-3)}
-    assert data["skipped"] == ({} if len(providers) == 3 else {"cuda": _ext_error()})
+    assert data["skipped"] == ({} if "cuda" in providers else {"cuda": _ext_error()})
     # the summary tables, on stdout and in the markdown
     md = next(tmp_path.glob("*_wrn.md")).read_text()
     for text in (r.stdout, md):
         assert "paper ms" in text and "eager/triton" in text and "preact11" in text
-        assert "goal (fused >= 1.3x eager) fp32 triton: " in text
+        assert "goal (fused >= 1.3x eager) fp32 triton: " in text and "fp32 auto: " in text
     assert "| fp32 | eager | preact11 / wrn10-1 |" in md
 
 
@@ -175,8 +189,12 @@ def test_options():
     assert pairs == bench_wrn.CPU_PAIRS
     assert [(t.job.case.name, t.job.batch, t.job.dtype) for t in tasks] == [("preact11", 2, "fp32"),
                                                                              ("wrn10-1", 2, "fp32")]
-    cfg, _, _ = bench_wrn.make_plan(bench_wrn.parse_args(["--device", "cpu"]))
+    cfg, tasks, _ = bench_wrn.make_plan(bench_wrn.parse_args(["--device", "cpu"]))
     assert cfg.deadline is None
+    assert list(cfg.providers) == [p for p in ("eager", "triton", "cuda", "auto") if p not in cfg.skipped]
+    assert [("auto" in t.providers) for t in tasks] == [False, True]  # auto: wrn10-1 only, by default
+    _, tasks, _ = bench_wrn.make_plan(bench_wrn.parse_args(["--device", "cpu", "--providers", "eager", "auto"]))
+    assert [t.providers for t in tasks] == [("eager", "auto")] * 2  # named: every network
 
 
 def test_row_extra_compile_seconds_and_paper_time():
@@ -233,13 +251,16 @@ def test_speedups_and_goal_on_synthetic_rows():
             _row("wrn28-10", "fp16", "eager", 30.0), _row("wrn28-10", "fp16", "triton", 20.0),
             _row("wrn28-10", "fp16", "cuda", None, correct=False),
             _row("wrn28-10", "fp16", "compile", 15.0),
-            _row("wrn28-10", "fp32", "eager", 60.0), _row("wrn28-10", "fp32", "cuda", 40.0)]
+            _row("wrn28-10", "fp32", "eager", 60.0), _row("wrn28-10", "fp32", "cuda", 40.0),
+            _row("wrn28-10", "fp32", "auto", 30.0)]
     sp = {(s["model"], s["dtype"], s["provider"]): s["speedup"] for s in bench_wrn.speedups(rows)}
     assert sp == {("resnet164", "fp16", "triton"): 1.3, ("resnet164", "fp16", "cuda"): 2.6,
                   ("wrn28-10", "fp16", "triton"): 1.5, ("wrn28-10", "fp16", "compile"): 2.0,
-                  ("wrn28-10", "fp32", "cuda"): 1.5}
+                  ("wrn28-10", "fp32", "cuda"): 1.5, ("wrn28-10", "fp32", "auto"): 2.0}
     goal = {(g["dtype"], g["provider"]): g for g in bench_wrn.goal_verdict(rows)}
-    assert list(goal) == [("fp16", "triton"), ("fp16", "cuda"), ("fp32", "cuda")]  # compile is not fused
+    # compile is not judged; auto is, beside each fused backend
+    assert list(goal) == [("fp16", "triton"), ("fp16", "cuda"), ("fp32", "cuda"), ("fp32", "auto")]
+    assert goal["fp32", "auto"]["met"] == 1 and goal["fp32", "auto"]["worst_speedup"] == 2.0
     assert (goal["fp16", "triton"]["met"], goal["fp16", "triton"]["of"]) == (2, 2)  # 1.3 exactly meets it
     assert goal["fp16", "triton"]["all_met"] and goal["fp16", "triton"]["worst_model"] == "resnet164"
     # the wrong wrn28-10 row counts as a miss, and is the worst
@@ -307,11 +328,12 @@ def test_preact_case_real_state_and_step_shape():
 
 
 def test_gpu_plans():
-    nets, gpu = bench_wrn.GPU_NETWORKS, ["eager", "triton", "cuda", "compile"]
+    nets, gpu = bench_wrn.GPU_NETWORKS, ["eager", "triton", "cuda", "auto", "compile"]
+    early4 = ("eager", "triton", "cuda", "auto")
     full = bench_wrn.plan(nets, gpu, ["fp16", "fp32"], quick=False, cpu=False, reps=None, dtypes_given=False)
     early, late = full[:10], full[10:]
     assert [(t.net.name, t.job.dtype, t.providers) for t in early] == [
-        (n.name, d, ("eager", "triton", "cuda")) for n in nets for d in ("fp16", "fp32")]
+        (n.name, d, early4) for n in nets for d in ("fp16", "fp32")]
     assert [(t.net.name, t.job.dtype, t.providers) for t in late] == [
         (n, d, ("compile",)) for n in bench_wrn.COMPILE_ORDER for d in ("fp16", "fp32")]
     assert {t.job.batch for t in full} == {32} and {t.reps for t in full} == {20}
@@ -319,13 +341,13 @@ def test_gpu_plans():
 
     quick = bench_wrn.plan(nets, gpu, ["fp16", "fp32"], quick=True, cpu=False, reps=None, dtypes_given=False)
     assert [(t.net.name, t.job.dtype, t.providers) for t in quick] == [
-        (n.name, d, ("eager", "triton", "cuda") if d == "fp16" else ("eager",)) for n in nets
+        (n.name, d, early4 if d == "fp16" else ("eager",)) for n in nets
         for d in ("fp16", "fp32")] + [("wrn28-10", "fp16", ("compile",)), ("wrn40-4", "fp16", ("compile",))]
     assert {t.net.name: t.reps for t in quick} == {"resnet164": 20, "resnet1001": 10, "wrn40-4": 20, "wrn16-10": 20,
                                                    "wrn28-10": 20}
     given = bench_wrn.plan(nets[:2], gpu, ["fp32"], quick=True, cpu=False, reps=5, dtypes_given=True)
     assert [(t.net.name, t.providers, t.reps) for t in given] == [
-        ("resnet164", ("eager", "triton", "cuda"), 5), ("resnet1001", ("eager", "triton", "cuda"), 5)]
+        ("resnet164", early4, 5), ("resnet1001", early4, 5)]
     # the default GPU dtypes and the quick deadline (make_plan needs a CUDA device; parse only)
     args = bench_wrn.parse_args(["--quick"])
     assert args.dtypes is None and args.deadline is None and bench_wrn.QUICK_DEADLINE_S <= 120
