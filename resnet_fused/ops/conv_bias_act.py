@@ -34,6 +34,8 @@ from .. import backends
 from .batch_stats import StatsPartials, tile_stats
 from ._common import (autocast_applies, check_float_tensor, compute_dtype, conv_output_size, conv_uses_tf32,
                       device_guard, interpreting, memory_format_of, pair, triton_dtype_ok)
+from .conv_configs import (CONFIGS, ConvConfig, applicable, autotune_requested, conv_config, flat_k,
+                           interpreter_config)
 
 IntPair = Union[int, Sequence[int]]
 
@@ -62,26 +64,6 @@ def conv_bias_act_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
 
 
 # ---------------------------------------------------------------------------------- Triton kernel
-def _autotune_configs():
-    configs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
-        (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 64, 64, 4, 3), (32, 64, 32, 4, 4),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                     num_warps=warps, num_stages=stages))
-    return configs
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles wider than the problem (a 128-wide N tile on 64 output channels is half idle):
-    fewer configs to compile and time on first use, none of them a likely winner."""
-    n_cap = max(32, triton.next_power_of_2(int(named_args["COUT"])))
-    m_cap = max(32, triton.next_power_of_2(int(named_args["M"])))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_M"] <= m_cap]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
 if triton is not None:
 
     @triton.jit
@@ -89,7 +71,7 @@ if triton is not None:
         """relu((a - mean[c]) * scale[c] + shift[c]) in fp32, back in a's dtype; zero where nothing
         was loaded (the conv's zero padding pads the *activated* input, so it must stay zero).
         Centred on the batch mean first, as BatchNorm computes it: a * scale + (shift - mean * scale)
-        would cancel catastrophically when |mean| >> std."""
+        would cancel catastrophically when |mean| >> std. ``c``/``c_ok`` come broadcastable to a."""
         mu = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
         s = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
         h = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
@@ -98,9 +80,17 @@ if triton is not None:
         return tl.where(a_ok, v, 0.0).to(a.dtype)
 
     @triton.jit
+    def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        if UPCAST:  # interpreter only: its bf16 dot is wrong, so dot in fp32 there
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        # bf16/fp16 -> wgmma (sm_90) / mma.sync (sm_80); fp32 -> "tf32" or "ieee" (PyTorch's conv setting)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
     def _conv_bias_act_kernel(
         # pointers
         x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+        x_desc, w_desc,  # TMA descriptors or None: x as [M, CIN] (X_TMA), weight as [COUT, KH*KW*CIN] (W_TMA)
         in_mean_ptr, in_scale_ptr, in_shift_ptr,  # PROLOGUE: per-input-channel batch BN applied at load
         cnt_part_ptr, anchor_part_ptr, mean_part_ptr, m2_part_ptr,  # STATS: per-tile partials [tiles, COUT]
         tile0,  # STATS: first partial row of this launch (the batch may be split over launches)
@@ -118,7 +108,10 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
         PROLOGUE: tl.constexpr,  # the input is relu((x - in_mean[c]) * in_scale[c] + in_shift[c]): BN + ReLU
         STATS: tl.constexpr,  # write per-tile channel mean and M2 of the (rounded) output
-        FLAT_K: tl.constexpr,  # small Cin (the 3-channel stem): one K loop over (kh, kw, c)
+        FLAT_K: tl.constexpr,  # Cin < 8 (the stem): one K block per filter row, (kw, c) pairs
+        X_TMA: tl.constexpr, W_TMA: tl.constexpr,  # operands through the descriptors (sm_90+)
+        X_PIXEL_MAJOR: tl.constexpr,  # x's pixels, not channels, are adjacent (NCHW): load along pixels
+        OUT_PIXEL_MAJOR: tl.constexpr,  # the same for out (and residual): store along pixels
         PRECISION: tl.constexpr,  # "tf32" | "ieee" for fp32 operands
         UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so dot in fp32 there
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -143,84 +136,156 @@ if triton is not None:
         n64 = (t // OH).to(tl.int64)  # int64: activations can pass 2^31 elements
         ih0 = oh * stride_h - pad_h
         iw0 = ow * stride_w - pad_w
+        # each pixel's offset at tap (0, 0), channel 0; a tap adds one scalar (hoisted index math)
+        x_pix = n64 * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+        w_row = rn.to(tl.int64) * swo
         rk = tl.arange(0, BLOCK_K)
-        w_cols = rn.to(tl.int64) * swo
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if FLAT_K:
-            KTOT = KH * KW * CIN
-            for k0 in range(0, KTOT, BLOCK_K):
-                kk = k0 + rk
-                c = kk % CIN
-                kw_ = (kk // CIN) % KW
-                kh_ = kk // (CIN * KW)
-                k_ok = kk < KTOT
-                ih = ih0[:, None] + kh_[None, :] * dil_h
-                iw = iw0[:, None] + kw_[None, :] * dil_w
-                a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a_off = n64[:, None] * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw + c[None, :].to(tl.int64) * sxc
-                a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
-                if PROLOGUE:
-                    a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :], k_ok[None, :], a_ok)
-                b_off = w_cols[None, :] + (c * swi + kh_ * swh + kw_ * sww)[:, None]
-                b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        else:
-            for kh in tl.static_range(KH):
+            # One K block per filter row kh: its KW*CIN (kw, c) pairs, ordered as x stores them so
+            # a row is one contiguous run for channels_last (c fastest) and KW-long runs for NCHW.
+            if X_PIXEL_MAJOR:
+                jc = rk // KW
+                jw = rk - jc * KW
+            else:
+                jw = rk // CIN
+                jc = rk - jw * CIN
+            j_ok = rk < KW * CIN
+            iw = iw0[:, None] + (jw * dil_w)[None, :]
+            col_ok = m_ok[:, None] & j_ok[None, :] & (iw >= 0) & (iw < W)  # the same for every row
+            a_col = (jw * dil_w).to(tl.int64) * sxw + jc.to(tl.int64) * sxc
+            b_col = (jw * sww + jc * swi).to(tl.int64)
+            for kh in range(KH):
                 ih = ih0 + kh * dil_h
-                for kw in tl.static_range(KW):
+                a_ok = col_ok & ((ih >= 0) & (ih < H))[:, None]
+                a = tl.load(x_ptr + (x_pix + (kh * dil_h).to(tl.int64) * sxh)[:, None] + a_col[None, :],
+                            mask=a_ok, other=0.0)
+                if PROLOGUE:
+                    a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, jc[None, :], j_ok[None, :], a_ok)
+                b = tl.load(w_ptr + (w_row + kh * swh)[None, :] + b_col[:, None],
+                            mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = _mma(a, b, acc, PRECISION, UPCAST)
+        else:
+            # One flat K loop over (filter tap, Cin block), so the software pipeliner keeps
+            # num_stages loads in flight across taps (a 64-channel 3x3 layer is 9 taps x 1 block).
+            ncb = tl.cdiv(CIN, BLOCK_K)
+            for s in range(KH * KW * ncb):
+                tap = s // ncb
+                c0 = (s - tap * ncb) * BLOCK_K
+                kh = tap // KW
+                kw = tap - kh * KW
+                c = c0 + rk
+                c_ok = c < CIN
+                if X_TMA:  # 1x1, stride 1, no padding, dense channels_last: x is the [M, CIN] matrix
+                    a = x_desc.load([pid_m * BLOCK_M, c0])
+                    if PROLOGUE:
+                        a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :], c_ok[None, :],
+                                              m_ok[:, None] & c_ok[None, :])
+                else:
+                    ih = ih0 + kh * dil_h
                     iw = iw0 + kw * dil_w
                     pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                    a_row = n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-                    b_tap = w_cols + kh * swh + kw * sww
-                    for c0 in range(0, CIN, BLOCK_K):
-                        c = c0 + rk
-                        c_ok = c < CIN
-                        a_ok = pix_ok[:, None] & c_ok[None, :]
-                        a = tl.load(x_ptr + a_row[:, None] + c[None, :].to(tl.int64) * sxc, mask=a_ok, other=0.0)
+                    a_pix = x_pix + ((kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw)
+                    c64 = c.to(tl.int64) * sxc
+                    if X_PIXEL_MAJOR:
+                        # [channels, pixels]: adjacent threads take adjacent pixels (NCHW's contiguous
+                        # axis), then the tile is transposed for the MMA
+                        a_ok = c_ok[:, None] & pix_ok[None, :]
+                        a = tl.load(x_ptr + a_pix[None, :] + c64[:, None], mask=a_ok, other=0.0)
                         if PROLOGUE:
-                            a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :], c_ok[None, :], a_ok)
-                        b = tl.load(w_ptr + b_tap[None, :] + (c * swi)[:, None],
-                                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                        if UPCAST:
-                            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-                        else:
-                            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                            a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[:, None],
+                                                  c_ok[:, None], a_ok)
+                        a = tl.trans(a)
+                    else:
+                        a_ok = pix_ok[:, None] & c_ok[None, :]
+                        a = tl.load(x_ptr + a_pix[:, None] + c64[None, :], mask=a_ok, other=0.0)
+                        if PROLOGUE:
+                            a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :],
+                                                  c_ok[None, :], a_ok)
+                if W_TMA:  # BLOCK_K divides CIN: a block never reaches into the next tap's columns
+                    b = tl.trans(w_desc.load([pid_n * BLOCK_N, tap * CIN + c0]))
+                else:
+                    b = tl.load(w_ptr + (w_row + (kh * swh + kw * sww))[None, :] + (c * swi)[:, None],
+                                mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = _mma(a, b, acc, PRECISION, UPCAST)
 
         # Epilogue, in fp32: + bias (folded BN shift) + residual, ReLU, one cast, one store.
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
+        oh64 = oh.to(tl.int64)
+        ow64 = ow.to(tl.int64)
         if HAS_RES:
-            r_off = (n64 * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw)[:, None] + (rn.to(tl.int64) * src)[None, :]
-            acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+            r_pix = n64 * srn + oh64 * srh + ow64 * srw
+            r_ch = rn.to(tl.int64) * src
+            if OUT_PIXEL_MAJOR:
+                r = tl.trans(tl.load(res_ptr + r_pix[None, :] + r_ch[:, None], mask=tl.trans(mask), other=0.0))
+            else:
+                r = tl.load(res_ptr + r_pix[:, None] + r_ch[None, :], mask=mask, other=0.0)
+            acc += r.to(tl.float32)
         if RELU:
             # where(x < 0) rather than maximum: keeps NaN, as torch.relu does.
             acc = tl.where(acc < 0.0, 0.0, acc)
+        y = acc.to(out_ptr.dtype.element_ty)
         if STATS:
             # statistics of the values as stored (rounded to the output dtype), as BatchNorm sees them
             cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-            tile_stats(acc.to(out_ptr.dtype.element_ty).to(tl.float32), mask, cnt, COUT, rn, n_ok, tile0 + pid_m,
+            tile_stats(y.to(tl.float32), mask, cnt, COUT, rn, n_ok, tile0 + pid_m,
                        anchor_part_ptr, mean_part_ptr, m2_part_ptr)
             if pid_n == 0:
                 tl.store(cnt_part_ptr + tile0 + pid_m, cnt)
-        o_off = (n64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None] + (rn.to(tl.int64) * soc)[None, :]
-        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-    _conv_bias_act_kernel_tuned = triton.autotune(
-        configs=_autotune_configs(),
-        key=["M", "COUT", "CIN", "KH", "KW", "stride_h", "FLAT_K", "HAS_RES", "PROLOGUE", "STATS"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(_conv_bias_act_kernel)
+        o_pix = n64 * son + oh64 * soh + ow64 * sow
+        o_ch = rn.to(tl.int64) * soc
+        if OUT_PIXEL_MAJOR:  # adjacent threads store adjacent pixels (NCHW's contiguous axis)
+            tl.store(out_ptr + o_pix[None, :] + o_ch[:, None], tl.trans(y), mask=tl.trans(mask))
+        else:
+            tl.store(out_ptr + o_pix[:, None] + o_ch[None, :], y, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------- launcher
-_FLAT_K_MAX_CIN = 8  # below this, a per-tap Cin loop would waste most of each K block
 _MAX_ROWS = 2**31 - 1024  # int32 GEMM row index, with room for the last tile's overhang
-_MIN_BLOCK_M = 32  # smallest BLOCK_M of any config: sizes the STATS partial buffers
+# smallest BLOCK_M of any configuration (GPU table, autotune set, interpreter): sizes the STATS
+# partial buffers before the launch decides its tile
+_MIN_BLOCK_M = min(c.block_m for c in CONFIGS + [interpreter_config(1, 1)])
+_TMA_MIN_ARCH = 9  # tensor descriptors are TMA-backed from Hopper (sm_90) on
+
+
+def _device_arch(t: Tensor) -> int:
+    """Compute capability major of ``t``'s GPU; 0 for the interpreter (CPU tensors)."""
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_capability(t.device)[0]
+
+
+def _tma_ok(t: Tensor, row_stride: int) -> bool:
+    """A 2-D descriptor over ``t``'s storage with this row stride: 16-byte aligned base and stride."""
+    return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0
+
+
+def _descriptors(x: Tensor, weight: Tensor, cfg: ConvConfig, flat: bool, one_by_one: bool, arch: int,
+                 interp: bool):
+    """``(x_desc, w_desc)``: host tensor descriptors for the operands that can use TMA, else None.
+
+    On sm_90+ and in the interpreter (which emulates descriptors, so CI runs this path too); never
+    on sm_80. The weight (channels_last, so [COUT, KH*KW*CIN] with K contiguous) when BLOCK_K
+    divides CIN; x when the conv is a plain GEMM over a dense channels_last [M, CIN] matrix
+    (1x1, stride 1, no padding). Batch-split views and odd channel counts fail the 16-byte
+    alignment checks and keep the pointer path.
+    """
+    if triton is None or flat or not (interp or arch >= _TMA_MIN_ARCH):
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    cout, cin, kh, kw = weight.shape
+    w_desc = x_desc = None
+    if cin % cfg.block_k == 0 and _tma_ok(weight, weight.stride(0)):
+        w_desc = TensorDescriptor(weight, [cout, kh * kw * cin], [weight.stride(0), 1], [cfg.block_n, cfg.block_k])
+    n, _, h, w = x.shape
+    if (one_by_one and x.stride(1) == 1 and x.stride(3) == cin and x.stride(2) == w * cin
+            and (n == 1 or x.stride(0) == h * w * cin) and _tma_ok(x, cin)):
+        x_desc = TensorDescriptor(x, [n * h * w, cin], [cin, 1], [cfg.block_m, cfg.block_k])
+    return x_desc, w_desc
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -262,12 +327,20 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
             parts.m2[0] = ((yq - parts.mean[0].view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
         return (out, parts) if stats else out
     b = bias.contiguous() if bias is not None else None  # the kernel indexes bias densely: bias_ptr + channel
+    # the kernel reads weights as [COUT, KH*KW*CIN] with K contiguous (vector loads, a TMA
+    # descriptor): one channels_last copy of an NCHW weight (small next to the conv) here
+    weight = weight.contiguous(memory_format=torch.channels_last)
     tile0 = 0
     for rows, tiles in zip(chunks, chunk_tiles):
         _launch_into(out[rows], x[rows], weight, b, None if residual is None else residual[rows],
                      stride, padding, dilation, relu, prologue=prologue, parts=parts, tile0=tile0)
         tile0 += tiles
     return (out, parts) if stats else out
+
+
+def _pixel_major(t: Tensor) -> bool:
+    """Pixels, not channels, adjacent in memory (NCHW-like strides): the kernel loads/stores along them."""
+    return t.stride(1) != 1 and t.stride(3) == 1
 
 
 def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -284,29 +357,73 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     in_mean, in_scale, in_shift = prologue if prologue is not None else (out, out, out)
     partials = (parts.count, parts.anchor, parts.mean, parts.m2) if parts is not None else (out,) * 4
     interp = interpreting(x)
+    arch = _device_arch(x)
+    flat = flat_k(CIN, KW)
+    cfg = interpreter_config(CIN, KW) if interp else conv_config(M, COUT, CIN, KH, KW, x.element_size())
+    one_by_one = (KH, KW) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+    x_desc, w_desc = _descriptors(x, weight, cfg, flat, one_by_one, arch, interp)
     precision = "tf32" if (x.dtype == torch.float32 and not interp and conv_uses_tf32()) else "ieee"
     args = (
-        x, weight, b, res, out,
+        x, weight, b, res, out, x_desc, w_desc,
         in_mean, in_scale, in_shift, *partials, tile0,
         M, COUT, CIN, H, W, OH, OW,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
     )
     meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
-                PROLOGUE=prologue is not None, STATS=parts is not None,
-                FLAT_K=CIN < _FLAT_K_MAX_CIN, PRECISION=precision,
+                PROLOGUE=prologue is not None, STATS=parts is not None, FLAT_K=flat,
+                X_TMA=x_desc is not None, W_TMA=w_desc is not None,
+                X_PIXEL_MAJOR=_pixel_major(x), OUT_PIXEL_MAJOR=_pixel_major(out), PRECISION=precision,
                 UPCAST=interp and x.dtype == torch.bfloat16)
-    if interp:
-        # The interpreter runs each program in numpy: one small fixed config, no autotuning.
-        bm, bn, bk = _MIN_BLOCK_M, 32, 16
-        grid = (triton.cdiv(M, bm) * triton.cdiv(COUT, bn),)
-        _conv_bias_act_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
-    else:
+    if not interp and autotune_requested():
         def grid(meta_):
             return (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(COUT, meta_["BLOCK_N"]),)
 
         with device_guard(x):
-            _conv_bias_act_kernel_tuned[grid](*args, **meta)
+            _autotuner()[grid](*args, **meta)
+        return
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(COUT, cfg.block_n),)
+    with device_guard(x):
+        _conv_bias_act_kernel[grid](*args, **meta, **cfg.meta(), num_warps=cfg.num_warps,
+                                    num_stages=cfg.num_stages)
+
+
+def _set_descriptor_blocks(nargs):
+    """Autotuner pre-hook: the descriptors' block shapes follow the configuration being tried."""
+    if nargs["x_desc"] is not None:
+        nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    if nargs["w_desc"] is not None:
+        nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep the candidates that apply to this conv (:func:`conv_configs.applicable`); a weight
+    descriptor also needs BLOCK_K to divide CIN."""
+    cin, kw = int(named_args["CIN"]), int(kwargs["KW"])
+    eb = named_args["x_ptr"].element_size()
+    kept = [c for c in configs
+            if applicable(ConvConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                     c.num_stages), cin, kw, eb)
+            and (named_args["w_desc"] is None or cin % c.kwargs["BLOCK_K"] == 0)]
+    return kept
+
+
+_AUTOTUNER = []
+
+
+def _autotuner():
+    """The opt-in exhaustive autotuner (``RESNET_FUSED_AUTOTUNE=1``): every configuration of
+    :data:`conv_configs.CONFIGS` that applies, compiled and timed on first use of each shape."""
+    if not _AUTOTUNER:
+        configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages,
+                                 pre_hook=_set_descriptor_blocks) for c in CONFIGS]
+        _AUTOTUNER.append(triton.autotune(
+            configs=configs,
+            key=["M", "COUT", "CIN", "KH", "KW", "stride_h", "FLAT_K", "HAS_RES", "PROLOGUE", "STATS", "X_TMA",
+                 "W_TMA", "X_PIXEL_MAJOR", "OUT_PIXEL_MAJOR"],
+            prune_configs_by={"early_config_prune": _prune_configs},
+        )(_conv_bias_act_kernel))
+    return _AUTOTUNER[0]
 
 
 def _launch_ext(x, weight, bias, residual, stride, padding, dilation, relu, out_format):

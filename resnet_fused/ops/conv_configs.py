@@ -1,0 +1,146 @@
+"""Launch configurations of the Triton implicit-GEMM conv (:mod:`resnet_fused.ops.conv_bias_act`):
+one configuration per shape class, chosen by a pure function, so a first use compiles one kernel
+per variant and times nothing.
+
+GEMM view: M = N*OH*OW output pixels, N = Cout, K = KH*KW*Cin. :func:`conv_config` picks
+
+=====================  =============================================================================
+BLOCK_N                64 when Cout <= 64 (ResNet-50 layer1's 1x1/3x3, the stem), else 128. Never 256:
+                       a 128x256 fp32 accumulator is 128 registers a thread at 8 warps, and every
+                       256-wide variant spilled (126 of 180 ResNet-50 variants).
+BLOCK_K                filter row (Cin < 8 and KW*Cin <= 32, "FLAT_K"): next power of two >= KW*Cin,
+                       at least 16 (the stem: 7*3 = 21 -> 32). Otherwise the largest of 64 / 32 / 16 that divides Cin
+                       (so a K block never straddles two filter taps, which the weight's TMA
+                       descriptor needs), capped at 64 for 16-bit and 32 for fp32 (a 128x128x64 fp32
+                       stage is 64 KiB); Cin that no block divides takes 16 (Cin < 32) or 32.
+BLOCK_M                128, or 64 when 128-row tiles would not fill one wave of 132 SMs (small
+                       batches, 7x7 layers): a 64-row tile is still one warpgroup's wgmma (m64).
+num_warps              8 for a 128x128 tile (two warpgroups, 64 accumulator registers a thread),
+                       else 4 (one warpgroup).
+num_stages             as many as fit ~100 KiB of operand buffers, 2..4: 3 for 32 KiB stages, 4 below
+                       (two CTAs can share an H100 SM; within A100's 163 KiB with the epilogue's
+                       scratch).
+GROUP_M                8 (grouped program order: consecutive programs share a weight tile in L2).
+=====================  =============================================================================
+
+Every configuration this function can return is in :data:`CONFIGS`; each was compiled
+ahead of time (no GPU) for sm_90a and sm_80 over every variant ResNet-50 and WRN-28-10 reach
+(eval and a training step, fp16/bf16/fp32, channels_last and NCHW) with no register spill, shared
+memory within both targets' limits, and HGMMA (wgmma) in every sm_90a variant
+(``benchmarks/results/codegen/conv_notes.md``). None of them has been timed on a GPU: the
+classes are a judgement from the register/shared-memory budget, not a measurement.
+
+Exhaustive autotuning over :data:`CONFIGS` (pruned per variant) is opt-in:
+``RESNET_FUSED_AUTOTUNE=1`` in the environment. Then the first launch of every new shape (batch
+size included) compiles and times each candidate, as the autotuner does.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List
+
+AUTOTUNE_ENV = "RESNET_FUSED_AUTOTUNE"
+FLAT_K_MAX_CIN = 8  # below this, a per-tap Cin block would be mostly padding: K runs over a filter row
+FLAT_K_MAX_ROW = 32  # ... as long as one filter row (KW*Cin) fits one 32-wide K block
+WAVE_SMS = 132  # H100/H200 SXM multiprocessors: the tile count below which 128-row tiles leave SMs idle
+STAGE_BUDGET = 100 * 1024  # bytes of operand buffers (all stages) a configuration may use
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """One launch configuration of the conv kernel."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+    def meta(self) -> Dict[str, int]:
+        """The kernel's constexpr meta-parameters."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m)
+
+    def name(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+
+
+def flat_k(cin: int, kw: int) -> bool:
+    """Whether the K loop runs over whole filter rows (KW*Cin elements) instead of (tap, Cin block)."""
+    return cin < FLAT_K_MAX_CIN and kw * cin <= FLAT_K_MAX_ROW
+
+
+def _pow2_at_least(v: int, least: int) -> int:
+    p = least
+    while p < v:
+        p *= 2
+    return p
+
+
+def block_k_for(cin: int, kw: int, elem_bytes: int) -> int:
+    """BLOCK_K of the class (see the table)."""
+    if flat_k(cin, kw):
+        return _pow2_at_least(kw * cin, 16)
+    cap = 64 if elem_bytes == 2 else 32
+    for bk in (64, 32, 16):
+        if bk <= cap and cin % bk == 0:
+            return bk
+    return 16 if cin < 32 else 32
+
+
+def _stages(bm: int, bn: int, bk: int, elem_bytes: int) -> int:
+    stage = (bm + bn) * bk * elem_bytes
+    return max(2, min(4, STAGE_BUDGET // stage))
+
+
+def _make(bm: int, bn: int, bk: int, elem_bytes: int) -> ConvConfig:
+    return ConvConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, _stages(bm, bn, bk, elem_bytes))
+
+
+def conv_config(m: int, cout: int, cin: int, kh: int, kw: int, elem_bytes: int) -> ConvConfig:
+    """The configuration of a conv whose GEMM is ``m`` x ``cout`` x ``kh*kw*cin`` on
+    ``elem_bytes``-byte operands (2: fp16/bf16, 4: fp32). Pure: the same for every GPU target,
+    layout and epilogue/prologue variant (each checked to compile without spills)."""
+    bn = 64 if cout <= 64 else 128
+    bk = block_k_for(cin, kw, elem_bytes)
+    tiles = -(-m // 128) * -(-cout // bn)
+    bm = 128 if tiles >= WAVE_SMS else 64
+    return _make(bm, bn, bk, elem_bytes)
+
+
+def interpreter_config(cin: int, kw: int) -> ConvConfig:
+    """Triton's CPU interpreter runs each program in numpy: small fixed tiles (the tests' tiny
+    shapes still get several tiles and program groups), BLOCK_K as the GPU's for a filter row."""
+    return ConvConfig(32, 32, block_k_for(cin, kw, 2) if flat_k(cin, kw) else 16, 4, 1, group_m=4)
+
+
+def _all_configs() -> List[ConvConfig]:
+    seen = []
+    for eb in (2, 4):
+        for bm in (64, 128):
+            for bn in (64, 128):
+                for bk in (16, 32, 64):
+                    if eb == 4 and bk == 64:
+                        continue
+                    c = _make(bm, bn, bk, eb)
+                    if c not in seen:
+                        seen.append(c)
+    return seen
+
+
+CONFIGS: List[ConvConfig] = _all_configs()  # every configuration conv_config can return (the no-spill set)
+
+
+def applicable(cfg: ConvConfig, cin: int, kw: int, elem_bytes: int) -> bool:
+    """Whether autotuning should try ``cfg`` on a conv: a filter row needs exactly its BLOCK_K;
+    otherwise BLOCK_K no wider than Cin rounded up, and fp32 BLOCK_K at most 32."""
+    if flat_k(cin, kw):
+        return cfg.block_k == block_k_for(cin, kw, elem_bytes)
+    if elem_bytes == 4 and cfg.block_k > 32:
+        return False
+    return cfg.block_k <= _pow2_at_least(cin, 16)
+
+
+def autotune_requested() -> bool:
+    """``RESNET_FUSED_AUTOTUNE=1`` (read at every launch, so it can be switched at run time)."""
+    return os.environ.get(AUTOTUNE_ENV, "") not in ("", "0")
