@@ -9,14 +9,41 @@ so no intermediate tensor is written. With BatchNorm folded into ``weight``/``bi
 
 Shapes and layouts
     x        [N, Cin, H, W]        float32 / float16 / bfloat16; NCHW or channels_last (any strides)
-    weight   [Cout, Cin, KH, KW]   x's dtype; any memory format (channels_last reads Cin contiguously)
+    weight   [Cout, Cin, KH, KW]   x's dtype; any memory format (the launcher reads a channels_last
+                                   copy: one small copy when it is not channels_last already)
     bias     [Cout] or None        any float dtype; added in fp32
     residual [N, Cout, OH, OW] or None, any float dtype and strides
     out      [N, Cout, OH, OW]     x's dtype (promoted with residual's, as ``conv(x) + residual``
                                    would be), in x's memory format
 fp32 inputs use TF32 tensor cores when PyTorch's cuDNN convolutions do (``cudnn.allow_tf32`` /
-``cudnn.conv.fp32_precision``; TF32 is cuDNN's default for convolutions), IEEE fp32 otherwise. ``groups > 1`` and float64 run on the PyTorch path.
-NaN and Inf propagate as ``torch.relu`` propagates them.
+``cudnn.conv.fp32_precision``; TF32 is cuDNN's default for convolutions), IEEE fp32 otherwise.
+``groups > 1`` and float64 run on the PyTorch path. NaN and Inf propagate as ``torch.relu`` does.
+
+The kernel
+    * One flat K loop over (filter tap, Cin block), so the software pipeliner keeps
+      ``num_stages`` operand loads in flight across taps; a tap moves each pixel's hoisted offset
+      by one scalar.
+    * Operands: on sm_90+ the weight comes through a TMA tensor descriptor (the channels_last
+      weight is the dense [Cout, KH*KW*Cin] matrix; used when BLOCK_K divides Cin and the row is
+      16-byte aligned), and so do the activations of a 1x1 / stride 1 / unpadded conv on a dense
+      channels_last input (the [N*H*W, Cin] matrix). Everything else, sm_80, and batch-split or
+      misaligned views load through pointers (cp.async where the alignment is provable).
+      Triton's interpreter emulates descriptors, so CI runs the TMA path too.
+    * NCHW: activations are loaded along the pixel axis (adjacent threads, adjacent addresses),
+      output and residual stored along it. The loads stay scalar: the compiler cannot prove a
+      pixel run's alignment, so NCHW gets neither 16-byte vectors nor cp.async. The fast layout is
+      channels_last, and converting to it is a model-entry decision (one conversion of the input,
+      which the modules / dispatch layer can make and measure), not the launcher's: converting
+      per conv would read and write every activation once more, for every layer.
+    * The stem (Cin < 8): one K block per filter row, its (kw, c) pairs in x's memory order (7*3
+      = 21 of 32 lanes for ResNet's 7x7 stem). Loads stay scalar gathers for 16-bit types
+      (a pixel's run starts at an odd element: no cp.async), at 8 warps to keep them in registers.
+    * Tensor cores: fp16 and bf16 take wgmma on sm_90 (mma.sync on sm_80); fp32 takes TF32 or
+      IEEE as above. Under the interpreter bf16 runs as an fp32 dot (``UPCAST``, its bf16 dot is
+      wrong) and fp32 as IEEE: the bf16 wgmma, TF32 and TMA hardware paths are compiled
+      (``benchmarks/results/codegen/conv_notes.md``), not executed, on a CPU machine.
+    * Tiles, warps and stages: one configuration per shape class, :func:`conv_configs.conv_config`;
+      exhaustive autotuning only with ``RESNET_FUSED_AUTOTUNE=1``.
 
 Autograd: the Triton forward is wrapped in an ``autograd.Function`` whose backward uses the ReLU
 mask from the saved output and cuDNN's ``convolution_backward`` for dgrad/wgrad, so an eval-mode
@@ -34,8 +61,8 @@ from .. import backends
 from .batch_stats import StatsPartials, tile_stats
 from ._common import (autocast_applies, check_float_tensor, compute_dtype, conv_output_size, conv_uses_tf32,
                       device_guard, interpreting, memory_format_of, pair, triton_dtype_ok)
-from .conv_configs import (CONFIGS, ConvConfig, applicable, autotune_requested, conv_config, flat_k,
-                           interpreter_config)
+from .conv_configs import (CONFIGS, autotune_requested, conv_config, flat_k, interpreter_config, make_autotuner,
+                           tma_descriptors)
 
 IntPair = Union[int, Sequence[int]]
 
@@ -248,44 +275,14 @@ _MAX_ROWS = 2**31 - 1024  # int32 GEMM row index, with room for the last tile's 
 # smallest BLOCK_M of any configuration (GPU table, autotune set, interpreter): sizes the STATS
 # partial buffers before the launch decides its tile
 _MIN_BLOCK_M = min(c.block_m for c in CONFIGS + [interpreter_config(1, 1)])
-_TMA_MIN_ARCH = 9  # tensor descriptors are TMA-backed from Hopper (sm_90) on
 
 
 def _device_arch(t: Tensor) -> int:
-    """Compute capability major of ``t``'s GPU; 0 for the interpreter (CPU tensors)."""
+    """Compute capability major of ``t``'s GPU, 0 for the interpreter (CPU tensors). The one
+    place the launcher asks the device: a codegen check on ``meta`` tensors replaces it."""
     if t.device.type != "cuda":
         return 0
     return torch.cuda.get_device_capability(t.device)[0]
-
-
-def _tma_ok(t: Tensor, row_stride: int) -> bool:
-    """A 2-D descriptor over ``t``'s storage with this row stride: 16-byte aligned base and stride."""
-    return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0
-
-
-def _descriptors(x: Tensor, weight: Tensor, cfg: ConvConfig, flat: bool, one_by_one: bool, arch: int,
-                 interp: bool):
-    """``(x_desc, w_desc)``: host tensor descriptors for the operands that can use TMA, else None.
-
-    On sm_90+ and in the interpreter (which emulates descriptors, so CI runs this path too); never
-    on sm_80. The weight (channels_last, so [COUT, KH*KW*CIN] with K contiguous) when BLOCK_K
-    divides CIN; x when the conv is a plain GEMM over a dense channels_last [M, CIN] matrix
-    (1x1, stride 1, no padding). Batch-split views and odd channel counts fail the 16-byte
-    alignment checks and keep the pointer path.
-    """
-    if triton is None or flat or not (interp or arch >= _TMA_MIN_ARCH):
-        return None, None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    cout, cin, kh, kw = weight.shape
-    w_desc = x_desc = None
-    if cin % cfg.block_k == 0 and _tma_ok(weight, weight.stride(0)):
-        w_desc = TensorDescriptor(weight, [cout, kh * kw * cin], [weight.stride(0), 1], [cfg.block_n, cfg.block_k])
-    n, _, h, w = x.shape
-    if (one_by_one and x.stride(1) == 1 and x.stride(3) == cin and x.stride(2) == w * cin
-            and (n == 1 or x.stride(0) == h * w * cin) and _tma_ok(x, cin)):
-        x_desc = TensorDescriptor(x, [n * h * w, cin], [cin, 1], [cfg.block_m, cfg.block_k])
-    return x_desc, w_desc
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -361,7 +358,7 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     flat = flat_k(CIN, KW)
     cfg = interpreter_config(CIN, KW) if interp else conv_config(M, COUT, CIN, KH, KW, x.element_size())
     one_by_one = (KH, KW) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
-    x_desc, w_desc = _descriptors(x, weight, cfg, flat, one_by_one, arch, interp)
+    x_desc, w_desc = tma_descriptors(x, weight, cfg, flat, one_by_one, arch, interp)
     precision = "tf32" if (x.dtype == torch.float32 and not interp and conv_uses_tf32()) else "ieee"
     args = (
         x, weight, b, res, out, x_desc, w_desc,
@@ -388,41 +385,13 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                                     num_stages=cfg.num_stages)
 
 
-def _set_descriptor_blocks(nargs):
-    """Autotuner pre-hook: the descriptors' block shapes follow the configuration being tried."""
-    if nargs["x_desc"] is not None:
-        nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    if nargs["w_desc"] is not None:
-        nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep the candidates that apply to this conv (:func:`conv_configs.applicable`); a weight
-    descriptor also needs BLOCK_K to divide CIN."""
-    cin, kw = int(named_args["CIN"]), int(kwargs["KW"])
-    eb = named_args["x_ptr"].element_size()
-    kept = [c for c in configs
-            if applicable(ConvConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                     c.num_stages), cin, kw, eb)
-            and (named_args["w_desc"] is None or cin % c.kwargs["BLOCK_K"] == 0)]
-    return kept
-
-
 _AUTOTUNER = []
 
 
 def _autotuner():
-    """The opt-in exhaustive autotuner (``RESNET_FUSED_AUTOTUNE=1``): every configuration of
-    :data:`conv_configs.CONFIGS` that applies, compiled and timed on first use of each shape."""
+    """The opt-in autotuner (``RESNET_FUSED_AUTOTUNE=1``), built on first use."""
     if not _AUTOTUNER:
-        configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages,
-                                 pre_hook=_set_descriptor_blocks) for c in CONFIGS]
-        _AUTOTUNER.append(triton.autotune(
-            configs=configs,
-            key=["M", "COUT", "CIN", "KH", "KW", "stride_h", "FLAT_K", "HAS_RES", "PROLOGUE", "STATS", "X_TMA",
-                 "W_TMA", "X_PIXEL_MAJOR", "OUT_PIXEL_MAJOR"],
-            prune_configs_by={"early_config_prune": _prune_configs},
-        )(_conv_bias_act_kernel))
+        _AUTOTUNER.append(make_autotuner(_conv_bias_act_kernel))
     return _AUTOTUNER[0]
 
 

@@ -15,8 +15,9 @@ BLOCK_K                filter row (Cin < 8 and KW*Cin <= 32, "FLAT_K"): next pow
                        stage is 64 KiB); Cin that no block divides takes 16 (Cin < 32) or 32.
 BLOCK_M                128, or 64 when 128-row tiles would not fill one wave of 132 SMs (small
                        batches, 7x7 layers): a 64-row tile is still one warpgroup's wgmma (m64).
-num_warps              8 for a 128x128 tile (two warpgroups, 64 accumulator registers a thread),
-                       else 4 (one warpgroup).
+num_warps              8 for a 128x128 tile (two warpgroups, 64 accumulator registers a thread)
+                       and for a 128-row filter-row tile (its gather sits in registers), else 4
+                       (one warpgroup).
 num_stages             as many as fit ~100 KiB of operand buffers, 2..4: 3 for 32 KiB stages, 4 below
                        (two CTAs can share an H100 SM; within A100's 163 KiB with the epilogue's
                        scratch).
@@ -38,7 +39,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
+
+from torch import Tensor
+
+try:  # Triton is optional: the PyTorch path works without it.
+    import triton
+except Exception:  # pragma: no cover - exercised on machines without triton
+    triton = None
 
 AUTOTUNE_ENV = "RESNET_FUSED_AUTOTUNE"
 FLAT_K_MAX_CIN = 8  # below this, a per-tap Cin block would be mostly padding: K runs over a filter row
@@ -93,8 +101,11 @@ def _stages(bm: int, bn: int, bk: int, elem_bytes: int) -> int:
     return max(2, min(4, STAGE_BUDGET // stage))
 
 
-def _make(bm: int, bn: int, bk: int, elem_bytes: int) -> ConvConfig:
-    return ConvConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, _stages(bm, bn, bk, elem_bytes))
+def _make(bm: int, bn: int, bk: int, elem_bytes: int, flat: bool = False) -> ConvConfig:
+    # a filter-row (FLAT_K) tile is gathered element by element into registers (no cp.async):
+    # 8 warps halve each thread's share of the 128-row gather (255 -> 166 registers for the stem)
+    warps = 8 if bm * bn >= 128 * 128 or (flat and bm == 128) else 4
+    return ConvConfig(bm, bn, bk, warps, _stages(bm, bn, bk, elem_bytes))
 
 
 def conv_config(m: int, cout: int, cin: int, kh: int, kw: int, elem_bytes: int) -> ConvConfig:
@@ -105,7 +116,7 @@ def conv_config(m: int, cout: int, cin: int, kh: int, kw: int, elem_bytes: int) 
     bk = block_k_for(cin, kw, elem_bytes)
     tiles = -(-m // 128) * -(-cout // bn)
     bm = 128 if tiles >= WAVE_SMS else 64
-    return _make(bm, bn, bk, elem_bytes)
+    return _make(bm, bn, bk, elem_bytes, flat_k(cin, kw))
 
 
 def interpreter_config(cin: int, kw: int) -> ConvConfig:
@@ -120,11 +131,12 @@ def _all_configs() -> List[ConvConfig]:
         for bm in (64, 128):
             for bn in (64, 128):
                 for bk in (16, 32, 64):
-                    if eb == 4 and bk == 64:
-                        continue
-                    c = _make(bm, bn, bk, eb)
-                    if c not in seen:
-                        seen.append(c)
+                    for flat in (False, True):
+                        if (eb == 4 and bk == 64) or (flat and bk > FLAT_K_MAX_ROW):
+                            continue
+                        c = _make(bm, bn, bk, eb, flat)
+                        if c not in seen:
+                            seen.append(c)
     return seen
 
 
@@ -144,3 +156,84 @@ def applicable(cfg: ConvConfig, cin: int, kw: int, elem_bytes: int) -> bool:
 def autotune_requested() -> bool:
     """``RESNET_FUSED_AUTOTUNE=1`` (read at every launch, so it can be switched at run time)."""
     return os.environ.get(AUTOTUNE_ENV, "") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------- TMA descriptors
+TMA_MIN_ARCH = 9  # tensor descriptors are TMA-backed from Hopper (sm_90) on
+
+
+def _tma_ok(t: Tensor, row_stride: int) -> bool:
+    """A 2-D descriptor over ``t``'s storage with this row stride: 16-byte aligned base and stride."""
+    return t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0
+
+
+def _dense(t: Tensor, dims) -> bool:
+    """``t``'s ``dims`` (outermost first) index one dense run of elements, as a row-major tensor
+    of those sizes would (a size-1 dimension's stride does not matter)."""
+    expect = 1
+    for d in reversed(dims):
+        if t.shape[d] != 1 and t.stride(d) != expect:
+            return False
+        expect *= t.shape[d]
+    return True
+
+
+def tma_descriptors(x: Tensor, weight: Tensor, cfg: ConvConfig, flat: bool, one_by_one: bool, arch: int,
+                    interp: bool) -> Tuple[Optional[object], Optional[object]]:
+    """``(x_desc, w_desc)``: host tensor descriptors for the operands that can use TMA, else None.
+
+    On sm_90+ (``arch`` >= 9) and in the interpreter (which emulates descriptors, so CI runs this
+    path too); never on sm_80. The weight (channels_last, so [COUT, KH*KW*CIN] with K contiguous)
+    when BLOCK_K divides CIN; x when the conv is a plain GEMM over a dense channels_last [M, CIN]
+    matrix (1x1, stride 1, no padding). Batch-split views and odd channel counts fail the 16-byte
+    alignment checks and keep the pointer path.
+    """
+    if triton is None or flat or not (interp or arch >= TMA_MIN_ARCH):
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    cout, cin, kh, kw = weight.shape
+    w_desc = x_desc = None
+    row = kh * kw * cin if cout == 1 else weight.stride(0)
+    if cin % cfg.block_k == 0 and _dense(weight, (2, 3, 1)) and _tma_ok(weight, row):
+        w_desc = TensorDescriptor(weight, [cout, kh * kw * cin], [row, 1], [cfg.block_n, cfg.block_k])
+    n, _, h, w = x.shape
+    if one_by_one and _dense(x, (0, 2, 3, 1)) and _tma_ok(x, cin):
+        x_desc = TensorDescriptor(x, [n * h * w, cin], [cin, 1], [cfg.block_m, cfg.block_k])
+    return x_desc, w_desc
+
+
+# ------------------------------------------------------------------- opt-in exhaustive autotuning
+def _set_descriptor_blocks(nargs):
+    """Autotuner pre-hook: the descriptors' block shapes follow the configuration being tried."""
+    if nargs["x_desc"] is not None:
+        nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    if nargs["w_desc"] is not None:
+        nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Keep the candidates that apply to this conv (:func:`applicable`); a weight descriptor also
+    needs BLOCK_K to divide CIN."""
+    cin, kw = int(named_args["CIN"]), int(kwargs["KW"])
+    eb = named_args["x_ptr"].element_size()
+    return [c for c in configs
+            if applicable(ConvConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                     c.num_stages, c.kwargs["GROUP_M"]), cin, kw, eb)
+            and (named_args["w_desc"] is None or cin % c.kwargs["BLOCK_K"] == 0)]
+
+
+def make_autotuner(kernel):
+    """An Autotuner over every configuration of :data:`CONFIGS` that applies to the launch,
+    compiled and timed on the first launch of each new key (batch size included)."""
+    configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages,
+                             pre_hook=_set_descriptor_blocks) for c in CONFIGS]
+    return triton.autotune(
+        configs=configs,
+        key=["M", "COUT", "CIN", "KH", "KW", "stride_h", "FLAT_K", "HAS_RES", "PROLOGUE", "STATS", "X_TMA",
+             "W_TMA", "X_PIXEL_MAJOR", "OUT_PIXEL_MAJOR"],
+        prune_configs_by={"early_config_prune": prune_configs},
+        # candidates with different BLOCK_M write different STATS partial rows: zero the counts
+        # after timing, so only the winner's rows count (stale rows would be merged twice)
+        reset_to_zero=["cnt_part_ptr"],
+    )(kernel)
