@@ -52,23 +52,26 @@ def test_the_model_shape_lists_are_complete():
 
 
 @pytest.mark.parametrize("batch", [1, 8, 256])
+@pytest.mark.parametrize("nchw", [False, True], ids=["cl", "nchw"])
 @pytest.mark.parametrize("elem_bytes", [2, 4], ids=["16bit", "fp32"])
 @pytest.mark.parametrize("model", list(MODEL_CONVS))
-def test_every_model_conv_gets_a_wgmma_config(model, elem_bytes, batch):
+def test_every_model_conv_gets_a_wgmma_config(model, elem_bytes, nchw, batch):
     """One configuration from the verified set per conv, with BLOCK_M >= 64 and whole warpgroups
     (the m64 wgmma needs both), BLOCK_K that divides Cin wherever Cin allows (the weight's TMA
-    descriptor), and operand buffers within both targets' shared memory."""
+    descriptor), and operand buffers within both targets' shared memory; it is among the
+    autotuner's candidates for the conv."""
     for cin, cout, kh, kw, stride, oh, ow in MODEL_CONVS[model]:
-        cfg = cc.conv_config(batch * oh * ow, cout, cin, kh, kw, elem_bytes)
+        cfg = cc.conv_config(batch * oh * ow, cout, cin, kh, kw, elem_bytes, pixel_major=nchw)
+        assert cfg in cc.candidates(cin, kw, elem_bytes, nchw)
         where = f"{model} conv {cin}->{cout} {kh}x{kw}/{stride}, batch {batch}: {cfg}"
         assert cfg in cc.CONFIGS, where
         assert cfg.block_m >= 64 and cfg.num_warps % 4 == 0, where
-        assert cfg.block_n in (64, 128), where
-        assert cfg.block_n >= min(cout, 128) or cout > 128, where
+        assert cfg.block_n in ((64,) if nchw else (64, 128)), where
+        assert nchw or cfg.block_n >= min(cout, 128), where
         if cc.flat_k(cin, kw):
             assert cfg.block_k >= kw * cin, where
         elif cin % 16 == 0:
-            assert cin % cfg.block_k == 0, where
+            assert cin % cfg.block_k == 0 and (not nchw or cfg.block_k <= 32), where
         assert elem_bytes == 2 or cfg.block_k <= 32, where
         operands = (cfg.block_m + cfg.block_n) * cfg.block_k * elem_bytes * cfg.num_stages
         assert operands <= cc.STAGE_BUDGET < SM80_SMEM, where
@@ -95,14 +98,16 @@ def test_config_set_is_what_the_heuristic_can_return():
     """CONFIGS holds no duplicate and nothing the heuristic could not pick (it is the set the
     codegen check verifies); the interpreter's fixed tile is separate."""
     assert len(set(cc.CONFIGS)) == len(cc.CONFIGS)
-    reachable = set()
+    reachable, tried = set(), set()
     for eb in (2, 4):
         for cin in (3, 5, 16, 32, 64, 96, 160, 2048):
             for kw in (1, 3, 7):
-                for cout in (16, 64, 65, 2048):
-                    for m in (1, 10**4, 10**7):
-                        reachable.add(cc.conv_config(m, cout, cin, kw, kw, eb))
-    assert reachable == set(cc.CONFIGS)
+                for pm in (False, True):
+                    tried.update(cc.candidates(cin, kw, eb, pm))
+                    for cout in (16, 64, 65, 2048):
+                        for m in (1, 10**4, 10**7):
+                            reachable.add(cc.conv_config(m, cout, cin, kw, kw, eb, pixel_major=pm))
+    assert reachable <= tried == set(cc.CONFIGS)
 
 
 def test_stats_partials_cover_the_smallest_tile():
@@ -136,10 +141,17 @@ def test_autotuner_spans_exactly_the_no_spill_set(monkeypatch):
     assert got == want
     assert tuner.reset_to_zero == ["cnt_part_ptr"]
     x16 = torch.empty(1, dtype=torch.float16)
-    stem = cc.prune_configs(tuner.configs, {"CIN": 3, "x_ptr": x16, "w_desc": None}, KW=7)
+    cl, nchw = dict(X_PIXEL_MAJOR=False, OUT_PIXEL_MAJOR=False), dict(X_PIXEL_MAJOR=True, OUT_PIXEL_MAJOR=True)
+    stem = cc.prune_configs(tuner.configs, {"CIN": 3, "x_ptr": x16, "w_desc": None}, KW=7, **cl)
     assert stem and {c.kwargs["BLOCK_K"] for c in stem} == {32}
-    wide = cc.prune_configs(tuner.configs, {"CIN": 160, "x_ptr": torch.empty(1), "w_desc": object()}, KW=3)
-    assert wide and {c.kwargs["BLOCK_K"] for c in wide} == {16, 32}  # fp32, and dividing 160
+    wide = cc.prune_configs(tuner.configs, {"CIN": 160, "x_ptr": torch.empty(1), "w_desc": object()}, KW=3, **cl)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in wide} == {
+        (bm, bn, bk) for bm in (64, 128) for bn in (64, 128) for bk in (16, 32)}  # fp32, and dividing 160
+    pm = cc.prune_configs(tuner.configs, {"CIN": 256, "x_ptr": x16, "w_desc": None}, KW=3, **nchw)
+    assert {(c.kwargs["BLOCK_N"], c.num_warps if c.kwargs["BLOCK_M"] == 128 else 8) for c in pm} == {(64, 8)}
+    for c in tuner.configs:  # whatever is pruned, each candidate is one of the class's own configurations
+        assert cc.ConvConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                             c.num_stages) in cc.CONFIGS
 
 
 # A child process without TRITON_INTERPRET (the kernel must be a JITFunction to compile): the real

@@ -356,7 +356,9 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     interp = interpreting(x)
     arch = _device_arch(x)
     flat = flat_k(CIN, KW)
-    cfg = interpreter_config(CIN, KW) if interp else conv_config(M, COUT, CIN, KH, KW, x.element_size())
+    x_pm, out_pm = _pixel_major(x), _pixel_major(out)
+    cfg = (interpreter_config(CIN, KW) if interp
+           else conv_config(M, COUT, CIN, KH, KW, x.element_size(), pixel_major=x_pm or out_pm))
     one_by_one = (KH, KW) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
     x_desc, w_desc = tma_descriptors(x, weight, cfg, flat, one_by_one, arch, interp)
     precision = "tf32" if (x.dtype == torch.float32 and not interp and conv_uses_tf32()) else "ieee"
@@ -370,7 +372,7 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
                 PROLOGUE=prologue is not None, STATS=parts is not None, FLAT_K=flat,
                 X_TMA=x_desc is not None, W_TMA=w_desc is not None,
-                X_PIXEL_MAJOR=_pixel_major(x), OUT_PIXEL_MAJOR=_pixel_major(out), PRECISION=precision,
+                X_PIXEL_MAJOR=x_pm, OUT_PIXEL_MAJOR=out_pm, PRECISION=precision,
                 UPCAST=interp and x.dtype == torch.bfloat16)
     if not interp and autotune_requested():
         def grid(meta_):

@@ -5,24 +5,38 @@ per variant and times nothing.
 GEMM view: M = N*OH*OW output pixels, N = Cout, K = KH*KW*Cin. :func:`conv_config` picks
 
 =====================  =============================================================================
-BLOCK_N                64 when Cout <= 64 (ResNet-50 layer1's 1x1/3x3, the stem), else 128. Never 256:
-                       a 128x256 fp32 accumulator is 128 registers a thread at 8 warps, and every
-                       256-wide variant spilled (126 of 180 ResNet-50 variants).
+BLOCK_N                64 when Cout <= 64 (ResNet-50 layer1's 1x1/3x3, the stem) or the conv is NCHW,
+                       else 128. Never 256: a 128x256 fp32 accumulator is 128 registers a thread at
+                       8 warps (the old 128x256x32 spilled in 126 of 180 ResNet-50 variants).
 BLOCK_K                filter row (Cin < 8 and KW*Cin <= 32, "FLAT_K"): next power of two >= KW*Cin,
-                       at least 16 (the stem: 7*3 = 21 -> 32). Otherwise the largest of 64 / 32 / 16 that divides Cin
-                       (so a K block never straddles two filter taps, which the weight's TMA
-                       descriptor needs), capped at 64 for 16-bit and 32 for fp32 (a 128x128x64 fp32
-                       stage is 64 KiB); Cin that no block divides takes 16 (Cin < 32) or 32.
+                       at least 16 (the stem: 7*3 = 21 -> 32). Otherwise the largest of 64 / 32 / 16
+                       that divides Cin (a K block never straddles two filter taps, which the
+                       weight's TMA descriptor needs), capped at 64 for 16-bit and 32 for fp32 (a
+                       128x128x64 fp32 stage is 64 KiB) and at 32 for NCHW; Cin that no block
+                       divides takes 16 (Cin < 32) or 32.
 BLOCK_M                128, or 64 when 128-row tiles would not fill one wave of 132 SMs (small
                        batches, 7x7 layers): a 64-row tile is still one warpgroup's wgmma (m64).
 num_warps              8 for a 128x128 tile (two warpgroups, 64 accumulator registers a thread)
-                       and for a 128-row filter-row tile (its gather sits in registers), else 4
-                       (one warpgroup).
+                       and for a 128-row tile that gathers element by element (a filter row, or
+                       NCHW, whose pixel runs the compiler cannot prove contiguous: one 64-bit
+                       address a value), else 4 (one warpgroup).
 num_stages             as many as fit ~100 KiB of operand buffers, 2..4: 3 for 32 KiB stages, 4 below
                        (two CTAs can share an H100 SM; within A100's 163 KiB with the epilogue's
                        scratch).
 GROUP_M                8 (grouped program order: consecutive programs share a weight tile in L2).
 =====================  =============================================================================
+
+What ResNet-50 (batch 256) and WRN-28-10 (batch 128) get (fp16/bf16 | fp32):
+
+=========================================  ==========================  ==========================
+class                                      channels_last               NCHW
+=========================================  ==========================  ==========================
+stem 7x7, Cin 3 (and WRN's 3x3, Cin 3)      128x64x32 w8 (x16: 3x3)     same
+Cout <= 64 (layer1 1x1 / 3x3)              128x64x64 w4 | 128x64x32    128x64x32 w8
+Cout > 64, Cin % 64 == 0                   128x128x64 w8 s3 | x32 s3   128x64x32 w8
+Cin 160 / Cin 16 (WRN)                     128x128x32 / x16 w8         128x64x32 / x16 w8
+M / 128 x Cout / BLOCK_N < 132 tiles       BLOCK_M 64, 4 warps         BLOCK_M 64, 4 warps
+=========================================  ==========================  ==========================
 
 Every configuration this function can return is in :data:`CONFIGS`; each was compiled
 ahead of time (no GPU) for sm_90a and sm_80 over every variant ResNet-50 and WRN-28-10 reach
@@ -31,7 +45,7 @@ memory within both targets' limits, and HGMMA (wgmma) in every sm_90a variant
 (``benchmarks/results/codegen/conv_notes.md``). None of them has been timed on a GPU: the
 classes are a judgement from the register/shared-memory budget, not a measurement.
 
-Exhaustive autotuning over :data:`CONFIGS` (pruned per variant) is opt-in:
+Exhaustive autotuning over a class's :func:`candidates` is opt-in:
 ``RESNET_FUSED_AUTOTUNE=1`` in the environment. Then the first launch of every new shape (batch
 size included) compiles and times each candidate, as the autotuner does.
 """
@@ -101,22 +115,28 @@ def _stages(bm: int, bn: int, bk: int, elem_bytes: int) -> int:
     return max(2, min(4, STAGE_BUDGET // stage))
 
 
-def _make(bm: int, bn: int, bk: int, elem_bytes: int, flat: bool = False) -> ConvConfig:
-    # a filter-row (FLAT_K) tile is gathered element by element into registers (no cp.async):
-    # 8 warps halve each thread's share of the 128-row gather (255 -> 166 registers for the stem)
-    warps = 8 if bm * bn >= 128 * 128 or (flat and bm == 128) else 4
+def _make(bm: int, bn: int, bk: int, elem_bytes: int, gather: bool = False) -> ConvConfig:
+    # ``gather``: an operand or the output moves element by element (a filter-row tile, or NCHW
+    # pixels whose contiguity the compiler cannot prove): no cp.async for 16-bit, one 64-bit
+    # address a value, so 8 warps split a 128-row tile (the stem: 255 -> 166 registers)
+    warps = 8 if bm * bn >= 128 * 128 or (gather and bm == 128) else 4
     return ConvConfig(bm, bn, bk, warps, _stages(bm, bn, bk, elem_bytes))
 
 
-def conv_config(m: int, cout: int, cin: int, kh: int, kw: int, elem_bytes: int) -> ConvConfig:
+def conv_config(m: int, cout: int, cin: int, kh: int, kw: int, elem_bytes: int,
+                pixel_major: bool = False) -> ConvConfig:
     """The configuration of a conv whose GEMM is ``m`` x ``cout`` x ``kh*kw*cin`` on
-    ``elem_bytes``-byte operands (2: fp16/bf16, 4: fp32). Pure: the same for every GPU target,
-    layout and epilogue/prologue variant (each checked to compile without spills)."""
-    bn = 64 if cout <= 64 else 128
+    ``elem_bytes``-byte operands (2: fp16/bf16, 4: fp32); ``pixel_major``: x or out is NCHW
+    (pixels adjacent). Pure: the same for every GPU target and epilogue/prologue variant (each
+    checked to compile without spills)."""
+    flat = flat_k(cin, kw)
+    bn = 64 if cout <= 64 or pixel_major else 128
     bk = block_k_for(cin, kw, elem_bytes)
+    if pixel_major and not flat:
+        bk = min(bk, 32)
     tiles = -(-m // 128) * -(-cout // bn)
     bm = 128 if tiles >= WAVE_SMS else 64
-    return _make(bm, bn, bk, elem_bytes, flat_k(cin, kw))
+    return _make(bm, bn, bk, elem_bytes, flat or pixel_major)
 
 
 def interpreter_config(cin: int, kw: int) -> ConvConfig:
@@ -125,32 +145,32 @@ def interpreter_config(cin: int, kw: int) -> ConvConfig:
     return ConvConfig(32, 32, block_k_for(cin, kw, 2) if flat_k(cin, kw) else 16, 4, 1, group_m=4)
 
 
+def candidates(cin: int, kw: int, elem_bytes: int, pixel_major: bool = False) -> List[ConvConfig]:
+    """The configurations exhaustive autotuning tries on a conv of this class: BLOCK_M 64 / 128,
+    BLOCK_N 64 / 128 (64 only for NCHW), BLOCK_K the class's and the next smaller ones down to 16
+    (a filter row: exactly its own), each with the warps and stages the class rules give it."""
+    flat = flat_k(cin, kw)
+    top = block_k_for(cin, kw, elem_bytes)
+    if pixel_major and not flat:
+        top = min(top, 32)
+    bks = [top] if flat else [bk for bk in (64, 32, 16) if bk <= top]
+    bns = (64,) if pixel_major else (64, 128)
+    return [_make(bm, bn, bk, elem_bytes, flat or pixel_major) for bm in (64, 128) for bn in bns for bk in bks]
+
+
 def _all_configs() -> List[ConvConfig]:
-    seen = []
+    seen: List[ConvConfig] = []
     for eb in (2, 4):
-        for bm in (64, 128):
-            for bn in (64, 128):
-                for bk in (16, 32, 64):
-                    for flat in (False, True):
-                        if (eb == 4 and bk == 64) or (flat and bk > FLAT_K_MAX_ROW):
-                            continue
-                        c = _make(bm, bn, bk, eb, flat)
-                        if c not in seen:
-                            seen.append(c)
+        for cin, kw in ((3, 7), (3, 3), (3, 1), (64, 3)):
+            for pm in (False, True):
+                for c in candidates(cin, kw, eb, pm):
+                    if c not in seen:
+                        seen.append(c)
     return seen
 
 
-CONFIGS: List[ConvConfig] = _all_configs()  # every configuration conv_config can return (the no-spill set)
-
-
-def applicable(cfg: ConvConfig, cin: int, kw: int, elem_bytes: int) -> bool:
-    """Whether autotuning should try ``cfg`` on a conv: a filter row needs exactly its BLOCK_K;
-    otherwise BLOCK_K no wider than Cin rounded up, and fp32 BLOCK_K at most 32."""
-    if flat_k(cin, kw):
-        return cfg.block_k == block_k_for(cin, kw, elem_bytes)
-    if elem_bytes == 4 and cfg.block_k > 32:
-        return False
-    return cfg.block_k <= _pow2_at_least(cin, 16)
+# every configuration conv_config can return or the autotuner can try (the checked, no-spill set)
+CONFIGS: List[ConvConfig] = _all_configs()
 
 
 def autotune_requested() -> bool:
@@ -213,13 +233,14 @@ def _set_descriptor_blocks(nargs):
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Keep the candidates that apply to this conv (:func:`applicable`); a weight descriptor also
+    """Keep the candidates of this conv's class (:func:`candidates`); a weight descriptor also
     needs BLOCK_K to divide CIN."""
-    cin, kw = int(named_args["CIN"]), int(kwargs["KW"])
-    eb = named_args["x_ptr"].element_size()
+    cin = int(named_args["CIN"])
+    pm = bool(kwargs["X_PIXEL_MAJOR"] or kwargs["OUT_PIXEL_MAJOR"])
+    mine = candidates(cin, int(kwargs["KW"]), named_args["x_ptr"].element_size(), pm)
     return [c for c in configs
-            if applicable(ConvConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                     c.num_stages, c.kwargs["GROUP_M"]), cin, kw, eb)
+            if ConvConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                          c.num_stages, c.kwargs["GROUP_M"]) in mine
             and (named_args["w_desc"] is None or cin % c.kwargs["BLOCK_K"] == 0)]
 
 
