@@ -51,6 +51,12 @@ def test_the_model_shape_lists_are_complete():
     assert (640, 640, 3, 3, 1, 8, 8) in MODEL_CONVS["wrn28_10"]
 
 
+def test_ieee_fp32_takes_small_fma_tiles():
+    """With TF32 off the dot runs on FMA units (no wgmma): one small tile over 8 warps."""
+    assert cc.conv_config(10**6, 2048, 512, 3, 3, 4, fma=True) == cc.ConvConfig(64, 64, 16, 8, 4)
+    assert cc.conv_config(10**6, 64, 3, 7, 7, 4, pixel_major=True, fma=True).block_k == 32  # the stem's row
+
+
 @pytest.mark.parametrize("batch", [1, 8, 256])
 @pytest.mark.parametrize("nchw", [False, True], ids=["cl", "nchw"])
 @pytest.mark.parametrize("elem_bytes", [2, 4], ids=["16bit", "fp32"])
@@ -103,10 +109,11 @@ def test_config_set_is_what_the_heuristic_can_return():
         for cin in (3, 5, 16, 32, 64, 96, 160, 2048):
             for kw in (1, 3, 7):
                 for pm in (False, True):
-                    tried.update(cc.candidates(cin, kw, eb, pm))
-                    for cout in (16, 64, 65, 2048):
-                        for m in (1, 10**4, 10**7):
-                            reachable.add(cc.conv_config(m, cout, cin, kw, kw, eb, pixel_major=pm))
+                    for fma in ((False, True) if eb == 4 else (False,)):
+                        tried.update(cc.candidates(cin, kw, eb, pm, fma))
+                        for cout in (16, 64, 65, 2048):
+                            for m in (1, 10**4, 10**7):
+                                reachable.add(cc.conv_config(m, cout, cin, kw, kw, eb, pixel_major=pm, fma=fma))
     assert reachable <= tried == set(cc.CONFIGS)
 
 
@@ -142,13 +149,18 @@ def test_autotuner_spans_exactly_the_no_spill_set(monkeypatch):
     assert tuner.reset_to_zero == ["cnt_part_ptr"]
     x16 = torch.empty(1, dtype=torch.float16)
     cl, nchw = dict(X_PIXEL_MAJOR=False, OUT_PIXEL_MAJOR=False), dict(X_PIXEL_MAJOR=True, OUT_PIXEL_MAJOR=True)
-    stem = cc.prune_configs(tuner.configs, {"CIN": 3, "x_ptr": x16, "w_desc": None}, KW=7, **cl)
+    stem = cc.prune_configs(tuner.configs, {"CIN": 3, "x_ptr": x16, "w_desc": None}, KW=7, **cl, PRECISION="ieee")
     assert stem and {c.kwargs["BLOCK_K"] for c in stem} == {32}
-    wide = cc.prune_configs(tuner.configs, {"CIN": 160, "x_ptr": torch.empty(1), "w_desc": object()}, KW=3, **cl)
+    wide = cc.prune_configs(tuner.configs, {"CIN": 160, "x_ptr": torch.empty(1), "w_desc": object()}, KW=3, **cl,
+                            PRECISION="tf32")
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in wide} == {
         (bm, bn, bk) for bm in (64, 128) for bn in (64, 128) for bk in (16, 32)}  # fp32, and dividing 160
-    pm = cc.prune_configs(tuner.configs, {"CIN": 256, "x_ptr": x16, "w_desc": None}, KW=3, **nchw)
+    pm = cc.prune_configs(tuner.configs, {"CIN": 256, "x_ptr": x16, "w_desc": None}, KW=3, **nchw, PRECISION="ieee")
     assert {(c.kwargs["BLOCK_N"], c.num_warps if c.kwargs["BLOCK_M"] == 128 else 8) for c in pm} == {(64, 8)}
+    fma = cc.prune_configs(tuner.configs, {"CIN": 256, "x_ptr": torch.empty(1), "w_desc": None}, KW=3, **cl,
+                           PRECISION="ieee")
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in fma] == [
+        (64, 64, 16, 8)]  # IEEE fp32: FMA units, one small configuration
     for c in tuner.configs:  # whatever is pruned, each candidate is one of the class's own configurations
         assert cc.ConvConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                              c.num_stages) in cc.CONFIGS

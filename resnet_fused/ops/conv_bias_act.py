@@ -356,12 +356,13 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     interp = interpreting(x)
     arch = _device_arch(x)
     flat = flat_k(CIN, KW)
+    precision = "tf32" if (x.dtype == torch.float32 and not interp and conv_uses_tf32()) else "ieee"
     x_pm, out_pm = _pixel_major(x), _pixel_major(out)
     cfg = (interpreter_config(CIN, KW) if interp
-           else conv_config(M, COUT, CIN, KH, KW, x.element_size(), pixel_major=x_pm or out_pm))
+           else conv_config(M, COUT, CIN, KH, KW, x.element_size(), pixel_major=x_pm or out_pm,
+                            fma=x.dtype == torch.float32 and precision == "ieee"))
     one_by_one = (KH, KW) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
     x_desc, w_desc = tma_descriptors(x, weight, cfg, flat, one_by_one, arch, interp)
-    precision = "tf32" if (x.dtype == torch.float32 and not interp and conv_uses_tf32()) else "ieee"
     args = (
         x, weight, b, res, out, x_desc, w_desc,
         in_mean, in_scale, in_shift, *partials, tile0,

@@ -36,6 +36,7 @@ Cout <= 64 (layer1 1x1 / 3x3)              128x64x64 w4 | 128x64x32    128x64x32
 Cout > 64, Cin % 64 == 0                   128x128x64 w8 s3 | x32 s3   128x64x32 w8
 Cin 160 / Cin 16 (WRN)                     128x128x32 / x16 w8         128x64x32 / x16 w8
 M / 128 x Cout / BLOCK_N < 132 tiles       BLOCK_M 64, 4 warps         BLOCK_M 64, 4 warps
+fp32 with TF32 off ("ieee": FMA units)     64x64x16 w8 s4 (stem x32)   same
 =========================================  ==========================  ==========================
 
 Every configuration this function can return is in :data:`CONFIGS`; each was compiled
@@ -123,12 +124,22 @@ def _make(bm: int, bn: int, bk: int, elem_bytes: int, gather: bool = False) -> C
     return ConvConfig(bm, bn, bk, warps, _stages(bm, bn, bk, elem_bytes))
 
 
+def _fma_config(cin: int, kw: int) -> ConvConfig:
+    # IEEE fp32 runs tl.dot on FMA units: each thread holds its rows' and columns' operands for a
+    # whole K block in registers, so small tiles over 8 warps (128x128x32 spilled up to 10 KB)
+    bk = block_k_for(cin, kw, 4) if flat_k(cin, kw) else 16
+    return ConvConfig(64, 64, bk, 8, _stages(64, 64, bk, 4))
+
+
 def conv_config(m: int, cout: int, cin: int, kh: int, kw: int, elem_bytes: int,
-                pixel_major: bool = False) -> ConvConfig:
+                pixel_major: bool = False, fma: bool = False) -> ConvConfig:
     """The configuration of a conv whose GEMM is ``m`` x ``cout`` x ``kh*kw*cin`` on
     ``elem_bytes``-byte operands (2: fp16/bf16, 4: fp32); ``pixel_major``: x or out is NCHW
-    (pixels adjacent). Pure: the same for every GPU target and epilogue/prologue variant (each
-    checked to compile without spills)."""
+    (pixels adjacent); ``fma``: fp32 without TF32 (PyTorch's conv precision "ieee"), no tensor
+    cores. Pure: the same for every GPU target and epilogue/prologue variant (each checked to
+    compile without spills)."""
+    if fma:
+        return _fma_config(cin, kw)
     flat = flat_k(cin, kw)
     bn = 64 if cout <= 64 or pixel_major else 128
     bk = block_k_for(cin, kw, elem_bytes)
@@ -145,10 +156,13 @@ def interpreter_config(cin: int, kw: int) -> ConvConfig:
     return ConvConfig(32, 32, block_k_for(cin, kw, 2) if flat_k(cin, kw) else 16, 4, 1, group_m=4)
 
 
-def candidates(cin: int, kw: int, elem_bytes: int, pixel_major: bool = False) -> List[ConvConfig]:
+def candidates(cin: int, kw: int, elem_bytes: int, pixel_major: bool = False, fma: bool = False) -> List[ConvConfig]:
     """The configurations exhaustive autotuning tries on a conv of this class: BLOCK_M 64 / 128,
     BLOCK_N 64 / 128 (64 only for NCHW), BLOCK_K the class's and the next smaller ones down to 16
-    (a filter row: exactly its own), each with the warps and stages the class rules give it."""
+    (a filter row: exactly its own), each with the warps and stages the class rules give it.
+    IEEE fp32 (``fma``) has its one configuration."""
+    if fma:
+        return [_fma_config(cin, kw)]
     flat = flat_k(cin, kw)
     top = block_k_for(cin, kw, elem_bytes)
     if pixel_major and not flat:
@@ -163,9 +177,10 @@ def _all_configs() -> List[ConvConfig]:
     for eb in (2, 4):
         for cin, kw in ((3, 7), (3, 3), (3, 1), (64, 3)):
             for pm in (False, True):
-                for c in candidates(cin, kw, eb, pm):
-                    if c not in seen:
-                        seen.append(c)
+                for fma in ((False, True) if eb == 4 else (False,)):
+                    for c in candidates(cin, kw, eb, pm, fma):
+                        if c not in seen:
+                            seen.append(c)
     return seen
 
 
@@ -237,7 +252,8 @@ def prune_configs(configs, named_args, **kwargs):
     needs BLOCK_K to divide CIN."""
     cin = int(named_args["CIN"])
     pm = bool(kwargs["X_PIXEL_MAJOR"] or kwargs["OUT_PIXEL_MAJOR"])
-    mine = candidates(cin, int(kwargs["KW"]), named_args["x_ptr"].element_size(), pm)
+    eb = named_args["x_ptr"].element_size()
+    mine = candidates(cin, int(kwargs["KW"]), eb, pm, fma=eb == 4 and kwargs["PRECISION"] == "ieee")
     return [c for c in configs
             if ConvConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                           c.num_stages, c.kwargs["GROUP_M"]) in mine
