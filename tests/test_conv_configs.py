@@ -139,9 +139,10 @@ def test_autotuner_spans_exactly_the_no_spill_set(monkeypatch):
     warps and stages, zeroing the statistics counts after timing; its pruner keeps what applies."""
     from triton.runtime.autotuner import Autotuner
 
-    monkeypatch.setattr(cba, "_AUTOTUNER", [])
-    tuner = cba._autotuner()
-    assert isinstance(tuner, Autotuner) and cba._autotuner() is tuner
+    monkeypatch.setattr(cba, "_AUTOTUNER", {})
+    tuner = cba._autotuner(9)
+    assert isinstance(tuner, Autotuner) and cba._autotuner(9) is tuner
+    assert {c.maxnreg for c in tuner.configs} == {None} and {c.maxnreg for c in cba._autotuner(8).configs} == {255}
     got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"], c.num_warps,
             c.num_stages) for c in tuner.configs]
     want = [(c.block_m, c.block_n, c.block_k, c.group_m, c.num_warps, c.num_stages) for c in cc.CONFIGS]

@@ -62,7 +62,7 @@ from .batch_stats import StatsPartials, tile_stats
 from ._common import (autocast_applies, check_float_tensor, compute_dtype, conv_output_size, conv_uses_tf32,
                       device_guard, interpreting, memory_format_of, pair, triton_dtype_ok)
 from .conv_configs import (CONFIGS, autotune_requested, conv_config, flat_k, interpreter_config, make_autotuner,
-                           tma_descriptors)
+                           register_cap, tma_descriptors)
 
 IntPair = Union[int, Sequence[int]]
 
@@ -380,22 +380,22 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
             return (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(COUT, meta_["BLOCK_N"]),)
 
         with device_guard(x):
-            _autotuner()[grid](*args, **meta)
+            _autotuner(arch)[grid](*args, **meta)
         return
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(COUT, cfg.block_n),)
     with device_guard(x):
         _conv_bias_act_kernel[grid](*args, **meta, **cfg.meta(), num_warps=cfg.num_warps,
-                                    num_stages=cfg.num_stages)
+                                    num_stages=cfg.num_stages, maxnreg=register_cap(arch))
 
 
-_AUTOTUNER = []
+_AUTOTUNER = {}
 
 
-def _autotuner():
-    """The opt-in autotuner (``RESNET_FUSED_AUTOTUNE=1``), built on first use."""
-    if not _AUTOTUNER:
-        _AUTOTUNER.append(make_autotuner(_conv_bias_act_kernel))
-    return _AUTOTUNER[0]
+def _autotuner(arch: int):
+    """The opt-in autotuner (``RESNET_FUSED_AUTOTUNE=1``) for this GPU generation, built on first use."""
+    if arch not in _AUTOTUNER:
+        _AUTOTUNER[arch] = make_autotuner(_conv_bias_act_kernel, register_cap(arch))
+    return _AUTOTUNER[arch]
 
 
 def _launch_ext(x, weight, bias, residual, stride, padding, dilation, relu, out_format):

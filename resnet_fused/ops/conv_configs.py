@@ -150,6 +150,14 @@ def conv_config(m: int, cout: int, cin: int, kh: int, kw: int, elem_bytes: int,
     return _make(bm, bn, bk, elem_bytes, flat or pixel_major)
 
 
+def register_cap(arch: int) -> Optional[int]:
+    """``maxnreg`` for the launch: 255 on sm_8x. Left to itself, sm_80's ptxas aims for two or
+    three resident CTAs (128 registers at 8 warps, 168 at 4) and spills 4-16 bytes in some
+    training variants rather than exceed that; allowed 255 it uses ~200 and spills nothing
+    (compiled, not timed: an SM then holds fewer CTAs). sm_90's ptxas does not cap: None."""
+    return 255 if 0 < arch < 9 else None
+
+
 def interpreter_config(cin: int, kw: int) -> ConvConfig:
     """Triton's CPU interpreter runs each program in numpy: small fixed tiles (the tests' tiny
     shapes still get several tiles and program groups), BLOCK_K as the GPU's for a filter row."""
@@ -260,10 +268,10 @@ def prune_configs(configs, named_args, **kwargs):
             and (named_args["w_desc"] is None or cin % c.kwargs["BLOCK_K"] == 0)]
 
 
-def make_autotuner(kernel):
+def make_autotuner(kernel, maxnreg: Optional[int] = None):
     """An Autotuner over every configuration of :data:`CONFIGS` that applies to the launch,
     compiled and timed on the first launch of each new key (batch size included)."""
-    configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages,
+    configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=maxnreg,
                              pre_hook=_set_descriptor_blocks) for c in CONFIGS]
     return triton.autotune(
         configs=configs,
