@@ -165,25 +165,24 @@ def interpreter_config(cin: int, kw: int) -> ConvConfig:
 
 
 def candidates(cin: int, kw: int, elem_bytes: int, pixel_major: bool = False, fma: bool = False) -> List[ConvConfig]:
-    """The configurations exhaustive autotuning tries on a conv of this class: BLOCK_M 64 / 128,
-    BLOCK_N 64 / 128 (64 only for NCHW), BLOCK_K the class's and the next smaller ones down to 16
-    (a filter row: exactly its own), each with the warps and stages the class rules give it.
-    IEEE fp32 (``fma``) has its one configuration."""
+    """The configurations exhaustive autotuning tries on a conv of this class: the class's
+    BLOCK_K (see the table) with BLOCK_M 64 / 128 and BLOCK_N 64 / 128 (64 only for NCHW), each
+    with the warps and stages the class rules give it: at most four, so even an autotuned first
+    use compiles little. IEEE fp32 (``fma``) has its one configuration."""
     if fma:
         return [_fma_config(cin, kw)]
     flat = flat_k(cin, kw)
-    top = block_k_for(cin, kw, elem_bytes)
+    bk = block_k_for(cin, kw, elem_bytes)
     if pixel_major and not flat:
-        top = min(top, 32)
-    bks = [top] if flat else [bk for bk in (64, 32, 16) if bk <= top]
+        bk = min(bk, 32)
     bns = (64,) if pixel_major else (64, 128)
-    return [_make(bm, bn, bk, elem_bytes, flat or pixel_major) for bm in (64, 128) for bn in bns for bk in bks]
+    return [_make(bm, bn, bk, elem_bytes, flat or pixel_major) for bm in (64, 128) for bn in bns]
 
 
 def _all_configs() -> List[ConvConfig]:
     seen: List[ConvConfig] = []
     for eb in (2, 4):
-        for cin, kw in ((3, 7), (3, 3), (3, 1), (64, 3)):
+        for cin, kw in ((3, 7), (3, 3), (3, 1), (16, 3), (32, 3), (64, 3)):
             for pm in (False, True):
                 for fma in ((False, True) if eb == 4 else (False,)):
                     for c in candidates(cin, kw, eb, pm, fma):
