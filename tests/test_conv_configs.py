@@ -134,6 +134,10 @@ def test_autotune_is_opt_in(monkeypatch, value, on):
     assert cc.autotune_requested() is on
 
 
+CL_STRIDES = dict(sxc=1, sxw=64, soc=1, sow=64)  # the strides the pruner reads: channels_last x and out
+NCHW_STRIDES = dict(sxc=49, sxw=1, soc=49, sow=1)
+
+
 def test_autotuner_spans_exactly_the_no_spill_set(monkeypatch):
     """RESNET_FUSED_AUTOTUNE=1 builds one Autotuner whose candidates are CONFIGS, each with its
     warps and stages, zeroing the statistics counts after timing; its pruner keeps what applies."""
@@ -149,16 +153,15 @@ def test_autotuner_spans_exactly_the_no_spill_set(monkeypatch):
     assert got == want
     assert tuner.reset_to_zero == ["cnt_part_ptr"]
     x16 = torch.empty(1, dtype=torch.float16)
-    cl, nchw = dict(X_PIXEL_MAJOR=False, OUT_PIXEL_MAJOR=False), dict(X_PIXEL_MAJOR=True, OUT_PIXEL_MAJOR=True)
-    stem = cc.prune_configs(tuner.configs, {"CIN": 3, "x_ptr": x16, "w_desc": None}, KW=7, **cl, PRECISION="ieee")
+    stem = cc.prune_configs(tuner.configs, {"CIN": 3, "x_ptr": x16, "w_desc": None, **CL_STRIDES}, KW=7, PRECISION="ieee")
     assert stem and {c.kwargs["BLOCK_K"] for c in stem} == {32}
-    wide = cc.prune_configs(tuner.configs, {"CIN": 160, "x_ptr": torch.empty(1), "w_desc": object()}, KW=3, **cl,
+    wide = cc.prune_configs(tuner.configs, {"CIN": 160, "x_ptr": torch.empty(1), "w_desc": object(), **CL_STRIDES}, KW=3,
                             PRECISION="tf32")
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in wide} == {
         (bm, bn, 32) for bm in (64, 128) for bn in (64, 128)}  # fp32, and dividing 160
-    pm = cc.prune_configs(tuner.configs, {"CIN": 256, "x_ptr": x16, "w_desc": None}, KW=3, **nchw, PRECISION="ieee")
+    pm = cc.prune_configs(tuner.configs, {"CIN": 256, "x_ptr": x16, "w_desc": None, **NCHW_STRIDES}, KW=3, PRECISION="ieee")
     assert {(c.kwargs["BLOCK_N"], c.num_warps if c.kwargs["BLOCK_M"] == 128 else 8) for c in pm} == {(64, 8)}
-    fma = cc.prune_configs(tuner.configs, {"CIN": 256, "x_ptr": torch.empty(1), "w_desc": None}, KW=3, **cl,
+    fma = cc.prune_configs(tuner.configs, {"CIN": 256, "x_ptr": torch.empty(1), "w_desc": None, **CL_STRIDES}, KW=3,
                            PRECISION="ieee")
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in fma] == [
         (64, 64, 16, 8)]  # IEEE fp32: FMA units, one small configuration

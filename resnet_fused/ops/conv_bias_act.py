@@ -62,7 +62,7 @@ from .batch_stats import StatsPartials, tile_stats
 from ._common import (autocast_applies, check_float_tensor, compute_dtype, conv_output_size, conv_uses_tf32,
                       device_guard, interpreting, memory_format_of, pair, triton_dtype_ok)
 from .conv_configs import (CONFIGS, autotune_requested, conv_config, flat_k, interpreter_config, make_autotuner,
-                           register_cap, tma_descriptors)
+                           pixel_major_strides, register_cap, tma_descriptors)
 
 IntPair = Union[int, Sequence[int]]
 
@@ -137,8 +137,6 @@ if triton is not None:
         STATS: tl.constexpr,  # write per-tile channel mean and M2 of the (rounded) output
         FLAT_K: tl.constexpr,  # Cin < 8 (the stem): one K block per filter row, (kw, c) pairs
         X_TMA: tl.constexpr, W_TMA: tl.constexpr,  # operands through the descriptors (sm_90+)
-        X_PIXEL_MAJOR: tl.constexpr,  # x's pixels, not channels, are adjacent (NCHW): load along pixels
-        OUT_PIXEL_MAJOR: tl.constexpr,  # the same for out (and residual): store along pixels
         PRECISION: tl.constexpr,  # "tf32" | "ieee" for fp32 operands
         UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so dot in fp32 there
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -170,14 +168,10 @@ if triton is not None:
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if FLAT_K:
-            # One K block per filter row kh: its KW*CIN (kw, c) pairs, ordered as x stores them so
-            # a row is one contiguous run for channels_last (c fastest) and KW-long runs for NCHW.
-            if X_PIXEL_MAJOR:
-                jc = rk // KW
-                jw = rk - jc * KW
-            else:
-                jw = rk // CIN
-                jc = rk - jw * CIN
+            # One K block per filter row kh: its KW*CIN (kw, c) pairs, in the channels_last weight's
+            # order; index math once, outside the loop, instead of a div/mod per element per block.
+            jw = rk // CIN
+            jc = rk - jw * CIN
             j_ok = rk < KW * CIN
             iw = iw0[:, None] + (jw * dil_w)[None, :]
             col_ok = m_ok[:, None] & j_ok[None, :] & (iw >= 0) & (iw < W)  # the same for every row
@@ -214,22 +208,14 @@ if triton is not None:
                     iw = iw0 + kw * dil_w
                     pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                     a_pix = x_pix + ((kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw)
-                    c64 = c.to(tl.int64) * sxc
-                    if X_PIXEL_MAJOR:
-                        # [channels, pixels]: adjacent threads take adjacent pixels (NCHW's contiguous
-                        # axis), then the tile is transposed for the MMA
-                        a_ok = c_ok[:, None] & pix_ok[None, :]
-                        a = tl.load(x_ptr + a_pix[None, :] + c64[:, None], mask=a_ok, other=0.0)
-                        if PROLOGUE:
-                            a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[:, None],
-                                                  c_ok[:, None], a_ok)
-                        a = tl.trans(a)
-                    else:
-                        a_ok = pix_ok[:, None] & c_ok[None, :]
-                        a = tl.load(x_ptr + a_pix[:, None] + c64[None, :], mask=a_ok, other=0.0)
-                        if PROLOGUE:
-                            a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :],
-                                                  c_ok[None, :], a_ok)
+                    # channels_last: sxc == 1 is specialised, so runs along c are vector loads (cp.async).
+                    # NCHW: neither axis is provably contiguous; the compiler then puts adjacent
+                    # threads on adjacent pixels (rows), so loads are scalar but coalesced.
+                    a_ok = pix_ok[:, None] & c_ok[None, :]
+                    a = tl.load(x_ptr + a_pix[:, None] + (c.to(tl.int64) * sxc)[None, :], mask=a_ok, other=0.0)
+                    if PROLOGUE:
+                        a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :], c_ok[None, :],
+                                              a_ok)
                 if W_TMA:  # BLOCK_K divides CIN: a block never reaches into the next tap's columns
                     b = tl.trans(w_desc.load([pid_n * BLOCK_N, tap * CIN + c0]))
                 else:
@@ -244,13 +230,8 @@ if triton is not None:
         oh64 = oh.to(tl.int64)
         ow64 = ow.to(tl.int64)
         if HAS_RES:
-            r_pix = n64 * srn + oh64 * srh + ow64 * srw
-            r_ch = rn.to(tl.int64) * src
-            if OUT_PIXEL_MAJOR:
-                r = tl.trans(tl.load(res_ptr + r_pix[None, :] + r_ch[:, None], mask=tl.trans(mask), other=0.0))
-            else:
-                r = tl.load(res_ptr + r_pix[:, None] + r_ch[None, :], mask=mask, other=0.0)
-            acc += r.to(tl.float32)
+            r_off = (n64 * srn + oh64 * srh + ow64 * srw)[:, None] + (rn.to(tl.int64) * src)[None, :]
+            acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
         if RELU:
             # where(x < 0) rather than maximum: keeps NaN, as torch.relu does.
             acc = tl.where(acc < 0.0, 0.0, acc)
@@ -262,12 +243,8 @@ if triton is not None:
                        anchor_part_ptr, mean_part_ptr, m2_part_ptr)
             if pid_n == 0:
                 tl.store(cnt_part_ptr + tile0 + pid_m, cnt)
-        o_pix = n64 * son + oh64 * soh + ow64 * sow
-        o_ch = rn.to(tl.int64) * soc
-        if OUT_PIXEL_MAJOR:  # adjacent threads store adjacent pixels (NCHW's contiguous axis)
-            tl.store(out_ptr + o_pix[None, :] + o_ch[:, None], tl.trans(y), mask=tl.trans(mask))
-        else:
-            tl.store(out_ptr + o_pix[:, None] + o_ch[None, :], y, mask=mask)
+        o_off = (n64 * son + oh64 * soh + ow64 * sow)[:, None] + (rn.to(tl.int64) * soc)[None, :]
+        tl.store(out_ptr + o_off, y, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------- launcher
@@ -336,8 +313,8 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
 
 
 def _pixel_major(t: Tensor) -> bool:
-    """Pixels, not channels, adjacent in memory (NCHW-like strides): the kernel loads/stores along them."""
-    return t.stride(1) != 1 and t.stride(3) == 1
+    """Pixels, not channels, adjacent in memory (NCHW-like strides): the NCHW configuration class."""
+    return pixel_major_strides(t.stride(1), t.stride(3))
 
 
 def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -357,9 +334,8 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     arch = _device_arch(x)
     flat = flat_k(CIN, KW)
     precision = "tf32" if (x.dtype == torch.float32 and not interp and conv_uses_tf32()) else "ieee"
-    x_pm, out_pm = _pixel_major(x), _pixel_major(out)
     cfg = (interpreter_config(CIN, KW) if interp
-           else conv_config(M, COUT, CIN, KH, KW, x.element_size(), pixel_major=x_pm or out_pm,
+           else conv_config(M, COUT, CIN, KH, KW, x.element_size(), pixel_major=_pixel_major(x) or _pixel_major(out),
                             fma=x.dtype == torch.float32 and precision == "ieee"))
     one_by_one = (KH, KW) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
     x_desc, w_desc = tma_descriptors(x, weight, cfg, flat, one_by_one, arch, interp)
@@ -373,7 +349,7 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
                 PROLOGUE=prologue is not None, STATS=parts is not None, FLAT_K=flat,
                 X_TMA=x_desc is not None, W_TMA=w_desc is not None,
-                X_PIXEL_MAJOR=x_pm, OUT_PIXEL_MAJOR=out_pm, PRECISION=precision,
+                PRECISION=precision,
                 UPCAST=interp and x.dtype == torch.bfloat16)
     if not interp and autotune_requested():
         def grid(meta_):

@@ -150,6 +150,11 @@ def conv_config(m: int, cout: int, cin: int, kh: int, kw: int, elem_bytes: int,
     return _make(bm, bn, bk, elem_bytes, flat or pixel_major)
 
 
+def pixel_major_strides(channel_stride: int, w_stride: int) -> bool:
+    """An NCHW-like tensor (pixels, not channels, adjacent): the NCHW configuration class."""
+    return channel_stride != 1 and w_stride == 1
+
+
 def register_cap(arch: int) -> Optional[int]:
     """``maxnreg`` for the launch: 255 on sm_8x. Left to itself, sm_80's ptxas aims for two or
     three resident CTAs (128 registers at 8 warps, 168 at 4) and spills 4-16 bytes in some
@@ -258,7 +263,8 @@ def prune_configs(configs, named_args, **kwargs):
     """Keep the candidates of this conv's class (:func:`candidates`); a weight descriptor also
     needs BLOCK_K to divide CIN."""
     cin = int(named_args["CIN"])
-    pm = bool(kwargs["X_PIXEL_MAJOR"] or kwargs["OUT_PIXEL_MAJOR"])
+    pm = (pixel_major_strides(named_args["sxc"], named_args["sxw"])
+          or pixel_major_strides(named_args["soc"], named_args["sow"]))
     eb = named_args["x_ptr"].element_size()
     mine = candidates(cin, int(kwargs["KW"]), eb, pm, fma=eb == 4 and kwargs["PRECISION"] == "ieee")
     return [c for c in configs
@@ -275,7 +281,7 @@ def make_autotuner(kernel, maxnreg: Optional[int] = None):
     return triton.autotune(
         configs=configs,
         key=["M", "COUT", "CIN", "KH", "KW", "stride_h", "FLAT_K", "HAS_RES", "PROLOGUE", "STATS", "X_TMA",
-             "W_TMA", "X_PIXEL_MAJOR", "OUT_PIXEL_MAJOR"],
+             "W_TMA", "sxc", "soc"],
         prune_configs_by={"early_config_prune": prune_configs},
         # candidates with different BLOCK_M write different STATS partial rows: zero the counts
         # after timing, so only the winner's rows count (stale rows would be merged twice)
