@@ -53,7 +53,7 @@ def test_the_model_shape_lists_are_complete():
 
 def test_ieee_fp32_takes_small_fma_tiles():
     """With TF32 off the dot runs on FMA units (no wgmma): one small tile over 8 warps."""
-    assert cc.conv_config(10**6, 2048, 512, 3, 3, 4, fma=True) == cc.ConvConfig(64, 64, 16, 8, 4)
+    assert cc.conv_config(10**6, 2048, 512, 3, 3, 4, fma=True) == cc.ConvConfig(64, 64, 16, 8, 4, maxnreg=255)
     assert cc.conv_config(10**6, 64, 3, 7, 7, 4, pixel_major=True, fma=True).block_k == 32  # the stem's row
 
 
@@ -146,10 +146,12 @@ def test_autotuner_spans_exactly_the_no_spill_set(monkeypatch):
     monkeypatch.setattr(cba, "_AUTOTUNER", {})
     tuner = cba._autotuner(9)
     assert isinstance(tuner, Autotuner) and cba._autotuner(9) is tuner
-    assert {c.maxnreg for c in tuner.configs} == {None} and {c.maxnreg for c in cba._autotuner(8).configs} == {255}
+    assert {c.maxnreg for c in tuner.configs} == {None, 255}  # 255: only the IEEE (FMA) class on sm_90
+    assert {c.maxnreg for c in cba._autotuner(8).configs} == {255}
     got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"], c.num_warps,
             c.num_stages) for c in tuner.configs]
     want = [(c.block_m, c.block_n, c.block_k, c.group_m, c.num_warps, c.num_stages) for c in cc.CONFIGS]
+    assert [c.maxnreg for c in tuner.configs] == [c.maxnreg for c in cc.CONFIGS]
     assert got == want
     assert tuner.reset_to_zero == ["cnt_part_ptr"]
     x16 = torch.empty(1, dtype=torch.float16)
@@ -167,7 +169,7 @@ def test_autotuner_spans_exactly_the_no_spill_set(monkeypatch):
         (64, 64, 16, 8)]  # IEEE fp32: FMA units, one small configuration
     for c in tuner.configs:  # whatever is pruned, each candidate is one of the class's own configurations
         assert cc.ConvConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                             c.num_stages) in cc.CONFIGS
+                             c.num_stages, maxnreg=c.maxnreg) in cc.CONFIGS
 
 
 # A child process without TRITON_INTERPRET (the kernel must be a JITFunction to compile): the real

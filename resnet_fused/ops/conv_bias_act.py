@@ -361,7 +361,8 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(COUT, cfg.block_n),)
     with device_guard(x):
         _conv_bias_act_kernel[grid](*args, **meta, **cfg.meta(), num_warps=cfg.num_warps,
-                                    num_stages=cfg.num_stages, maxnreg=register_cap(arch))
+                                    num_stages=cfg.num_stages,
+                                    maxnreg=cfg.maxnreg or register_cap(arch))
 
 
 _AUTOTUNER = {}

@@ -36,7 +36,8 @@ Cout <= 64 (layer1 1x1 / 3x3)              128x64x64 w4 | 128x64x32    128x64x32
 Cout > 64, Cin % 64 == 0                   128x128x64 w8 s3 | x32 s3   128x64x32 w8
 Cin 160 / Cin 16 (WRN)                     128x128x32 / x16 w8         128x64x32 / x16 w8
 M / 128 x Cout / BLOCK_N < 132 tiles       BLOCK_M 64, 4 warps         BLOCK_M 64, 4 warps
-fp32 with TF32 off ("ieee": FMA units)     64x64x16 w8 s4 (stem x32)   same
+fp32 with TF32 off ("ieee": FMA units)     64x64x16 w8 s4 (stem x32),  same
+                                           maxnreg 255
 =========================================  ==========================  ==========================
 
 Every configuration this function can return is in :data:`CONFIGS`; each was compiled
@@ -79,6 +80,7 @@ class ConvConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    maxnreg: Optional[int] = None  # a register cap for ptxas (see register_cap), when the class needs one
 
     def meta(self) -> Dict[str, int]:
         """The kernel's constexpr meta-parameters."""
@@ -126,9 +128,11 @@ def _make(bm: int, bn: int, bk: int, elem_bytes: int, gather: bool = False) -> C
 
 def _fma_config(cin: int, kw: int) -> ConvConfig:
     # IEEE fp32 runs tl.dot on FMA units: each thread holds its rows' and columns' operands for a
-    # whole K block in registers, so small tiles over 8 warps (128x128x32 spilled up to 10 KB)
+    # whole K block in registers, so small tiles over 8 warps (128x128x32 spilled up to 10 KB).
+    # ptxas then aims for occupancy even on sm_90 (80 registers and a 4-byte spill in four
+    # NCHW training variants): allowed 255, it spills nothing.
     bk = block_k_for(cin, kw, 4) if flat_k(cin, kw) else 16
-    return ConvConfig(64, 64, bk, 8, _stages(64, 64, bk, 4))
+    return ConvConfig(64, 64, bk, 8, _stages(64, 64, bk, 4), maxnreg=255)
 
 
 def conv_config(m: int, cout: int, cin: int, kh: int, kw: int, elem_bytes: int,
@@ -268,15 +272,15 @@ def prune_configs(configs, named_args, **kwargs):
     eb = named_args["x_ptr"].element_size()
     mine = candidates(cin, int(kwargs["KW"]), eb, pm, fma=eb == 4 and kwargs["PRECISION"] == "ieee")
     return [c for c in configs
-            if ConvConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                          c.num_stages, c.kwargs["GROUP_M"]) in mine
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+            in [(m.block_m, m.block_n, m.block_k, m.num_warps, m.num_stages) for m in mine]
             and (named_args["w_desc"] is None or cin % c.kwargs["BLOCK_K"] == 0)]
 
 
 def make_autotuner(kernel, maxnreg: Optional[int] = None):
     """An Autotuner over every configuration of :data:`CONFIGS` that applies to the launch,
     compiled and timed on the first launch of each new key (batch size included)."""
-    configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=maxnreg,
+    configs = [triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg or maxnreg,
                              pre_hook=_set_descriptor_blocks) for c in CONFIGS]
     return triton.autotune(
         configs=configs,
