@@ -458,6 +458,89 @@ def test_batch_split_keeps_row_index_in_int32(monkeypatch, fmt):
         conv_bias_act(x, w, b, r, padding=1, backend="triton")
 
 
+# ----------------------------------------------------------------------------- TMA descriptors
+NCHW = torch.contiguous_format
+# (N, Cin, H, W, Cout, kernel, stride, padding, dilation), x's layout, descriptors expected (x, weight)
+TMA_CASES = {
+    "1x1s1_cl": ((2, 16, 5, 7, 40, 1, 1, 0, 1), CL, (True, True)),  # both operands: a plain GEMM
+    "1x1s1_cl_cin24": ((2, 24, 5, 7, 20, 1, 1, 0, 1), CL, (True, False)),  # BLOCK_K 16 does not divide 24
+    "3x3s1_cl": ((2, 32, 6, 5, 20, 3, 1, 1, 1), CL, (False, True)),  # 2 Cin blocks x 9 taps
+    "3x3s2_nchw": ((1, 16, 9, 7, 40, 3, 2, 1, 1), NCHW, (False, True)),  # NCHW weight copied channels_last
+    "1x1s2_cl": ((2, 16, 9, 5, 17, 1, 2, 0, 1), CL, (False, True)),  # strided: x not one matrix
+    "1x1s1_nchw": ((2, 16, 5, 7, 20, 1, 1, 0, 1), NCHW, (False, True)),
+    # 12 channels: 24-byte fp16/bf16 rows are not 16-byte aligned (fp32's 48 are); BLOCK_K 16 does not divide 12
+    "1x1s1_cl_cin12": ((2, 12, 5, 7, 20, 1, 1, 0, 1), CL, lambda elem: (elem == 4, False)),
+}
+
+
+@pytest.fixture
+def tma_spy(monkeypatch):
+    """Which descriptors each launch got (x, weight): True where one was made."""
+    seen = []
+    real = cba.tma_descriptors
+
+    def spy(*args):
+        descs = real(*args)
+        seen.append(tuple(d is not None for d in descs))
+        return descs
+
+    monkeypatch.setattr(cba, "tma_descriptors", spy)
+    return seen
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's descriptors; on a GPU test_gpu covers TMA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(TMA_CASES), ids=list(TMA_CASES))
+def test_tma_path_equals_pointer_path(case, dtype, tma_spy, monkeypatch, poisoned_empty):
+    """Where the launcher builds tensor descriptors (the interpreter emulates TMA, zero-filling
+    out of bounds as the hardware does), the result is right and bit-identical to the pointer path."""
+    shape, fmt, want = TMA_CASES[case]
+    (x, w, b, r), conv = make_case(shape, dtype, x_fmt=fmt, res_fmt=fmt)
+    out = conv_bias_act(x, w, b, r, **conv, backend="triton")
+    assert tma_spy == [want(x.element_size()) if callable(want) else want]
+    check(out, x, w, b, r, True, conv)
+    monkeypatch.setattr(cba, "tma_descriptors", lambda *args: (None, None))
+    assert torch.equal(out, conv_bias_act(x, w, b, r, **conv, backend="triton"))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors on the Triton backend need TRITON_INTERPRET=1")
+def test_batch_split_views_with_descriptors(monkeypatch, tma_spy):
+    """A batch split hands the kernel views that start inside x: the x descriptor is built over
+    the view (16-byte aligned here: 5*4*16 fp32 elements per image), and every launch is right."""
+    monkeypatch.setattr(cba, "_MAX_ROWS", 3 * 5 * 4 + 1)
+    x = torch.randn(7, 16, 5, 4).contiguous(memory_format=CL)
+    w = torch.randn(9, 16, 1, 1) / 4
+    b, r = torch.randn(9), torch.randn(7, 9, 5, 4).contiguous(memory_format=CL)
+    out = conv_bias_act(x, w, b, r, backend="triton")
+    assert tma_spy == [(True, True)] * 3
+    assert_close(out, conv_bias_act_reference(x, w, b, r, upcast=True), conv_bias_act_reference(x, w, b, r))
+
+
+# The GPU's tiles (wider than the interpreter's fixed 32x32x16) on small shapes: every edge masked,
+# descriptors with the GPU's block shapes, several Cin blocks a tap. (shape, x layout, dtype, config)
+GPU_TILE_CASES = {
+    "3x3_cin64_cl_128x64x64": ((1, 64, 6, 5, 70, 3, 1, 1, 1), CL, torch.float16, (128, 64, 64, 4, 4)),
+    "1x1_cin64_cl_128x128x64": ((2, 64, 5, 7, 130, 1, 1, 0, 1), CL, torch.bfloat16, (128, 128, 64, 8, 3)),
+    "3x3s2_cin48_nchw_64x128x16": ((2, 48, 9, 7, 70, 3, 2, 1, 1), NCHW, torch.float32, (64, 128, 16, 4, 4)),
+    "stem_7x7_cl_128x64x32": ((1, 3, 12, 12, 8, 7, 2, 3, 1), CL, torch.float16, (128, 64, 32, 8, 4)),
+    "stem_7x7_nchw_64x64x32": ((1, 3, 12, 12, 8, 7, 2, 3, 1), NCHW, torch.float32, (64, 64, 32, 4, 4)),
+}
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors on the Triton backend need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case", list(GPU_TILE_CASES), ids=list(GPU_TILE_CASES))
+def test_gpu_configurations_in_the_interpreter(case, monkeypatch, poisoned_empty):
+    from resnet_fused.ops.conv_configs import CONFIGS, ConvConfig
+
+    shape, fmt, dtype, cfg = GPU_TILE_CASES[case]
+    cfg = ConvConfig(*cfg)
+    assert cfg in CONFIGS
+    monkeypatch.setattr(cba, "interpreter_config", lambda cin, kw: cfg)
+    (x, w, b, r), conv = make_case(shape, dtype, x_fmt=fmt, res_fmt=fmt)
+    out = conv_bias_act(x, w, b, r, **conv, backend="triton")
+    check(out, x, w, b, r, True, conv)
+
+
 @pytest.fixture
 def restore_tf32_flags():
     cudnn = torch.backends.cudnn
@@ -488,16 +571,6 @@ def test_tf32_choice_follows_pytorchs_conv_setting(restore_tf32_flags):
         assert_close(out, conv_bias_act_reference(x, w, padding=1, upcast=True), conv_bias_act_reference(x, w, padding=1))
     cudnn.conv.fp32_precision = "tf32"
     assert conv_uses_tf32()
-
-
-def test_autotune_prunes_tiles_wider_than_the_problem():
-    """GPU autotuning skips tiles wider than Cout or taller than M, but always keeps one config."""
-    configs = cba._autotune_configs()
-    shape = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in cs}  # noqa: E731
-    assert shape(cba._prune_configs(configs, {"M": 802816, "COUT": 64})) == {(128, 64), (64, 64), (32, 64)}
-    assert len(cba._prune_configs(configs, {"M": 10**6, "COUT": 2048})) == len(configs)
-    tiny = cba._prune_configs(configs, {"M": 10, "COUT": 3})
-    assert len(tiny) == 1 and shape(tiny) == {(32, 64)}
 
 
 @pytest.mark.skipif(not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1")

@@ -154,6 +154,38 @@ def test_conv_train_layouts(x_fmt, out_cl, poisoned_empty):
     check_stats(y, count, anchor, offset, m2)
 
 
+# Tensor descriptors (the interpreter emulates TMA, zero-filling out of bounds): the prologue's
+# BN + ReLU must not turn the zero fill of rows past M or channels past Cin into relu(shift) > 0.
+# (N, Cin, H, W, Cout, kernel, stride, padding, dilation), layout, descriptors expected (x, weight)
+TMA_TRAIN = {
+    "1x1s1_cl_16to40": ((2, 16, 5, 7, 40, 1, 1, 0, 1), CL, (True, True)),
+    "1x1s1_cl_24to20": ((2, 24, 5, 7, 20, 1, 1, 0, 1), CL, (True, False)),  # 2nd Cin block: 8 of 16 past Cin
+    "3x3_nchw_16to20": ((1, 16, 7, 6, 20, 3, 1, 1, 1), NCHW, (False, True)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(TMA_TRAIN), ids=list(TMA_TRAIN))
+def test_conv_train_tma_path(case, dtype, monkeypatch, poisoned_empty):
+    shape, fmt, want = TMA_TRAIN[case]
+    x, wt, (mean, scale, _), r, conv = make_conv_case(shape, dtype, True, True, fmt, fmt)
+    pro = (mean, scale, torch.full_like(mean, 3.0))  # relu(bn(0)) = 3 - mean * scale > 0 mostly
+    seen = []
+    real = cba.tma_descriptors
+    monkeypatch.setattr(cba, "tma_descriptors", lambda *a: seen.append(real(*a)) or seen[-1])
+    y, count, anchor, offset, m2 = run_conv_train(x, wt, pro, r, conv, channels_last=fmt == CL)
+    if INTERPRET:
+        assert [tuple(d is not None for d in descs) for descs in seen] == [want]
+    ref64, same = conv_refs(x, wt, pro, r, conv)
+    assert_close(y, ref64, same, name="y")
+    check_stats(y, count, anchor, offset, m2)
+    monkeypatch.setattr(cba, "tma_descriptors", lambda *a: (None, None))
+    pointer = run_conv_train(x, wt, pro, r, conv, channels_last=fmt == CL)
+    if INTERPRET:  # the same values reach the same numpy dot
+        for got, ptr in zip((y, count, anchor, offset, m2), pointer):
+            assert torch.equal(got, ptr)
+
+
 def test_conv_train_stats_off_same_output():
     """stats=False: empty statistics outputs, and y bit-identical to the stats=True run."""
     x, wt, pro, r, conv = make_conv_case(CONV_SHAPES["tiles_8to40"], torch.float32, True, True)

@@ -43,7 +43,7 @@ class StatsPartials:
     tile means, which is what the variance is made of.
 
     anchor, mean, m2: [rows, C] float32; count: [rows] float32, zero for rows no tile wrote (the
-    conv's autotuner picks its tile height after allocation, so there is room for the smallest).
+    conv picks its tile height after allocation, so there is room for the smallest).
     """
 
     def __init__(self, rows: int, channels: int, device: torch.device) -> None:

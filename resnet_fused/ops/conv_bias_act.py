@@ -9,14 +9,41 @@ so no intermediate tensor is written. With BatchNorm folded into ``weight``/``bi
 
 Shapes and layouts
     x        [N, Cin, H, W]        float32 / float16 / bfloat16; NCHW or channels_last (any strides)
-    weight   [Cout, Cin, KH, KW]   x's dtype; any memory format (channels_last reads Cin contiguously)
+    weight   [Cout, Cin, KH, KW]   x's dtype; any memory format (the launcher reads a channels_last
+                                   copy: one small copy when it is not channels_last already)
     bias     [Cout] or None        any float dtype; added in fp32
     residual [N, Cout, OH, OW] or None, any float dtype and strides
     out      [N, Cout, OH, OW]     x's dtype (promoted with residual's, as ``conv(x) + residual``
                                    would be), in x's memory format
 fp32 inputs use TF32 tensor cores when PyTorch's cuDNN convolutions do (``cudnn.allow_tf32`` /
-``cudnn.conv.fp32_precision``; TF32 is cuDNN's default for convolutions), IEEE fp32 otherwise. ``groups > 1`` and float64 run on the PyTorch path.
-NaN and Inf propagate as ``torch.relu`` propagates them.
+``cudnn.conv.fp32_precision``; TF32 is cuDNN's default for convolutions), IEEE fp32 otherwise.
+``groups > 1`` and float64 run on the PyTorch path. NaN and Inf propagate as ``torch.relu`` does.
+
+The kernel
+    * One flat K loop over (filter tap, Cin block), so the software pipeliner keeps
+      ``num_stages`` operand loads in flight across taps; a tap moves each pixel's hoisted offset
+      by one scalar.
+    * Operands: on sm_90+ the weight comes through a TMA tensor descriptor (the channels_last
+      weight is the dense [Cout, KH*KW*Cin] matrix; used when BLOCK_K divides Cin and the row is
+      16-byte aligned), and so do the activations of a 1x1 / stride 1 / unpadded conv on a dense
+      channels_last input (the [N*H*W, Cin] matrix). Everything else, sm_80, and batch-split or
+      misaligned views load through pointers (cp.async where the alignment is provable).
+      Triton's interpreter emulates descriptors, so CI runs the TMA path too.
+    * NCHW: activations are loaded along the pixel axis (adjacent threads, adjacent addresses),
+      output and residual stored along it. The loads stay scalar: the compiler cannot prove a
+      pixel run's alignment, so NCHW gets neither 16-byte vectors nor cp.async. The fast layout is
+      channels_last, and converting to it is a model-entry decision (one conversion of the input,
+      which the modules / dispatch layer can make and measure), not the launcher's: converting
+      per conv would read and write every activation once more, for every layer.
+    * The stem (Cin < 8): one K block per filter row, its (kw, c) pairs in x's memory order (7*3
+      = 21 of 32 lanes for ResNet's 7x7 stem). Loads stay scalar gathers for 16-bit types
+      (a pixel's run starts at an odd element: no cp.async), at 8 warps to keep them in registers.
+    * Tensor cores: fp16 and bf16 take wgmma on sm_90 (mma.sync on sm_80); fp32 takes TF32 or
+      IEEE as above. Under the interpreter bf16 runs as an fp32 dot (``UPCAST``, its bf16 dot is
+      wrong) and fp32 as IEEE: the bf16 wgmma, TF32 and TMA hardware paths are compiled
+      (``benchmarks/results/codegen/conv_notes.md``), not executed, on a CPU machine.
+    * Tiles, warps and stages: one configuration per shape class, :func:`conv_configs.conv_config`;
+      exhaustive autotuning only with ``RESNET_FUSED_AUTOTUNE=1``.
 
 Autograd: the Triton forward is wrapped in an ``autograd.Function`` whose backward uses the ReLU
 mask from the saved output and cuDNN's ``convolution_backward`` for dgrad/wgrad, so an eval-mode
@@ -34,6 +61,8 @@ from .. import backends
 from .batch_stats import StatsPartials, tile_stats
 from ._common import (autocast_applies, check_float_tensor, compute_dtype, conv_output_size, conv_uses_tf32,
                       device_guard, interpreting, memory_format_of, pair, triton_dtype_ok)
+from .conv_configs import (CONFIGS, autotune_requested, conv_config, flat_k, interpreter_config, make_autotuner,
+                           pixel_major_strides, register_cap, tma_descriptors)
 
 IntPair = Union[int, Sequence[int]]
 
@@ -62,26 +91,6 @@ def conv_bias_act_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
 
 
 # ---------------------------------------------------------------------------------- Triton kernel
-def _autotune_configs():
-    configs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
-        (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 64, 64, 4, 3), (32, 64, 32, 4, 4),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                     num_warps=warps, num_stages=stages))
-    return configs
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles wider than the problem (a 128-wide N tile on 64 output channels is half idle):
-    fewer configs to compile and time on first use, none of them a likely winner."""
-    n_cap = max(32, triton.next_power_of_2(int(named_args["COUT"])))
-    m_cap = max(32, triton.next_power_of_2(int(named_args["M"])))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_M"] <= m_cap]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
 if triton is not None:
 
     @triton.jit
@@ -89,7 +98,7 @@ if triton is not None:
         """relu((a - mean[c]) * scale[c] + shift[c]) in fp32, back in a's dtype; zero where nothing
         was loaded (the conv's zero padding pads the *activated* input, so it must stay zero).
         Centred on the batch mean first, as BatchNorm computes it: a * scale + (shift - mean * scale)
-        would cancel catastrophically when |mean| >> std."""
+        would cancel catastrophically when |mean| >> std. ``c``/``c_ok`` come broadcastable to a."""
         mu = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
         s = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
         h = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
@@ -98,9 +107,17 @@ if triton is not None:
         return tl.where(a_ok, v, 0.0).to(a.dtype)
 
     @triton.jit
+    def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        if UPCAST:  # interpreter only: its bf16 dot is wrong, so dot in fp32 there
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        # bf16/fp16 -> wgmma (sm_90) / mma.sync (sm_80); fp32 -> "tf32" or "ieee" (PyTorch's conv setting)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+    @triton.jit
     def _conv_bias_act_kernel(
         # pointers
         x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+        x_desc, w_desc,  # TMA descriptors or None: x as [M, CIN] (X_TMA), weight as [COUT, KH*KW*CIN] (W_TMA)
         in_mean_ptr, in_scale_ptr, in_shift_ptr,  # PROLOGUE: per-input-channel batch BN applied at load
         cnt_part_ptr, anchor_part_ptr, mean_part_ptr, m2_part_ptr,  # STATS: per-tile partials [tiles, COUT]
         tile0,  # STATS: first partial row of this launch (the batch may be split over launches)
@@ -118,7 +135,8 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
         PROLOGUE: tl.constexpr,  # the input is relu((x - in_mean[c]) * in_scale[c] + in_shift[c]): BN + ReLU
         STATS: tl.constexpr,  # write per-tile channel mean and M2 of the (rounded) output
-        FLAT_K: tl.constexpr,  # small Cin (the 3-channel stem): one K loop over (kh, kw, c)
+        FLAT_K: tl.constexpr,  # Cin < 8 (the stem): one K block per filter row, (kw, c) pairs
+        X_TMA: tl.constexpr, W_TMA: tl.constexpr,  # operands through the descriptors (sm_90+)
         PRECISION: tl.constexpr,  # "tf32" | "ieee" for fp32 operands
         UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong, so dot in fp32 there
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -143,84 +161,105 @@ if triton is not None:
         n64 = (t // OH).to(tl.int64)  # int64: activations can pass 2^31 elements
         ih0 = oh * stride_h - pad_h
         iw0 = ow * stride_w - pad_w
+        # each pixel's offset at tap (0, 0), channel 0; a tap adds one scalar (hoisted index math)
+        x_pix = n64 * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw
+        w_row = rn.to(tl.int64) * swo
         rk = tl.arange(0, BLOCK_K)
-        w_cols = rn.to(tl.int64) * swo
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if FLAT_K:
-            KTOT = KH * KW * CIN
-            for k0 in range(0, KTOT, BLOCK_K):
-                kk = k0 + rk
-                c = kk % CIN
-                kw_ = (kk // CIN) % KW
-                kh_ = kk // (CIN * KW)
-                k_ok = kk < KTOT
-                ih = ih0[:, None] + kh_[None, :] * dil_h
-                iw = iw0[:, None] + kw_[None, :] * dil_w
-                a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a_off = n64[:, None] * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw + c[None, :].to(tl.int64) * sxc
-                a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
-                if PROLOGUE:
-                    a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :], k_ok[None, :], a_ok)
-                b_off = w_cols[None, :] + (c * swi + kh_ * swh + kw_ * sww)[:, None]
-                b = tl.load(w_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        else:
-            for kh in tl.static_range(KH):
+            # One K block per filter row kh: its KW*CIN (kw, c) pairs, in the channels_last weight's
+            # order; index math once, outside the loop, instead of a div/mod per element per block.
+            jw = rk // CIN
+            jc = rk - jw * CIN
+            j_ok = rk < KW * CIN
+            iw = iw0[:, None] + (jw * dil_w)[None, :]
+            col_ok = m_ok[:, None] & j_ok[None, :] & (iw >= 0) & (iw < W)  # the same for every row
+            a_col = (jw * dil_w).to(tl.int64) * sxw + jc.to(tl.int64) * sxc
+            b_col = (jw * sww + jc * swi).to(tl.int64)
+            for kh in range(KH):
                 ih = ih0 + kh * dil_h
-                for kw in tl.static_range(KW):
+                a_ok = col_ok & ((ih >= 0) & (ih < H))[:, None]
+                a = tl.load(x_ptr + (x_pix + (kh * dil_h).to(tl.int64) * sxh)[:, None] + a_col[None, :],
+                            mask=a_ok, other=0.0)
+                if PROLOGUE:
+                    a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, jc[None, :], j_ok[None, :], a_ok)
+                b = tl.load(w_ptr + (w_row + kh * swh)[None, :] + b_col[:, None],
+                            mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = _mma(a, b, acc, PRECISION, UPCAST)
+        else:
+            # One flat K loop over (filter tap, Cin block), so the software pipeliner keeps
+            # num_stages loads in flight across taps (a 64-channel 3x3 layer is 9 taps x 1 block).
+            ncb = tl.cdiv(CIN, BLOCK_K)
+            for s in range(KH * KW * ncb):
+                tap = s // ncb
+                c0 = (s - tap * ncb) * BLOCK_K
+                kh = tap // KW
+                kw = tap - kh * KW
+                c = c0 + rk
+                c_ok = c < CIN
+                if X_TMA:  # 1x1, stride 1, no padding, dense channels_last: x is the [M, CIN] matrix
+                    a = x_desc.load([pid_m * BLOCK_M, c0])
+                    if PROLOGUE:
+                        a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :], c_ok[None, :],
+                                              m_ok[:, None] & c_ok[None, :])
+                else:
+                    ih = ih0 + kh * dil_h
                     iw = iw0 + kw * dil_w
                     pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                    a_row = n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-                    b_tap = w_cols + kh * swh + kw * sww
-                    for c0 in range(0, CIN, BLOCK_K):
-                        c = c0 + rk
-                        c_ok = c < CIN
-                        a_ok = pix_ok[:, None] & c_ok[None, :]
-                        a = tl.load(x_ptr + a_row[:, None] + c[None, :].to(tl.int64) * sxc, mask=a_ok, other=0.0)
-                        if PROLOGUE:
-                            a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :], c_ok[None, :], a_ok)
-                        b = tl.load(w_ptr + b_tap[None, :] + (c * swi)[:, None],
-                                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                        if UPCAST:
-                            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-                        else:
-                            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                    a_pix = x_pix + ((kh * dil_h).to(tl.int64) * sxh + (kw * dil_w).to(tl.int64) * sxw)
+                    # channels_last: sxc == 1 is specialised, so runs along c are vector loads (cp.async).
+                    # NCHW: neither axis is provably contiguous; the compiler then puts adjacent
+                    # threads on adjacent pixels (rows), so loads are scalar but coalesced.
+                    a_ok = pix_ok[:, None] & c_ok[None, :]
+                    a = tl.load(x_ptr + a_pix[:, None] + (c.to(tl.int64) * sxc)[None, :], mask=a_ok, other=0.0)
+                    if PROLOGUE:
+                        a = _bn_relu_prologue(a, in_mean_ptr, in_scale_ptr, in_shift_ptr, c[None, :], c_ok[None, :],
+                                              a_ok)
+                if W_TMA:  # BLOCK_K divides CIN: a block never reaches into the next tap's columns
+                    b = tl.trans(w_desc.load([pid_n * BLOCK_N, tap * CIN + c0]))
+                else:
+                    b = tl.load(w_ptr + (w_row + (kh * swh + kw * sww))[None, :] + (c * swi)[:, None],
+                                mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = _mma(a, b, acc, PRECISION, UPCAST)
 
         # Epilogue, in fp32: + bias (folded BN shift) + residual, ReLU, one cast, one store.
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
+        oh64 = oh.to(tl.int64)
+        ow64 = ow.to(tl.int64)
         if HAS_RES:
-            r_off = (n64 * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw)[:, None] + (rn.to(tl.int64) * src)[None, :]
+            r_off = (n64 * srn + oh64 * srh + ow64 * srw)[:, None] + (rn.to(tl.int64) * src)[None, :]
             acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
         if RELU:
             # where(x < 0) rather than maximum: keeps NaN, as torch.relu does.
             acc = tl.where(acc < 0.0, 0.0, acc)
+        y = acc.to(out_ptr.dtype.element_ty)
         if STATS:
             # statistics of the values as stored (rounded to the output dtype), as BatchNorm sees them
             cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-            tile_stats(acc.to(out_ptr.dtype.element_ty).to(tl.float32), mask, cnt, COUT, rn, n_ok, tile0 + pid_m,
+            tile_stats(y.to(tl.float32), mask, cnt, COUT, rn, n_ok, tile0 + pid_m,
                        anchor_part_ptr, mean_part_ptr, m2_part_ptr)
             if pid_n == 0:
                 tl.store(cnt_part_ptr + tile0 + pid_m, cnt)
-        o_off = (n64 * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None] + (rn.to(tl.int64) * soc)[None, :]
-        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-    _conv_bias_act_kernel_tuned = triton.autotune(
-        configs=_autotune_configs(),
-        key=["M", "COUT", "CIN", "KH", "KW", "stride_h", "FLAT_K", "HAS_RES", "PROLOGUE", "STATS"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(_conv_bias_act_kernel)
+        o_off = (n64 * son + oh64 * soh + ow64 * sow)[:, None] + (rn.to(tl.int64) * soc)[None, :]
+        tl.store(out_ptr + o_off, y, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------- launcher
-_FLAT_K_MAX_CIN = 8  # below this, a per-tap Cin loop would waste most of each K block
 _MAX_ROWS = 2**31 - 1024  # int32 GEMM row index, with room for the last tile's overhang
-_MIN_BLOCK_M = 32  # smallest BLOCK_M of any config: sizes the STATS partial buffers
+# smallest BLOCK_M of any configuration (GPU table, autotune set, interpreter): sizes the STATS
+# partial buffers before the launch decides its tile
+_MIN_BLOCK_M = min(c.block_m for c in CONFIGS + [interpreter_config(1, 1)])
+
+
+def _device_arch(t: Tensor) -> int:
+    """Compute capability major of ``t``'s GPU, 0 for the interpreter (CPU tensors). The one
+    place the launcher asks the device: a codegen check on ``meta`` tensors replaces it."""
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_capability(t.device)[0]
 
 
 def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -262,12 +301,20 @@ def _launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optiona
             parts.m2[0] = ((yq - parts.mean[0].view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
         return (out, parts) if stats else out
     b = bias.contiguous() if bias is not None else None  # the kernel indexes bias densely: bias_ptr + channel
+    # the kernel reads weights as [COUT, KH*KW*CIN] with K contiguous (vector loads, a TMA
+    # descriptor): one channels_last copy of an NCHW weight (small next to the conv) here
+    weight = weight.contiguous(memory_format=torch.channels_last)
     tile0 = 0
     for rows, tiles in zip(chunks, chunk_tiles):
         _launch_into(out[rows], x[rows], weight, b, None if residual is None else residual[rows],
                      stride, padding, dilation, relu, prologue=prologue, parts=parts, tile0=tile0)
         tile0 += tiles
     return (out, parts) if stats else out
+
+
+def _pixel_major(t: Tensor) -> bool:
+    """Pixels, not channels, adjacent in memory (NCHW-like strides): the NCHW configuration class."""
+    return pixel_major_strides(t.stride(1), t.stride(3))
 
 
 def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -284,29 +331,48 @@ def _launch_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     in_mean, in_scale, in_shift = prologue if prologue is not None else (out, out, out)
     partials = (parts.count, parts.anchor, parts.mean, parts.m2) if parts is not None else (out,) * 4
     interp = interpreting(x)
+    arch = _device_arch(x)
+    flat = flat_k(CIN, KW)
     precision = "tf32" if (x.dtype == torch.float32 and not interp and conv_uses_tf32()) else "ieee"
+    cfg = (interpreter_config(CIN, KW) if interp
+           else conv_config(M, COUT, CIN, KH, KW, x.element_size(), pixel_major=_pixel_major(x) or _pixel_major(out),
+                            fma=x.dtype == torch.float32 and precision == "ieee"))
+    one_by_one = (KH, KW) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+    x_desc, w_desc = tma_descriptors(x, weight, cfg, flat, one_by_one, arch, interp)
     args = (
-        x, weight, b, res, out,
+        x, weight, b, res, out, x_desc, w_desc,
         in_mean, in_scale, in_shift, *partials, tile0,
         M, COUT, CIN, H, W, OH, OW,
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
     )
     meta = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
-                PROLOGUE=prologue is not None, STATS=parts is not None,
-                FLAT_K=CIN < _FLAT_K_MAX_CIN, PRECISION=precision,
+                PROLOGUE=prologue is not None, STATS=parts is not None, FLAT_K=flat,
+                X_TMA=x_desc is not None, W_TMA=w_desc is not None,
+                PRECISION=precision,
                 UPCAST=interp and x.dtype == torch.bfloat16)
-    if interp:
-        # The interpreter runs each program in numpy: one small fixed config, no autotuning.
-        bm, bn, bk = _MIN_BLOCK_M, 32, 16
-        grid = (triton.cdiv(M, bm) * triton.cdiv(COUT, bn),)
-        _conv_bias_act_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
-    else:
+    if not interp and autotune_requested():
         def grid(meta_):
             return (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(COUT, meta_["BLOCK_N"]),)
 
         with device_guard(x):
-            _conv_bias_act_kernel_tuned[grid](*args, **meta)
+            _autotuner(arch)[grid](*args, **meta)
+        return
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(COUT, cfg.block_n),)
+    with device_guard(x):
+        _conv_bias_act_kernel[grid](*args, **meta, **cfg.meta(), num_warps=cfg.num_warps,
+                                    num_stages=cfg.num_stages,
+                                    maxnreg=cfg.maxnreg or register_cap(arch))
+
+
+_AUTOTUNER = {}
+
+
+def _autotuner(arch: int):
+    """The opt-in autotuner (``RESNET_FUSED_AUTOTUNE=1``) for this GPU generation, built on first use."""
+    if arch not in _AUTOTUNER:
+        _AUTOTUNER[arch] = make_autotuner(_conv_bias_act_kernel, register_cap(arch))
+    return _AUTOTUNER[arch]
 
 
 def _launch_ext(x, weight, bias, residual, stride, padding, dilation, relu, out_format):
