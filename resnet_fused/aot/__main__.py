@@ -113,15 +113,17 @@ def _progress():
 
 
 def print_summary(summary: Dict, out=sys.stdout) -> None:
-    print(f"recorded {summary['launches']} compile requests from {summary['calls']} kernel calls: "
+    print(f"recorded {summary['launches']} launches (one per autotune candidate) from {summary['calls']} kernel calls: "
           f"{summary['variants']} distinct variants", file=out)
     for w in summary["workloads"]:
         print(f"  {w['model']:>10} {w['mode']:>5} {w['dtype']:>4} {w['layout']:>13} batch {w['batch']}: "
-              f"{w['calls']} kernel calls, {w['compile_requests']} compile requests, {w['autotune_keys']} autotune "
-              f"keys, {w['compilations']} distinct Triton compilations", file=out)
+              f"{w['calls']} kernel calls, {w['launches']} launches, {w['autotune_keys']} autotune keys "
+              f"({w['autotune_trials']} trials), {w['compilations']} distinct Triton compilations", file=out)
     for k, v in summary["per_model_mode"].items():
         print(f"  {k}: {v['compilations']} distinct compilations over all dtypes/layouts "
-              f"({v['compile_requests']} requests)", file=out)
+              f"({v['launches']} launches recorded)", file=out)
+    for h in report.headline(summary):
+        print(h, file=out)
     for arch, t in summary["targets"].items():
         print(f"{arch}: {t['variants']} variants, {t['failing_variants']} failing {t['failures_by_rule']}; "
               f"{t['spilling']} spill (max {t['max_spill_store_bytes']} B stored); tensor-core {t['tensor_core_variants']}, "
@@ -150,7 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out is not None:
         for p in report.write_all(args.out, summary, rows, launches, header(args)):
             print(f"wrote {p}")
-    print(f"[aot] done in {time.time() - t0:.0f} s: {'FAIL' if summary['failed'] else 'pass'}", file=sys.stderr)
+    verdict = "recorded only" if args.record_only else ("FAIL" if summary["failed"] else "pass")
+    print(f"[aot] done in {time.time() - t0:.0f} s: {verdict}", file=sys.stderr)
     return 1 if summary["failed"] else 0
 
 

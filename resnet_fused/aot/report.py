@@ -28,7 +28,7 @@ from .sass import format_widths
 
 RULES = ("compile", "spill", "smem", "no-hgmma")
 
-COLUMNS = ["arch", "variant", "kernel", "config", "types", "constexprs", "divisible", "tensor_core", "status",
+COLUMNS = ["arch", "variant", "kernel", "config", "meta", "types", "constexprs", "divisible", "tensor_core", "status",
            "fails", "registers", "spill_stores", "spill_loads", "stack", "local", "shared", "smem_limit",
            "num_warps", "num_stages", "hgmma", "hmma", "ldgsts", "utmaldg", "utmastg", "ldl", "stl", "ldg_widths",
            "stg_widths", "ldgsts_widths", "instructions", "compile_s", "ptxas_s", "cached", "launches", "models",
@@ -68,6 +68,17 @@ def config_of(ln: Launch) -> str:
     return f"{blocks}{group} w{launch_option(ln, 'num_warps')} s{launch_option(ln, 'num_stages')}"
 
 
+def meta_of(ln: Launch) -> str:
+    """The kernel's own meta-parameters (upper-case constexprs other than tiles), compactly: a True
+    flag by name, a False one left out, others ``NAME=value`` (``KH=3 KW=3 HAS_BIAS RELU``)."""
+    out = []
+    for k, v in ln.constexpr_values().items():
+        if not k.isupper() or _is_config_key(k) or v is False:
+            continue
+        out.append(k if v is True else f"{k}={v}")
+    return " ".join(out)
+
+
 def _widths(hist: Optional[Dict]) -> str:
     return format_widths({int(k): v for k, v in (hist or {}).items()})
 
@@ -105,7 +116,7 @@ def rows_for(variants: Variants, results: Iterable[Dict[str, Any]]) -> List[Dict
         ptr_types = " ".join(f"{k}:{v[1:]}" for k, v in ln.signature.items() if v.startswith("*"))
         consts = " ".join(f"{k}={v}" for k, v in ln.constexpr_values().items() if not _is_config_key(k))
         row = {**{k: res.get(k) for k in COLUMNS if k in res},
-               "arch": arch, "variant": ln.variant, "kernel": ln.name, "config": config_of(ln), "types": ptr_types,
+               "arch": arch, "variant": ln.variant, "kernel": ln.name, "config": config_of(ln), "meta": meta_of(ln), "types": ptr_types,
                "constexprs": consts, "divisible": " ".join(ln.divisible()),
                "tensor_core": bool(res.get("tc_dots")) if res.get("status") == "ok" else None,
                "smem_limit": TARGETS[arch].smem_limit, "num_stages": launch_option(ln, "num_stages"),
@@ -120,8 +131,10 @@ def rows_for(variants: Variants, results: Iterable[Dict[str, Any]]) -> List[Dict
 
 # -------------------------------------------------------------------------------------- summary
 def workload_counts(launches: Sequence[Launch]) -> List[Dict[str, Any]]:
-    """Per (model, mode, dtype, layout): kernel calls, compile requests (an autotuned call asks for
-    one per surviving config), autotune keys, and distinct compilations a fresh GPU process makes."""
+    """Per (model, mode, dtype, layout): kernel calls; ``launches`` recorded (an autotuned call
+    records one per configuration that survives pruning: the sites before dedupe); autotune keys and
+    ``autotune_trials`` (configurations compiled and timed over the distinct keys: what the autotuner
+    runs in a fresh process); and ``compilations``, the distinct variants a fresh GPU process compiles."""
     groups: Dict[tuple, List[Launch]] = defaultdict(list)
     for ln in launches:
         s = ln.site
@@ -130,9 +143,26 @@ def workload_counts(launches: Sequence[Launch]) -> List[Dict[str, Any]]:
     for (model, mode, dtype, layout, batch), lns in groups.items():
         out.append({"model": model, "mode": mode, "dtype": dtype, "layout": layout, "batch": batch,
                     "calls": sum(1 for ln in lns if ln.autotune is None or ln.autotune[2] == 0),
-                    "compile_requests": len(lns),
+                    "launches": len(lns),
                     "autotune_keys": len({(ln.kernel, ln.autotune[0]) for ln in lns if ln.autotune}),
+                    "autotune_trials": len({(ln.kernel, ln.autotune[0], ln.autotune[2]) for ln in lns if ln.autotune}),
                     "compilations": len({ln.variant for ln in lns})})
+    return out
+
+
+def headline(summary: Dict[str, Any], dtype: str = "fp16", layout: str = "channels_last") -> List[str]:
+    """One sentence per model: distinct compilations of an eval forward and of a training step in
+    the production setting (fp16, channels_last), when those were recorded."""
+    out = []
+    for model in dict.fromkeys(w["model"] for w in summary["workloads"]):
+        got = {w["mode"]: w for w in summary["workloads"]
+               if (w["model"], w["dtype"], w["layout"]) == (model, dtype, layout)}
+        if got:
+            both = summary["both_modes"].get(f"{model} {dtype} {layout}")
+            out.append(f"{model} ({dtype}, {layout}, batch {next(iter(got.values()))['batch']}): " + "; ".join(
+                f"{'eval forward' if m == 'eval' else 'training step (forward + backward)'} {w['compilations']} "
+                f"distinct Triton compilations ({w['calls']} kernel calls, {w['autotune_keys']} autotune keys)"
+                for m, w in got.items()) + (f"; both in one process {both}" if both and len(got) > 1 else ""))
     return out
 
 
@@ -142,7 +172,7 @@ def summarize(launches: Sequence[Launch], rows: Sequence[Dict[str, Any]], archs:
     per_model: Dict[str, Dict[str, Any]] = {}
     for key in sorted({(ln.site.get("model"), ln.site.get("mode")) for ln in launches}):
         lns = [ln for ln in launches if (ln.site.get("model"), ln.site.get("mode")) == key]
-        per_model[f"{key[0]}:{key[1]}"] = {"compile_requests": len(lns), "compilations": len({ln.variant for ln in lns})}
+        per_model[f"{key[0]}:{key[1]}"] = {"launches": len(lns), "compilations": len({ln.variant for ln in lns})}
     targets = {}
     for arch in archs:
         mine = [r for r in rows if r["arch"] == arch]
@@ -164,7 +194,10 @@ def summarize(launches: Sequence[Launch], rows: Sequence[Dict[str, Any]], archs:
             "compile_s_total": round(sum(r.get("compile_s") or 0 for r in mine), 1),
             "cached": sum(bool(r.get("cached")) for r in mine),
         }
-    return {"launches": len(launches), "calls": sum(1 for ln in launches if ln.autotune is None or ln.autotune[2] == 0),
+    both: Dict[str, set] = defaultdict(set)
+    for ln in launches:
+        both[f"{ln.site.get('model')} {ln.site.get('dtype')} {ln.site.get('layout')}"].add(ln.variant)
+    return {"both_modes": {k: len(v) for k, v in both.items()}, "launches": len(launches), "calls": sum(1 for ln in launches if ln.autotune is None or ln.autotune[2] == 0),
             "variants": len(variants), "variants_by_kernel": dict(Counter(ln.name for ln in variants.first.values())),
             "per_model_mode": per_model, "workloads": workload_counts(launches), "targets": targets,
             "failed": any(r["fails"] for r in rows)}
@@ -207,7 +240,7 @@ def site_rows(launches: Sequence[Launch]) -> List[Dict[str, Any]]:
 
 SITE_COLUMNS = ["model", "mode", "dtype", "layout", "phase", "kernel", "call", "calls", "modules", "variants"]
 _MD_COLUMNS = [("arch", "arch"), ("kernel", "kernel"), ("variant", "variant"), ("config", "config"),
-               ("types", "pointer types"), ("registers", "regs"), ("spill_stores", "spill st B"),
+               ("dtypes", "dtype"), ("layouts", "layout"), ("meta", "meta-parameters"), ("registers", "regs"), ("spill_stores", "spill st B"),
                ("spill_loads", "spill ld B"), ("shared", "smem B"), ("hgmma", "HGMMA"), ("hmma", "HMMA"),
                ("ldgsts", "LDGSTS"), ("utmaldg", "UTMALDG"), ("ldg_widths", "LDG widths"),
                ("stg_widths", "STG widths"), ("compile_s", "compile s"), ("launches", "sites"), ("fails", "fails")]
@@ -218,9 +251,11 @@ def markdown(summary: Dict[str, Any], rows: Sequence[Dict[str, Any]], header: Di
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines += ["", f"**Verdict: {'FAIL' if summary['failed'] else 'PASS'}** (rules: {', '.join(RULES)}; "
               "see `resnet_fused/aot/report.py`).", "",
-              f"{summary['launches']} compile requests from {summary['calls']} kernel calls, "
+              f"{summary['launches']} launches recorded (one per autotune candidate) from {summary['calls']} kernel "
+              "calls, "
               f"{summary['variants']} distinct variants: "
               + ", ".join(f"{k} {v}" for k, v in sorted(summary["variants_by_kernel"].items())) + ".", ""]
+    lines += [f"- {h}" for h in headline(summary)] + [""]
     lines += ["## Per target", "", "| | " + " | ".join(summary["targets"]) + " |",
               "|---|" + "---|" * len(summary["targets"])]
     keys = ["variants", "ok", "failing_variants", "failures_by_rule", "spilling", "max_spill_store_bytes",
@@ -231,13 +266,13 @@ def markdown(summary: Dict[str, Any], rows: Sequence[Dict[str, Any]], header: Di
         fmt = [", ".join(f"{kk}: {vv}" for kk, vv in v.items()) or "-" if isinstance(v, dict) else str(v) for v in vals]
         lines.append(f"| {k} | " + " | ".join(fmt) + " |")
     lines += ["", "## Triton compilations per workload (a fresh GPU process; each autotune config counts)", "",
-              "| model | mode | dtype | layout | batch | kernel calls | compile requests | autotune keys | "
-              "distinct compilations |", "|---|---|---|---|---|---|---|---|---|"]
+              "| model | mode | dtype | layout | batch | kernel calls | launches recorded | autotune keys | "
+              "autotune trials | distinct compilations |", "|---|---|---|---|---|---|---|---|---|---|"]
     for w in summary["workloads"]:
         lines.append(f"| {w['model']} | {w['mode']} | {w['dtype']} | {w['layout']} | {w['batch']} | {w['calls']} | "
-                     f"{w['compile_requests']} | {w['autotune_keys']} | {w['compilations']} |")
+                     f"{w['launches']} | {w['autotune_keys']} | {w['autotune_trials']} | {w['compilations']} |")
     lines += ["", "Over all dtypes and layouts: " + "; ".join(
-        f"{k} {v['compilations']} distinct ({v['compile_requests']} requests)"
+        f"{k} {v['compilations']} distinct ({v['launches']} launches recorded)"
         for k, v in summary["per_model_mode"].items()) + ".", ""]
     lines += ["## Variants x targets (failing first)", "",
               "| " + " | ".join(h for _, h in _MD_COLUMNS) + " |", "|" + "---|" * len(_MD_COLUMNS)]
