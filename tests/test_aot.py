@@ -163,6 +163,33 @@ def test_recording_launches_nothing_and_restores_everything(monkeypatch):
     assert fake_calls == [1]  # meta tensors reach the fake again
 
 
+def test_launchers_that_ask_for_the_gpu_generation_record_per_target(monkeypatch):
+    from resnet_fused.ops import bn_train as bt
+
+    real = bt._geometry
+
+    def geometry(y):  # a launcher choosing its tile by GPU generation
+        P, C, HW, cl, grid, bp, bc = real(y)
+        bp = bp if torch.cuda.get_device_capability()[0] >= 9 else bp // 2
+        return P, C, HW, cl, (triton.cdiv(P, bp), grid[1]), bp, bc
+
+    plain = drive.record_models(["resnet18"], ["fp16"], ["channels_last"], ["train"], batch=2,
+                                archs=["sm_90a", "sm_80"])
+    monkeypatch.setattr(bt, "_geometry", geometry)
+    asked = drive.record_models(["resnet18"], ["fp16"], ["channels_last"], ["train"], batch=2,
+                                archs=["sm_90a", "sm_80"])
+
+    def blocks(launches, arch):
+        return [ln.constexpr_values()["BLOCK_P"] for ln in launches if ln.name == "_apply_kernel"
+                and ln.site["arch"] == arch]
+
+    assert blocks(plain, "sm_90a") == blocks(plain, "sm_80") == blocks(asked, "sm_90a")
+    assert blocks(asked, "sm_80") == [b // 2 for b in blocks(asked, "sm_90a")]
+    with recording(capability=(8, 6)) as rec:
+        assert torch.cuda.get_device_capability() == (8, 6)
+    assert rec.capability_queries == 1
+
+
 def test_recording_sets_tf32_and_restores_precision():
     conv = torch.backends.cudnn.conv
     before = conv.fp32_precision
@@ -302,10 +329,13 @@ def test_cli_exit_code_and_files(monkeypatch, tmp_path, change, code):
     assert len(rows) == 2 * summary["variants"] > 0
     assert set(report.COLUMNS) == set(rows[0])
     assert all(r["models"] == "resnet18:eval" and r["kernel"] == "_conv_bias_act_kernel" for r in rows)
-    (w,) = summary["workloads"]
+    assert summary["same_for_all_archs"] and [w["arch"] for w in summary["workloads"]] == ["sm_90a", "sm_80"]
+    w = summary["workloads"][0]
     assert (w["model"], w["calls"], w["compilations"]) == ("resnet18", 20, summary["variants"])
     md = (out / "triton_report.md").read_text()
-    assert ("**Verdict: FAIL**" in md) == bool(code) and md.count("\n| sm_") == len(rows)
+    assert ("**Verdict: FAIL**" in md) == bool(code)
+    assert md.split("## Variants x targets")[1].count("\n| sm_") == len(rows)
+    assert f"command: python -m resnet_fused.aot {' '.join(argv)}" in md
     with open(out / "triton_sites.csv") as f:
         sites = list(csv.DictReader(f))
     assert sum(int(s["calls"]) for s in sites) == 20

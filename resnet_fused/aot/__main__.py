@@ -78,14 +78,14 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def header(args: argparse.Namespace) -> Dict[str, str]:
+def header(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, str]:
     import torch
     import triton
     from triton.backends.nvidia.compiler import get_ptxas_version
 
     specs = [drive.model_spec(m) for m in args.models]
     return {
-        "command": "python -m resnet_fused.aot " + " ".join(sys.argv[1:]),
+        "command": "python -m resnet_fused.aot " + " ".join(argv),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": _git_commit(),
         "triton": triton.__version__, "ptxas": get_ptxas_version().strip().splitlines()[-1],
         "torch": torch.__version__,
@@ -113,13 +113,17 @@ def _progress():
 
 
 def print_summary(summary: Dict, out=sys.stdout) -> None:
-    print(f"recorded {summary['launches']} launches (one per autotune candidate) from {summary['calls']} kernel calls: "
-          f"{summary['variants']} distinct variants", file=out)
-    for w in summary["workloads"]:
-        print(f"  {w['model']:>10} {w['mode']:>5} {w['dtype']:>4} {w['layout']:>13} batch {w['batch']}: "
+    print(report.recorded_sentence(summary), file=out)
+    if summary["same_for_all_archs"] and len(summary["recorded"]) > 1:
+        print("every target recorded the same launches; one target's counts:", file=out)
+    for w in report.shown_workloads(summary):
+        print(f"  {w['arch']} {w['model']:>10} {w['mode']:>5} {w['dtype']:>4} {w['layout']:>13} batch {w['batch']}: "
               f"{w['calls']} kernel calls, {w['launches']} launches, {w['autotune_keys']} autotune keys "
               f"({w['autotune_trials']} trials), {w['compilations']} distinct Triton compilations", file=out)
+    shown = {w["arch"] for w in report.shown_workloads(summary)}
     for k, v in summary["per_model_mode"].items():
+        if k.split()[0] not in shown:
+            continue
         print(f"  {k}: {v['compilations']} distinct compilations over all dtypes/layouts "
               f"({v['launches']} launches recorded)", file=out)
     for h in report.headline(summary):
@@ -133,24 +137,29 @@ def print_summary(summary: Dict, out=sys.stdout) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     t0 = time.time()
-    launches = drive.record_models(args.models, args.dtypes, args.layouts, args.modes, args.batch, args.tf32)
+    launches = drive.record_models(args.models, args.dtypes, args.layouts, args.modes, args.batch, args.tf32,
+                                   archs=args.arch)
     variants = report.Variants(launches)
     print(f"[aot] recorded {len(launches)} launches, {len(variants)} variants in {time.time() - t0:.1f} s",
           file=sys.stderr)
-    chosen = list(variants.first.values())
-    if args.shard is not None:
-        i, n = args.shard
-        chosen = [v for v in chosen if int(v.variant, 16) % n == i - 1]
+    tasks = []
+    for arch in args.arch:
+        chosen = variants.for_arch(arch)
+        if args.shard is not None:
+            i, n = args.shard
+            chosen = [v for v in chosen if int(v.variant, 16) % n == i - 1]
+        tasks += aot_compile.tasks_for(chosen, [arch])
     rows: List[Dict] = []
     if not args.record_only:
-        results = aot_compile.compile_all(aot_compile.tasks_for(chosen, args.arch), args.jobs, args.cache, _progress())
+        results = aot_compile.compile_all(tasks, args.jobs, args.cache, _progress())
         rows = report.rows_for(variants, results)
     summary = report.summarize(launches, rows, [] if args.record_only else args.arch)
     print_summary(summary)
     if args.out is not None:
-        for p in report.write_all(args.out, summary, rows, launches, header(args)):
+        for p in report.write_all(args.out, summary, rows, launches, header(args, argv)):
             print(f"wrote {p}")
     verdict = "recorded only" if args.record_only else ("FAIL" if summary["failed"] else "pass")
     print(f"[aot] done in {time.time() - t0:.0f} s: {verdict}", file=sys.stderr)

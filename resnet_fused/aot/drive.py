@@ -22,7 +22,7 @@ through specialisation (``M = N * OH * OW`` divisible by 16 or not) and config p
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -128,10 +128,16 @@ def _run_one(model: nn.Module, spec: ModelSpec, mode: str, dtype: torch.dtype, f
 
 
 def record_models(models: Sequence[str], dtypes: Iterable[str] = tuple(DTYPES), layouts: Iterable[str] = tuple(LAYOUTS),
-                  modes: Iterable[str] = MODES, batch: Optional[int] = None, tf32: bool = True) -> List[Launch]:
-    """Every Triton launch of each model x mode x dtype x layout, in order, labelled (see
-    :class:`Sites`). ``batch``: overrides every model's default batch."""
+                  modes: Iterable[str] = MODES, batch: Optional[int] = None, tf32: bool = True,
+                  archs: Sequence[str] = ("sm_90a",)) -> List[Launch]:
+    """Every Triton launch of each target x model x mode x dtype x layout, in order, labelled (see
+    :class:`Sites`; ``site["arch"]`` is the target it was recorded for: launchers that ask for
+    the GPU's compute capability get that target's; when the first target's run never asked, the
+    others reuse its launches). ``batch``: overrides every model's default."""
+    from .compile import target
+
     specs = [model_spec(m) for m in models]
+    caps = {a: divmod(target(a).capability, 10) for a in archs}
     dtypes, layouts, modes = list(dtypes), list(layouts), list(modes)
     for what, got, allowed in (("dtype", dtypes, DTYPES), ("layout", layouts, LAYOUTS), ("mode", modes, MODES)):
         bad = [g for g in got if g not in allowed]
@@ -139,21 +145,27 @@ def record_models(models: Sequence[str], dtypes: Iterable[str] = tuple(DTYPES), 
             raise ValueError(f"{what}: unknown {bad}; expected some of {list(allowed)}")
     sites = Sites()
     launches: List[Launch] = []
-    with recording(where=sites.where, tf32=tf32) as rec:
-        for spec in specs:
-            with torch.device("meta"):  # no memory, no init cost
-                model = spec.build(backend="triton")
-            sites.attach(model)
-            try:
-                for mode in modes:
-                    for dt in dtypes:
-                        for lay in layouts:
-                            sites.labels = {"model": spec.name, "mode": mode, "dtype": dt, "layout": lay,
-                                            "batch": batch or spec.batch, "size": spec.size}
-                            _run_one(model, spec, mode, DTYPES[dt], LAYOUTS[lay], batch or spec.batch)
-            finally:
-                sites.detach()
-        launches = rec.launches
+    for arch, cap in caps.items():
+        if launches and not asked:  # nothing asked which GPU: every target records the same launches
+            first = launches[0].site["arch"]
+            launches += [replace(ln, site={**ln.site, "arch": arch}) for ln in launches if ln.site["arch"] == first]
+            continue
+        with recording(where=sites.where, tf32=tf32, capability=cap) as rec:
+            for spec in specs:
+                with torch.device("meta"):  # no memory, no init cost
+                    model = spec.build(backend="triton")
+                sites.attach(model)
+                try:
+                    for mode in modes:
+                        for dt in dtypes:
+                            for lay in layouts:
+                                sites.labels = {"arch": arch, "model": spec.name, "mode": mode, "dtype": dt,
+                                                "layout": lay, "batch": batch or spec.batch, "size": spec.size}
+                                _run_one(model, spec, mode, DTYPES[dt], LAYOUTS[lay], batch or spec.batch)
+                finally:
+                    sites.detach()
+            launches += rec.launches
+            asked = rec.capability_queries > 0
     return launches
 
 

@@ -26,7 +26,9 @@ While recording (and only then, undone on exit):
 - autocast reads as off for the meta device, and ``torch.autocast("meta", enabled=False)`` (the
   ops' guard around their kernels) is a no-op: torch raises for both, autocast has no meta mode;
 - float32 convolutions use TF32, a CUDA build's default (``tf32=False``: IEEE), since that choice
-  is part of the conv kernel's constexprs.
+  is part of the conv kernel's constexprs;
+- with ``capability=(9, 0)`` (say), ``torch.cuda.get_device_capability()`` answers that, so a
+  launcher that picks its path by GPU generation records the target's.
 
 Launch configurations come from the launchers as they would on a GPU: ops pick the interpreter's
 small blocks only for CPU tensors (``ops._common.interpreting``), so record on the ``meta`` device.
@@ -117,6 +119,7 @@ class Recorder:
     def __init__(self, where: Optional[Callable[[], Dict[str, Any]]] = None) -> None:
         self.launches: List[Launch] = []
         self.where = where or (lambda: {})
+        self.capability_queries = 0  # calls to torch.cuda.get_device_capability while recording
         self._autotune: Optional[Tuple[tuple, int, int]] = None
 
     def record(self, kernel, args, kwargs) -> None:
@@ -231,10 +234,13 @@ def _custom_op_bodies(namespace: str = "resnet_fused"):
 
 
 @contextlib.contextmanager
-def recording(where: Optional[Callable[[], Dict[str, Any]]] = None, tf32: bool = True) -> Iterator[Recorder]:
+def recording(where: Optional[Callable[[], Dict[str, Any]]] = None, tf32: bool = True,
+              capability: Optional[Tuple[int, int]] = None) -> Iterator[Recorder]:
     """``with recording() as rec:`` run a workload on meta tensors; ``rec.launches`` lists what it
-    would compile. ``where()`` returns the labels of the current call site. Not reentrant, not
-    thread-safe (it patches Triton's classes for the whole process while active)."""
+    would compile. ``where()`` returns the labels of the current call site. ``capability``: what
+    ``torch.cuda.get_device_capability()`` answers meanwhile (e.g. ``(9, 0)``), for launchers that
+    choose by GPU generation. Not reentrant, not thread-safe (it patches Triton's classes for the
+    whole process while active)."""
     global _active
     if _active is not None:
         raise RuntimeError("recording: already recording (recording() does not nest)")
@@ -266,6 +272,14 @@ def recording(where: Optional[Callable[[], Dict[str, Any]]] = None, tf32: bool =
     patches.append((backends, "unavailable_reason", unavailable_reason))
     patches += [(torch, "is_autocast_enabled", _meta_aware_is_autocast_enabled(torch.is_autocast_enabled)),
                 (torch, "autocast", _meta_aware_autocast(torch.autocast))]
+    if capability is not None:
+        cap = (int(capability[0]), int(capability[1]))
+
+        def get_device_capability(device=None):
+            _active.capability_queries += 1
+            return cap
+
+        patches.append((torch.cuda, "get_device_capability", get_device_capability))
     saved = [(obj, attr, obj.__dict__[attr] if isinstance(obj, type) else getattr(obj, attr))
              for obj, attr, _ in patches]
     lib = None

@@ -97,8 +97,12 @@ class Variants:
     def __len__(self) -> int:
         return len(self.first)
 
-    def where(self, variant: str) -> Dict[str, str]:
-        sites = self.sites[variant]
+    def for_arch(self, arch: str) -> List[Launch]:
+        """The variants recorded for target ``arch`` (one launch each)."""
+        return [self.first[v] for v, sites in self.sites.items() if any(s.site.get("arch") == arch for s in sites)]
+
+    def where(self, variant: str, arch: Optional[str] = None) -> Dict[str, str]:
+        sites = [s for s in self.sites[variant] if arch is None or s.site.get("arch") == arch]
         models = sorted({f"{s.site.get('model')}:{s.site.get('mode')}" for s in sites})
         modules = sorted({f"{s.site.get('module')}({s.site.get('phase', '')[:3]})" for s in sites})
         return {"launches": len(sites), "models": " ".join(models),
@@ -123,7 +127,7 @@ def rows_for(variants: Variants, results: Iterable[Dict[str, Any]]) -> List[Dict
                "ldg_widths": _widths(res.get("ldg")), "stg_widths": _widths(res.get("stg")),
                "ldgsts": res.get("ldgsts") if isinstance(res.get("ldgsts"), int) else sum((res.get("ldgsts") or {}).values()),
                "ldgsts_widths": _widths(res.get("ldgsts")) if isinstance(res.get("ldgsts"), dict) else "",
-               **variants.where(ln.variant)}
+               **variants.where(ln.variant, arch)}
         row["fails"] = " ".join(rule_failures(res, arch))
         rows.append(row)
     return rows
@@ -131,17 +135,17 @@ def rows_for(variants: Variants, results: Iterable[Dict[str, Any]]) -> List[Dict
 
 # -------------------------------------------------------------------------------------- summary
 def workload_counts(launches: Sequence[Launch]) -> List[Dict[str, Any]]:
-    """Per (model, mode, dtype, layout): kernel calls; ``launches`` recorded (an autotuned call
+    """Per (target, model, mode, dtype, layout): kernel calls; ``launches`` recorded (an autotuned call
     records one per configuration that survives pruning: the sites before dedupe); autotune keys and
     ``autotune_trials`` (configurations compiled and timed over the distinct keys: what the autotuner
     runs in a fresh process); and ``compilations``, the distinct variants a fresh GPU process compiles."""
     groups: Dict[tuple, List[Launch]] = defaultdict(list)
     for ln in launches:
         s = ln.site
-        groups[(s.get("model"), s.get("mode"), s.get("dtype"), s.get("layout"), s.get("batch"))].append(ln)
+        groups[(s.get("arch"), s.get("model"), s.get("mode"), s.get("dtype"), s.get("layout"), s.get("batch"))].append(ln)
     out = []
-    for (model, mode, dtype, layout, batch), lns in groups.items():
-        out.append({"model": model, "mode": mode, "dtype": dtype, "layout": layout, "batch": batch,
+    for (arch, model, mode, dtype, layout, batch), lns in groups.items():
+        out.append({"arch": arch, "model": model, "mode": mode, "dtype": dtype, "layout": layout, "batch": batch,
                     "calls": sum(1 for ln in lns if ln.autotune is None or ln.autotune[2] == 0),
                     "launches": len(lns),
                     "autotune_keys": len({(ln.kernel, ln.autotune[0]) for ln in lns if ln.autotune}),
@@ -154,25 +158,37 @@ def headline(summary: Dict[str, Any], dtype: str = "fp16", layout: str = "channe
     """One sentence per model: distinct compilations of an eval forward and of a training step in
     the production setting (fp16, channels_last), when those were recorded."""
     out = []
-    for model in dict.fromkeys(w["model"] for w in summary["workloads"]):
+    for arch, model in dict.fromkeys((w["arch"], w["model"]) for w in shown_workloads(summary)):
         got = {w["mode"]: w for w in summary["workloads"]
-               if (w["model"], w["dtype"], w["layout"]) == (model, dtype, layout)}
+               if (w["arch"], w["model"], w["dtype"], w["layout"]) == (arch, model, dtype, layout)}
         if got:
-            both = summary["both_modes"].get(f"{model} {dtype} {layout}")
-            out.append(f"{model} ({dtype}, {layout}, batch {next(iter(got.values()))['batch']}): " + "; ".join(
+            both = summary["both_modes"].get(f"{arch} {model} {dtype} {layout}")
+            out.append(f"{model} on {arch} ({dtype}, {layout}, batch {next(iter(got.values()))['batch']}): " + "; ".join(
                 f"{'eval forward' if m == 'eval' else 'training step (forward + backward)'} {w['compilations']} "
                 f"distinct Triton compilations ({w['calls']} kernel calls, {w['autotune_keys']} autotune keys)"
                 for m, w in got.items()) + (f"; both in one process {both}" if both and len(got) > 1 else ""))
     return out
 
 
+def shown_workloads(summary: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The workload rows worth printing: one target's when every target recorded the same launches."""
+    first = summary["workloads"][0]["arch"] if summary["workloads"] else None
+    return [w for w in summary["workloads"] if not summary["same_for_all_archs"] or w["arch"] == first]
+
+
 def summarize(launches: Sequence[Launch], rows: Sequence[Dict[str, Any]], archs: Sequence[str]) -> Dict[str, Any]:
     """Everything the report's head says, as data (also written as JSON)."""
     variants = Variants(launches)
     per_model: Dict[str, Dict[str, Any]] = {}
-    for key in sorted({(ln.site.get("model"), ln.site.get("mode")) for ln in launches}):
-        lns = [ln for ln in launches if (ln.site.get("model"), ln.site.get("mode")) == key]
-        per_model[f"{key[0]}:{key[1]}"] = {"launches": len(lns), "compilations": len({ln.variant for ln in lns})}
+    for key in sorted({(ln.site.get("arch"), ln.site.get("model"), ln.site.get("mode")) for ln in launches}):
+        lns = [ln for ln in launches if (ln.site.get("arch"), ln.site.get("model"), ln.site.get("mode")) == key]
+        per_model[f"{key[0]} {key[1]}:{key[2]}"] = {"launches": len(lns), "compilations": len({ln.variant for ln in lns})}
+    by_arch: Dict[str, List[Launch]] = defaultdict(list)
+    for ln in launches:
+        by_arch[ln.site.get("arch")].append(ln)
+    recorded = {a: {"launches": len(lns), "calls": sum(1 for ln in lns if ln.autotune is None or ln.autotune[2] == 0),
+                    "variants": len({ln.variant for ln in lns})} for a, lns in by_arch.items()}
+    same = len({tuple(ln.variant for ln in lns) for lns in by_arch.values()}) <= 1
     targets = {}
     for arch in archs:
         mine = [r for r in rows if r["arch"] == arch]
@@ -196,8 +212,9 @@ def summarize(launches: Sequence[Launch], rows: Sequence[Dict[str, Any]], archs:
         }
     both: Dict[str, set] = defaultdict(set)
     for ln in launches:
-        both[f"{ln.site.get('model')} {ln.site.get('dtype')} {ln.site.get('layout')}"].add(ln.variant)
-    return {"both_modes": {k: len(v) for k, v in both.items()}, "launches": len(launches), "calls": sum(1 for ln in launches if ln.autotune is None or ln.autotune[2] == 0),
+        s = ln.site
+        both[f"{s.get('arch')} {s.get('model')} {s.get('dtype')} {s.get('layout')}"].add(ln.variant)
+    return {"both_modes": {k: len(v) for k, v in both.items()}, "recorded": recorded, "same_for_all_archs": same,
             "variants": len(variants), "variants_by_kernel": dict(Counter(ln.name for ln in variants.first.values())),
             "per_model_mode": per_model, "workloads": workload_counts(launches), "targets": targets,
             "failed": any(r["fails"] for r in rows)}
@@ -221,9 +238,9 @@ def site_rows(launches: Sequence[Launch]) -> List[Dict[str, Any]]:
     for ln in launches:
         if ln.autotune is None or ln.autotune[2] == 0:
             s = ln.site
-            where = (s.get("model"), s.get("mode"), s.get("dtype"), s.get("layout"), s.get("phase"), s.get("module"),
-                     ln.name)
-            calls.append({"model": s.get("model"), "mode": s.get("mode"), "dtype": s.get("dtype"),
+            where = (s.get("arch"), s.get("model"), s.get("mode"), s.get("dtype"), s.get("layout"), s.get("phase"),
+                     s.get("module"), ln.name)
+            calls.append({"arch": s.get("arch"), "model": s.get("model"), "mode": s.get("mode"), "dtype": s.get("dtype"),
                           "layout": s.get("layout"), "phase": s.get("phase"), "module": s.get("module"),
                           "kernel": ln.name, "call": ordinal[where], "variants": []})
             ordinal[where] += 1
@@ -238,7 +255,7 @@ def site_rows(launches: Sequence[Launch]) -> List[Dict[str, Any]]:
     return [{**r, "modules": " ".join(r["modules"]), "calls": len(r["modules"])} for r in merged.values()]
 
 
-SITE_COLUMNS = ["model", "mode", "dtype", "layout", "phase", "kernel", "call", "calls", "modules", "variants"]
+SITE_COLUMNS = ["arch", "model", "mode", "dtype", "layout", "phase", "kernel", "call", "calls", "modules", "variants"]
 _MD_COLUMNS = [("arch", "arch"), ("kernel", "kernel"), ("variant", "variant"), ("config", "config"),
                ("dtypes", "dtype"), ("layouts", "layout"), ("meta", "meta-parameters"), ("registers", "regs"), ("spill_stores", "spill st B"),
                ("spill_loads", "spill ld B"), ("shared", "smem B"), ("hgmma", "HGMMA"), ("hmma", "HMMA"),
@@ -246,15 +263,19 @@ _MD_COLUMNS = [("arch", "arch"), ("kernel", "kernel"), ("variant", "variant"), (
                ("stg_widths", "STG widths"), ("compile_s", "compile s"), ("launches", "sites"), ("fails", "fails")]
 
 
+def recorded_sentence(summary: Dict[str, Any]) -> str:
+    per = "; ".join(f"{a}: {r['launches']} launches (one per autotune candidate) from {r['calls']} kernel calls, "
+                    f"{r['variants']} distinct variants" for a, r in summary["recorded"].items())
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary["variants_by_kernel"].items()))
+    return f"Recorded {per}. {summary['variants']} distinct variants in all: {kinds}."
+
+
 def markdown(summary: Dict[str, Any], rows: Sequence[Dict[str, Any]], header: Dict[str, Any]) -> str:
     lines = ["# Triton codegen report", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines += ["", f"**Verdict: {'FAIL' if summary['failed'] else 'PASS'}** (rules: {', '.join(RULES)}; "
               "see `resnet_fused/aot/report.py`).", "",
-              f"{summary['launches']} launches recorded (one per autotune candidate) from {summary['calls']} kernel "
-              "calls, "
-              f"{summary['variants']} distinct variants: "
-              + ", ".join(f"{k} {v}" for k, v in sorted(summary["variants_by_kernel"].items())) + ".", ""]
+              recorded_sentence(summary), ""]
     lines += [f"- {h}" for h in headline(summary)] + [""]
     lines += ["## Per target", "", "| | " + " | ".join(summary["targets"]) + " |",
               "|---|" + "---|" * len(summary["targets"])]
@@ -265,15 +286,18 @@ def markdown(summary: Dict[str, Any], rows: Sequence[Dict[str, Any]], header: Di
         vals = [summary["targets"][a][k] for a in summary["targets"]]
         fmt = [", ".join(f"{kk}: {vv}" for kk, vv in v.items()) or "-" if isinstance(v, dict) else str(v) for v in vals]
         lines.append(f"| {k} | " + " | ".join(fmt) + " |")
-    lines += ["", "## Triton compilations per workload (a fresh GPU process; each autotune config counts)", "",
-              "| model | mode | dtype | layout | batch | kernel calls | launches recorded | autotune keys | "
-              "autotune trials | distinct compilations |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for w in summary["workloads"]:
-        lines.append(f"| {w['model']} | {w['mode']} | {w['dtype']} | {w['layout']} | {w['batch']} | {w['calls']} | "
+    lines += ["", "## Triton compilations per workload (a fresh GPU process; each autotune config counts)", ""]
+    if summary["same_for_all_archs"] and len(summary["recorded"]) > 1:
+        lines += ["Every target recorded the same launches; one target's rows shown.", ""]
+    lines += ["| target | model | mode | dtype | layout | batch | kernel calls | launches recorded | autotune keys | "
+              "autotune trials | distinct compilations |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in shown_workloads(summary):
+        lines.append(f"| {w['arch']} | {w['model']} | {w['mode']} | {w['dtype']} | {w['layout']} | {w['batch']} | {w['calls']} | "
                      f"{w['launches']} | {w['autotune_keys']} | {w['autotune_trials']} | {w['compilations']} |")
+    shown = {w["arch"] for w in shown_workloads(summary)}
     lines += ["", "Over all dtypes and layouts: " + "; ".join(
         f"{k} {v['compilations']} distinct ({v['launches']} launches recorded)"
-        for k, v in summary["per_model_mode"].items()) + ".", ""]
+        for k, v in summary["per_model_mode"].items() if k.split()[0] in shown) + ".", ""]
     lines += ["## Variants x targets (failing first)", "",
               "| " + " | ".join(h for _, h in _MD_COLUMNS) + " |", "|" + "---|" * len(_MD_COLUMNS)]
     for r in sorted(rows, key=lambda r: (not r["fails"], r["arch"], r["kernel"], r["config"], r["variant"])):
@@ -290,7 +314,8 @@ def write_all(out: Path, summary: Dict[str, Any], rows: Sequence[Dict[str, Any]]
     paths = [out / "triton_variants.csv", out / "triton_sites.csv", out / "triton_report.md",
              out / "triton_summary.json"]
     write_csv(paths[0], ordered, COLUMNS)
-    write_csv(paths[1], site_rows(launches), SITE_COLUMNS)
+    shown = {w["arch"] for w in shown_workloads(summary)}  # one target's sites when all recorded the same
+    write_csv(paths[1], site_rows([ln for ln in launches if ln.site.get("arch") in shown]), SITE_COLUMNS)
     paths[2].write_text(markdown(summary, ordered, header))
     paths[3].write_text(json.dumps({"header": header, **summary}, indent=1, sort_keys=True, default=str) + "\n")
     return paths
