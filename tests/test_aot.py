@@ -51,6 +51,19 @@ def _tma_kernel(desc, out_ptr, BLOCK: tl.constexpr):
     tl.store(out_ptr + r[:, None] * BLOCK + r[None, :], tile)
 
 
+@triton.jit
+def _fill_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + i, tl.zeros((BLOCK,), tl.float32), mask=i < n)
+
+
+_fill_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((32, 1), (64, 2), (128, 4), (256, 4))],
+    key=["n"], prune_configs_by={"early_config_prune": lambda cfgs, nargs, **kw: [
+        c for c in cfgs if c.kwargs["BLOCK"] <= max(32, nargs["n"])]})(_fill_kernel)
+_fill_one_config = triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=2)], key=["n"])(_fill_kernel)
+
+
 def _meta(*shape, dtype=torch.float32):
     return torch.empty(shape, device="meta", dtype=dtype)
 
@@ -125,6 +138,22 @@ def test_specialisation_ints_and_alignment():
     assert c.signature["n"] == "i32" and c.signature["one"] == "i32" and c.divisible() == ["x_ptr"]
     assert "grid" not in a.options and "warmup" not in a.options and a.options["debug"] is False
     assert report.config_of(a) == "16 w4 s3"  # Triton's default warps and stages
+
+
+def test_autotuner_records_every_config_that_survives_pruning():
+    x = _meta(4096)
+    with recording() as rec:
+        _fill_tuned[lambda meta: (triton.cdiv(100, meta["BLOCK"]),)](x, 100)
+        _fill_tuned[lambda meta: (triton.cdiv(64, meta["BLOCK"]),)](x, 64)
+        _fill_one_config[(1,)](x, 100)  # one config: no tuning, as Triton runs it
+    got = [(ln.constexpr_values()["BLOCK"], ln.options["num_warps"], ln.autotune) for ln in rec.launches]
+    assert got == [(32, 1, ((100, "torch.float32"), 2, 0)), (64, 2, ((100, "torch.float32"), 2, 1)),
+                   (32, 1, ((64, "torch.float32"), 2, 0)), (64, 2, ((64, "torch.float32"), 2, 1)),
+                   (64, 2, None)]
+    # n = 100 and n = 64 specialise differently (64 is divisible by 16): four trials, four variants;
+    # the untuned launch (BLOCK 64, 2 warps, n = 100) is the variant the tuned trial already compiled
+    assert len({ln.variant for ln in rec.launches[:4]}) == 4
+    assert rec.launches[4].variant == rec.launches[1].variant
 
 
 def test_tensor_descriptor_argument():

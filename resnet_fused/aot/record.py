@@ -128,8 +128,9 @@ class Recorder:
 
 # ------------------------------------------------------------------------------- specialisation
 _CUDA_BACKEND = None
-_JIT_VIEWS: Dict[int, Any] = {}
-_BINDERS: Dict[int, Callable] = {}
+# keyed by id(); each entry keeps its key object alive, so an id is never reused for another kernel
+_JIT_VIEWS: Dict[int, Tuple[Any, Any]] = {}
+_BINDERS: Dict[int, Tuple[Any, Callable]] = {}
 
 
 def _cuda_backend():
@@ -159,11 +160,6 @@ def as_jit(kernel):
     return view[1]
 
 
-def kernel_name(kernel) -> str:
-    fn = as_jit(kernel).fn
-    return f"{fn.__module__}:{fn.__qualname__}"
-
-
 def specialize(kernel, args, kwargs, site=None, autotune=None) -> Launch:
     """The :class:`Launch` Triton's JIT would compile for ``kernel[grid](*args, **kwargs)`` on an
     NVIDIA GPU (``kwargs`` may include ``grid``/``warmup``, which are dropped)."""
@@ -176,9 +172,9 @@ def specialize(kernel, args, kwargs, site=None, autotune=None) -> Launch:
     # as JITFunction.run: these two always take part in the cache key and the options
     kwargs["debug"] = kwargs.get("debug", jit.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    binder = _BINDERS.get(id(jit))
-    if binder is None:
-        binder = _BINDERS[id(jit)] = create_function_from_signature(jit.signature, jit.params, backend)
+    if id(jit) not in _BINDERS:
+        _BINDERS[id(jit)] = (jit, create_function_from_signature(jit.signature, jit.params, backend))
+    binder = _BINDERS[id(jit)][1]
     bound, specialization, options = binder(*map(_device_view, args), **{k: _device_view(v) for k, v in kwargs.items()})
     key = compute_cache_key({}, specialization, options)
     # _pack_args also rejects unknown keyword arguments, as a launch would
@@ -206,15 +202,15 @@ def _autotuner_run(self, *args, **kwargs):
     self.nargs = dict(zip(self.arg_names, args))
     try:
         configs = self.configs
-        key: tuple = ()
-        if len(configs) > 1:  # as Autotuner.run: a single config is run without tuning
+        tuned = len(configs) > 1  # as Autotuner.run: a single config is run without tuning
+        if tuned:
             all_args = {**self.nargs, **kwargs}
             named = {k: v for k, v in all_args.items() if k in self.arg_names}
             key = tuple([named[k] for k in self.keys if k in named]
                         + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
             configs = self.prune_configs(kwargs)
         for i, config in enumerate(configs):
-            _active._autotune = (key, len(configs), i)
+            _active._autotune = (key, len(configs), i) if tuned else None
             try:
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
             finally:
