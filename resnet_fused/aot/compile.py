@@ -19,6 +19,7 @@ attributes, options, target): a later run only compiles what changed.
 """
 from __future__ import annotations
 
+import concurrent.futures as futures
 import contextlib
 import hashlib
 import importlib
@@ -208,30 +209,28 @@ def _work(task: Dict[str, Any]) -> Dict[str, Any]:
 def compile_all(tasks: List[Dict[str, Any]], jobs: int, cache_dir: Optional[str] = None,
                 progress: Optional[Callable[[int, int], None]] = None) -> List[Dict[str, Any]]:
     """Results of ``tasks`` (dicts: ``variant``, ``kernel``, ``arch``, ``signature``, ``constexprs``,
-    ``attrs``, ``options``), in order, compiled by ``jobs`` spawned worker processes."""
+    ``attrs``, ``options``), in order, compiled by ``jobs`` spawned worker processes. Call it from
+    under ``if __name__ == "__main__":`` in a script (spawned workers import the main module)."""
     if cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     if not tasks:
         return []
     ctx = multiprocessing.get_context("spawn")
-    saved = os.environ.pop("TRITON_INTERPRET", None)  # the workers compile: no interpreter there
+    # workers compile, so they must not start Triton's interpreter; they spawn lazily, so the
+    # variable stays out of this process's environment until the pool is gone
+    saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        with tempfile.TemporaryDirectory(prefix="resnet_fused_aot_") as tmp:
-            pool = ctx.Pool(max(1, min(jobs, len(tasks))), _worker_init, (tmp, cache_dir))
-            if saved is not None:
-                os.environ["TRITON_INTERPRET"] = saved
-                saved = None
-            try:
-                results = []
-                # largest kernels first would balance better, but order is unknown before compiling;
-                # chunksize 1 keeps both workers busy to the end
-                for i, row in enumerate(pool.imap(_work, tasks, chunksize=1)):
-                    results.append(row)
-                    if progress is not None:
-                        progress(i + 1, len(tasks))
-            finally:
-                pool.terminate()
-                pool.join()
+        with tempfile.TemporaryDirectory(prefix="resnet_fused_aot_") as tmp, \
+                futures.ProcessPoolExecutor(max(1, min(jobs, len(tasks))), mp_context=ctx,
+                                            initializer=_worker_init, initargs=(tmp, cache_dir)) as pool:
+            results = []
+            # chunksize 1: both workers stay busy to the end (kernel sizes vary 50x)
+            for i, row in enumerate(pool.map(_work, tasks, chunksize=1)):
+                results.append(row)
+                if progress is not None:
+                    progress(i + 1, len(tasks))
+    except futures.process.BrokenProcessPool as exc:  # a worker died (out of memory, a crash)
+        raise RuntimeError(f"compile_all: a compile worker died ({exc}); finished results are in --cache, if given") from None
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
