@@ -142,11 +142,15 @@ def compile_variant(fn, variant: Dict[str, Any], tgt: Target) -> Dict[str, Any]:
     ptx = next((f for (arch, n), f in funcs.items() if n == name and f.entry), None)
     ms = re.search(r"Compile time = ([\d.]+) ms", log.getvalue())
     row["ptxas_s"] = round(float(ms.group(1)) / 1000, 3) if ms else None
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / f"{name}.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        usage = parse_res_usage(_run([_tool("cuobjdump"), "-res-usage", str(cubin)])).get(name, {})
-        counts = sass_counts(_run([_tool("cuobjdump"), "-sass", str(cubin)]))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = Path(tmp) / f"{name}.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            usage = parse_res_usage(_run([_tool("cuobjdump"), "-res-usage", str(cubin)])).get(name, {})
+            counts = sass_counts(_run([_tool("cuobjdump"), "-sass", str(cubin)]))
+    except (OSError, RuntimeError) as exc:  # compiled, but unreadable here: not a pass
+        row.update(status="error", error=f"reading the cubin: {exc}"[:400])
+        return row
     dots, tc_dots = tensor_core_dots(compiled.asm["ttir"])
     row.update(
         registers=ptx.registers if ptx and ptx.registers is not None else usage.get("REG"),
