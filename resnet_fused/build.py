@@ -33,9 +33,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 LIB_NAME = "resnet_fused_C"
 ARCHS_ENV = "RESNET_FUSED_CUDA_ARCHS"
@@ -192,11 +193,18 @@ def _run(cmd: List[str]) -> Tuple[List[str], int, str, float]:
 
 
 def check(jobs: Optional[int] = None, out=sys.stdout, report_dir: Optional[Path] = None) -> int:
-    """Compile every CUDA source with nvcc (object files thrown away) and syntax-check the C++
-    layer with the CUDA registrations on. No GPU and no CUDA build of torch needed. ptxas reports
-    each kernel's registers, stack, spills and shared memory (``-Xptxas -v``); a spill in a conv or
-    BatchNorm kernel is a failure (:mod:`resnet_fused.aot.cuda_report`), and ``report_dir`` gets
-    the table as ``cuda_resources.csv`` / ``cuda_report.md``. Returns the number of failures."""
+    """Compile every CUDA source with nvcc (object files into a temporary directory, read by
+    ``cuobjdump``, then thrown away) and syntax-check the C++ layer with the CUDA registrations on.
+    No GPU and no CUDA build of torch needed. ptxas reports each kernel's registers, stack, spills
+    and shared memory (``-Xptxas -v``), the SASS its tensor-core and memory instructions; a spill in
+    a conv or BatchNorm kernel is a failure (:mod:`resnet_fused.aot.cuda_report`), and
+    ``report_dir`` gets the table as ``cuda_resources.csv`` / ``cuda_report.md``. Returns the
+    number of failures."""
+    with tempfile.TemporaryDirectory(prefix="resnet_fused_check_") as objdir:
+        return _check(jobs, out, report_dir, Path(objdir))
+
+
+def _check(jobs: Optional[int], out, report_dir: Optional[Path], objdir: Path) -> int:
     from torch.utils import cpp_extension
 
     root = csrc_dir()
@@ -214,7 +222,8 @@ def check(jobs: Optional[int] = None, out=sys.stdout, report_dir: Optional[Path]
     else:
         incs = [f"-I{d}" for d in include_dirs(root, cuda=True)]
         for src in cuda_sources(root):
-            cmds.append([nvcc, f"-std={std}", *nvcc_flags(), "-Xptxas", "-v", *incs, "-c", str(src), "-o", os.devnull])
+            cmds.append([nvcc, f"-std={std}", *nvcc_flags(), "-Xptxas", "-v", *incs, "-c", str(src),
+                         "-o", str(objdir / f"{src.stem}.o")])
     cxx = os.environ.get("CXX", "c++")
     torch_incs = [f"-I{d}" for d in cpp_extension.include_paths()]
     for src in cpp_sources(root):
@@ -230,17 +239,33 @@ def check(jobs: Optional[int] = None, out=sys.stdout, report_dir: Optional[Path]
                 print(log, file=out)
             elif cmd[0] == nvcc:
                 ptxas_logs.append((name.name, log))
-    failures += _resource_report(ptxas_logs, out, report_dir)
+    sass = {src: _sass_of(objdir / f"{Path(src).stem}.o") for src, _ in ptxas_logs}
+    failures += _resource_report(ptxas_logs, sass, out, report_dir)
     print(f"check: {len(cmds)} sources, {failures} failure(s); archs {';'.join(cuda_archs())}", file=out)
     return failures
 
 
-def _resource_report(logs: List[Tuple[str, str]], out, report_dir: Optional[Path]) -> int:
+def _sass_of(obj: Path) -> str:
+    """``cuobjdump -sass`` of an object file (nvcc's cuobjdump, else the one shipped with Triton);
+    empty when there is none (the report then has no instruction counts)."""
+    tool = Path(nvcc_path() or "nvcc").parent / "cuobjdump"
+    if not tool.is_file():
+        try:
+            from triton import knobs
+
+            tool = Path(knobs.nvidia.cuobjdump.path)
+        except Exception:  # no triton: resources without SASS counts
+            return ""
+    proc = subprocess.run([str(tool), "-sass", str(obj)], capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _resource_report(logs: List[Tuple[str, str]], sass: Dict[str, str], out, report_dir: Optional[Path]) -> int:
     """Print (and write) the ptxas resource table of the CUDA sources; the number of spilling
     conv / BN kernels."""
     from .aot import cuda_report
 
-    rows = cuda_report.resource_rows(logs)
+    rows = cuda_report.resource_rows(logs, sass)
     for line in cuda_report.summary_lines(rows):
         print(f"check: resources {line}", file=out)
     failing = [r for r in rows if r["fails"]]

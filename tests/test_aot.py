@@ -390,7 +390,14 @@ ptxas info    : Used 255 registers, used 1 barriers, 400 bytes cmem[0]
 ptxas info    : Function properties for _ZN7cutlass6helperEv
     32 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 """
-    rows = cuda_report.resource_rows([("bn_stats.cu", log), ("other.cu", log)])
+    code = """arch = sm_90
+		Function : _ZN2rf4cuda12stats_kernelEv
+        /*0000*/                   HMMA.16816.F32 R4, R8, R12, R4 ;   /* 0x0 */
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;  /* 0x0 */
+"""
+    rows = cuda_report.resource_rows([("bn_stats.cu", log), ("other.cu", log)], {"bn_stats.cu": code})
+    kernel = next(r for r in rows if r["source"] == "bn_stats.cu" and r["entry"])
+    assert (kernel["hmma"], kernel["hgmma"], kernel["ldg_widths"]) == (1, 0, "128b:1")
     failing = [(r["source"], r["kernel"]) for r in rows if r["fails"]]
     assert failing == [("bn_stats.cu", "stats_kernel")]  # other.cu is not a conv/BN source
     helper = [r for r in rows if r["source"] == "bn_stats.cu" and not r["entry"]]

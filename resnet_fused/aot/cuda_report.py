@@ -18,13 +18,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .sass import parse_ptxas_log
+from .sass import format_widths, parse_ptxas_log, sass_counts, split_functions
 
 GATED = re.compile(r"^(conv|bn)_[^/]*\.cu$")  # sources whose kernels must not spill
 COLUMNS = ["source", "arch", "kernel", "entry", "registers", "stack", "spill_stores", "spill_loads", "smem",
-           "barriers", "gated", "fails", "mangled"]
+           "barriers", "hgmma", "hmma", "ldgsts", "utmaldg", "ldl", "stl", "ldg_widths", "stg_widths", "gated",
+           "fails", "mangled"]
 
 
 def demangle(names: Iterable[str]) -> Dict[str, str]:
@@ -88,18 +89,25 @@ def short_name(demangled: str, mangled: str) -> str:
     return " ".join(parts) + " #" + hashlib.sha1(mangled.encode()).hexdigest()[:6]
 
 
-def resource_rows(logs: Sequence[Tuple[str, str]]) -> List[Dict]:
-    """Rows from ``(source file name, ptxas -v log)`` pairs."""
+def resource_rows(logs: Sequence[Tuple[str, str]], sass: Optional[Dict[str, str]] = None) -> List[Dict]:
+    """Rows from ``(source file name, ptxas -v log)`` pairs; ``sass``: source file name ->
+    ``cuobjdump -sass`` of its object, for the instruction counts (left empty without)."""
     parsed = [(src, parse_ptxas_log(log)) for src, log in logs]
     names = demangle(n for _, funcs in parsed for (_, n) in funcs)
     rows = []
     for src, funcs in parsed:
+        code = split_functions((sass or {}).get(src, ""))
         for (arch, mangled), f in sorted(funcs.items()):
             gated = bool(GATED.match(src))
-            rows.append({"source": src, "arch": arch, "kernel": short_name(names.get(mangled, mangled), mangled),
-                         "entry": f.entry, "registers": f.registers, "stack": f.stack, "spill_stores": f.spill_stores,
-                         "spill_loads": f.spill_loads, "smem": f.smem, "barriers": f.barriers, "gated": gated,
-                         "fails": "spill" if gated and f.spills else "", "mangled": mangled})
+            row = {"source": src, "arch": arch, "kernel": short_name(names.get(mangled, mangled), mangled),
+                   "entry": f.entry, "registers": f.registers, "stack": f.stack, "spill_stores": f.spill_stores,
+                   "spill_loads": f.spill_loads, "smem": f.smem, "barriers": f.barriers, "gated": gated,
+                   "fails": "spill" if gated and f.spills else "", "mangled": mangled}
+            if (arch, mangled) in code:
+                c = sass_counts(code[(arch, mangled)])
+                row.update({k.lower(): c[k] for k in ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "LDL", "STL")},
+                           ldg_widths=format_widths(c["ldg"]), stg_widths=format_widths(c["stg"]))
+            rows.append(row)
     return rows
 
 
@@ -110,10 +118,11 @@ def summary_lines(rows: Sequence[Dict]) -> List[str]:
         mine = [r for r in rows if (r["source"], r["arch"]) == key]
         regs = [r["registers"] for r in mine if r["registers"] is not None]
         spilling = [r for r in mine if r["spill_stores"] or r["spill_loads"]]
+        mma = [f"{k.upper()} in {n}" for k in ("hgmma", "hmma") if (n := sum(bool(r.get(k)) for r in mine))]
         lines.append(f"{key[0]} {key[1]}: {sum(r['entry'] for r in mine)} kernels, registers "
                      f"{min(regs, default=0)}-{max(regs, default=0)}, {len(spilling)} spilling"
                      f"{' (FAIL)' if any(r['fails'] for r in mine) else ''}, max stack "
-                     f"{max((r['stack'] for r in mine), default=0)} B")
+                     f"{max((r['stack'] for r in mine), default=0)} B" + (f", {', '.join(mma)}" if mma else ""))
     return lines
 
 
@@ -130,11 +139,13 @@ def write(out: Path, rows: Sequence[Dict], header: Dict[str, str]) -> List[Path]
     lines += ["", f"**Verdict: {'FAIL' if failed else 'PASS'}** (a spill in a conv_*.cu / bn_*.cu kernel fails). "
               "Built for sm_90, not sm_90a: no wgmma/TMA, the CUTLASS conv uses legacy mma.sync on Hopper.", ""]
     lines += [f"- {s}" for s in summary_lines(rows)]
-    lines += ["", "| source | arch | kernel | regs | stack B | spill st B | spill ld B | smem B | fails |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| source | arch | kernel | regs | stack B | spill st B | spill ld B | smem B | HGMMA | HMMA | "
+              "LDGSTS | LDG widths | STG widths | fails |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ordered:
+        cells = [r.get(k) for k in ("hgmma", "hmma", "ldgsts", "ldg_widths", "stg_widths")]
         lines.append(f"| {r['source']} | {r['arch']} | `{r['kernel']}`{'' if r['entry'] else ' (device fn)'} | "
                      f"{'' if r['registers'] is None else r['registers']} | {r['stack']} | {r['spill_stores']} | "
-                     f"{r['spill_loads']} | {r['smem']} | {r['fails']} |")
+                     f"{r['spill_loads']} | {r['smem']} | " + " | ".join("" if c is None else str(c) for c in cells)
+                     + f" | {r['fails']} |")
     md_path.write_text("\n".join(lines) + "\n")
     return [csv_path, md_path]

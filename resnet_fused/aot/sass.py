@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 # opcodes counted by name (the first dot-separated part of the SASS mnemonic)
 COUNTED = ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "UTMASTG", "LDL", "STL")
@@ -141,6 +141,25 @@ def sass_counts(sass: str) -> Dict[str, object]:
     counts.update({k: dict(sorted(v.items(), reverse=True)) for k, v in widths.items()})
     counts["instructions"] = sum(ops.values())
     return counts
+
+
+def split_functions(sass: str) -> Dict[Tuple[str, str], str]:
+    """``{(arch, function): its SASS}`` from ``cuobjdump -sass`` of an object or fatbinary with
+    several kernels and architectures (``arch = sm_90`` and ``Function : name`` headers)."""
+    out: Dict[Tuple[str, str], List[str]] = {}
+    arch, current = "?", None
+    for line in sass.splitlines():
+        m = re.match(r"\s*arch = (sm_\w+)", line)
+        if m:
+            arch, current = m.group(1), None
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            current = out.setdefault((arch, m.group(1)), [])
+            continue
+        if current is not None:
+            current.append(line)
+    return {k: "\n".join(v) for k, v in out.items()}
 
 
 def format_widths(hist: Dict[int, int]) -> str:
