@@ -46,8 +46,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="fp32 convolutions in IEEE fp32 (default: TF32, a CUDA build's default)")
     ap.add_argument("--out", type=Path, default=None, help="write the report files here")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all cores)")
-    ap.add_argument("--cache", default=None, help="keep compile results here and reuse them (keyed by "
-                    "Triton's compile key: only changed variants compile again)")
+    ap.add_argument("--cache", default=os.environ.get("RESNET_FUSED_AOT_CACHE") or None,
+                    help="keep compile results here and reuse them, keyed by Triton's compile key: only changed "
+                    "variants compile again (default: $RESNET_FUSED_AOT_CACHE, else no cache)")
     ap.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                     help="compile only the I-th of N parts of the variants (split CI jobs; a later "
                     "unsharded run with the same --cache assembles the full report)")
