@@ -28,7 +28,7 @@ from .sass import format_widths
 
 RULES = ("compile", "spill", "smem", "no-hgmma")
 
-COLUMNS = ["arch", "variant", "kernel", "config", "meta", "types", "constexprs", "divisible", "tensor_core", "status",
+COLUMNS = ["arch", "variant", "kernel", "config", "meta", "specialised", "unaligned", "types", "tensor_core", "status",
            "fails", "registers", "spill_stores", "spill_loads", "stack", "local", "shared", "smem_limit",
            "num_warps", "num_stages", "hgmma", "hmma", "ldgsts", "utmaldg", "utmastg", "ldl", "stl", "ldg_widths",
            "stg_widths", "ldgsts_widths", "instructions", "compile_s", "ptxas_s", "cached", "launches", "models",
@@ -79,6 +79,21 @@ def meta_of(ln: Launch) -> str:
     return " ".join(out)
 
 
+def unaligned(ln: Launch) -> List[str]:
+    """Pointer and integer arguments *without* ``tt.divisibility`` (usually the shorter list)."""
+    aligned = set(ln.divisible())
+    return [k for k, t in ln.signature.items() if (t.startswith("*") or t[:1] in "iu") and k not in aligned]
+
+
+def pointer_types(ln: Launch) -> str:
+    """Pointer arguments grouped by element type: ``"fp16: x w out; fp32: bias"`` (``_ptr`` dropped)."""
+    groups: Dict[str, List[str]] = defaultdict(list)
+    for k, t in ln.signature.items():
+        if t.startswith("*"):
+            groups[t.lstrip("*k")].append(k[:-4] if k.endswith("_ptr") else k)
+    return "; ".join(f"{t}: {' '.join(names)}" for t, names in groups.items())
+
+
 def _widths(hist: Optional[Dict]) -> str:
     return format_widths({int(k): v for k, v in (hist or {}).items()})
 
@@ -117,11 +132,10 @@ def rows_for(variants: Variants, results: Iterable[Dict[str, Any]]) -> List[Dict
     for res in results:
         ln = variants.first[res["variant"]]
         arch = res["arch"]
-        ptr_types = " ".join(f"{k}:{v[1:]}" for k, v in ln.signature.items() if v.startswith("*"))
-        consts = " ".join(f"{k}={v}" for k, v in ln.constexpr_values().items() if not _is_config_key(k))
+        consts = " ".join(f"{k}={v}" for k, v in ln.constexpr_values().items() if not k.isupper())
         row = {**{k: res.get(k) for k in COLUMNS if k in res},
-               "arch": arch, "variant": ln.variant, "kernel": ln.name, "config": config_of(ln), "meta": meta_of(ln), "types": ptr_types,
-               "constexprs": consts, "divisible": " ".join(ln.divisible()),
+               "arch": arch, "variant": ln.variant, "kernel": ln.name, "config": config_of(ln), "meta": meta_of(ln),
+               "specialised": consts, "unaligned": " ".join(unaligned(ln)), "types": pointer_types(ln),
                "tensor_core": bool(res.get("tc_dots")) if res.get("status") == "ok" else None,
                "smem_limit": TARGETS[arch].smem_limit, "num_stages": launch_option(ln, "num_stages"),
                "ldg_widths": _widths(res.get("ldg")), "stg_widths": _widths(res.get("stg")),
