@@ -77,7 +77,7 @@ def test_resnet18_records_every_conv_site_eval_and_train():
     net = models.resnet18()
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     geometry = Counter((c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs)
-    launches = drive.record_models(["resnet18"], dtypes=["fp16"], layouts=["channels_last"], batch=2)
+    launches = drive.record_models(["resnet18"], dtypes=["fp16"], layouts=["channels_last"], batches=[2])
     ev = [ln for ln in launches if ln.site["mode"] == "eval"]
     tr = [ln for ln in launches if ln.site["mode"] == "train"]
     # eval: one fused conv per conv module (stem, 16 block convs, 3 downsample), geometry by geometry
@@ -202,10 +202,10 @@ def test_launchers_that_ask_for_the_gpu_generation_record_per_target(monkeypatch
         bp = bp if torch.cuda.get_device_capability()[0] >= 9 else bp // 2
         return P, C, HW, cl, (triton.cdiv(P, bp), grid[1]), bp, bc
 
-    plain = drive.record_models(["resnet18"], ["fp16"], ["channels_last"], ["train"], batch=2,
+    plain = drive.record_models(["resnet18"], ["fp16"], ["channels_last"], ["train"], batches=[2],
                                 archs=["sm_90a", "sm_80"])
     monkeypatch.setattr(bt, "_geometry", geometry)
-    asked = drive.record_models(["resnet18"], ["fp16"], ["channels_last"], ["train"], batch=2,
+    asked = drive.record_models(["resnet18"], ["fp16"], ["channels_last"], ["train"], batches=[2],
                                 archs=["sm_90a", "sm_80"])
 
     def blocks(launches, arch):

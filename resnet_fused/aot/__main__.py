@@ -40,8 +40,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--modes", nargs="+", default=list(drive.MODES), choices=drive.MODES)
     ap.add_argument("--dtypes", nargs="+", default=list(drive.DTYPES), choices=list(drive.DTYPES))
     ap.add_argument("--layouts", nargs="+", default=list(drive.LAYOUTS), choices=list(drive.LAYOUTS))
-    ap.add_argument("--batch", type=int, default=None, help="batch of every model (default: 256 for the "
-                    "ImageNet ResNets, 128 for the CIFAR networks)")
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch(es) of every model (default: "
+                    "256 for the ImageNet ResNets, 128 for the CIFAR networks)")
     ap.add_argument("--no-tf32", dest="tf32", action="store_false",
                     help="fp32 convolutions in IEEE fp32 (default: TF32, a CUDA build's default)")
     ap.add_argument("--out", type=Path, default=None, help="write the report files here")
@@ -55,8 +55,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--record-only", action="store_true",
                     help="record and count the variants, compile nothing")
     args = ap.parse_args(argv)
-    if args.batch is not None and args.batch < 1:
-        ap.error(f"--batch: expected a positive int, got {args.batch}")
+    if args.batch is not None and min(args.batch) < 1:
+        ap.error(f"--batch: expected positive ints, got {args.batch}")
     if args.jobs < 1:
         ap.error(f"--jobs: expected a positive int, got {args.jobs}")
     for m in args.models:
@@ -90,7 +90,8 @@ def header(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, str]:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": _git_commit(),
         "triton": triton.__version__, "ptxas": get_ptxas_version().strip().splitlines()[-1],
         "torch": torch.__version__,
-        "workloads": ", ".join(f"{s.name} 3x{s.size}x{s.size} batch {args.batch or s.batch}" for s in specs)
+        "workloads": ", ".join(f"{s.name} 3x{s.size}x{s.size} batch {' '.join(map(str, args.batch or [s.batch]))}"
+                               for s in specs)
         + f"; modes {' '.join(args.modes)}; dtypes {' '.join(args.dtypes)} (fp16/bf16 training: model in that "
           f"dtype, see resnet_fused/aot/drive.py); layouts {' '.join(args.layouts)}; fp32 convs "
           f"{'TF32' if args.tf32 else 'IEEE'}",

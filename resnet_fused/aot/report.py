@@ -169,15 +169,16 @@ def workload_counts(launches: Sequence[Launch]) -> List[Dict[str, Any]]:
 
 
 def headline(summary: Dict[str, Any], dtype: str = "fp16", layout: str = "channels_last") -> List[str]:
-    """One sentence per model: distinct compilations of an eval forward and of a training step in
-    the production setting (fp16, channels_last), when those were recorded."""
+    """One sentence per model and batch: distinct compilations of an eval forward and of a training
+    step in the production setting (fp16, channels_last), when those were recorded."""
     out = []
-    for arch, model in dict.fromkeys((w["arch"], w["model"]) for w in shown_workloads(summary)):
-        got = {w["mode"]: w for w in summary["workloads"]
-               if (w["arch"], w["model"], w["dtype"], w["layout"]) == (arch, model, dtype, layout)}
+    shown = shown_workloads(summary)
+    for arch, model, batch in dict.fromkeys((w["arch"], w["model"], w["batch"]) for w in shown):
+        got = {w["mode"]: w for w in shown
+               if (w["arch"], w["model"], w["batch"], w["dtype"], w["layout"]) == (arch, model, batch, dtype, layout)}
         if got:
-            both = summary["both_modes"].get(f"{arch} {model} {dtype} {layout}")
-            out.append(f"{model} on {arch} ({dtype}, {layout}, batch {next(iter(got.values()))['batch']}): " + "; ".join(
+            both = summary["both_modes"].get(f"{arch} {model} {dtype} {layout} {batch}")
+            out.append(f"{model} on {arch} ({dtype}, {layout}, batch {batch}): " + "; ".join(
                 f"{'eval forward' if m == 'eval' else 'training step (forward + backward)'} {w['compilations']} "
                 f"distinct Triton compilations ({w['calls']} kernel calls, {w['autotune_keys']} autotune keys)"
                 for m, w in got.items()) + (f"; both in one process {both}" if both and len(got) > 1 else ""))
@@ -227,7 +228,7 @@ def summarize(launches: Sequence[Launch], rows: Sequence[Dict[str, Any]], archs:
     both: Dict[str, set] = defaultdict(set)
     for ln in launches:
         s = ln.site
-        both[f"{s.get('arch')} {s.get('model')} {s.get('dtype')} {s.get('layout')}"].add(ln.variant)
+        both[f"{s.get('arch')} {s.get('model')} {s.get('dtype')} {s.get('layout')} {s.get('batch')}"].add(ln.variant)
     return {"both_modes": {k: len(v) for k, v in both.items()}, "recorded": recorded, "same_for_all_archs": same,
             "variants": len(variants), "variants_by_kernel": dict(Counter(ln.name for ln in variants.first.values())),
             "per_model_mode": per_model, "workloads": workload_counts(launches), "targets": targets,
