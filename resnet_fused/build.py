@@ -19,6 +19,9 @@ Command line::
 
     python -m resnet_fused.build --check   # compile every CUDA source with nvcc (no GPU needed) and
                                            # syntax-check the C++ layer with CUDA on; exit 1 on error
+                                           # or on a register spill in a conv / BN kernel
+    python -m resnet_fused.build --check --report-dir benchmarks/results/codegen
+                                           # ... and write the kernels' resources (ptxas -v) there
     python -m resnet_fused.build           # build (or reuse) the JIT extension and print what it has
 """
 from __future__ import annotations
@@ -30,9 +33,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 LIB_NAME = "resnet_fused_C"
 ARCHS_ENV = "RESNET_FUSED_CUDA_ARCHS"
@@ -188,10 +192,19 @@ def _run(cmd: List[str]) -> Tuple[List[str], int, str, float]:
     return cmd, proc.returncode, proc.stdout + proc.stderr, time.time() - start
 
 
-def check(jobs: Optional[int] = None, out=sys.stdout) -> int:
-    """Compile every CUDA source with nvcc (object files thrown away) and syntax-check the C++
-    layer with the CUDA registrations on. No GPU and no CUDA build of torch needed. Returns the
+def check(jobs: Optional[int] = None, out=sys.stdout, report_dir: Optional[Path] = None) -> int:
+    """Compile every CUDA source with nvcc (object files into a temporary directory, read by
+    ``cuobjdump``, then thrown away) and syntax-check the C++ layer with the CUDA registrations on.
+    No GPU and no CUDA build of torch needed. ptxas reports each kernel's registers, stack, spills
+    and shared memory (``-Xptxas -v``), the SASS its tensor-core and memory instructions; a spill in
+    a conv or BatchNorm kernel is a failure (:mod:`resnet_fused.aot.cuda_report`), and
+    ``report_dir`` gets the table as ``cuda_resources.csv`` / ``cuda_report.md``. Returns the
     number of failures."""
+    with tempfile.TemporaryDirectory(prefix="resnet_fused_check_") as objdir:
+        return _check(jobs, out, report_dir, Path(objdir))
+
+
+def _check(jobs: Optional[int], out, report_dir: Optional[Path], objdir: Path) -> int:
     from torch.utils import cpp_extension
 
     root = csrc_dir()
@@ -209,12 +222,14 @@ def check(jobs: Optional[int] = None, out=sys.stdout) -> int:
     else:
         incs = [f"-I{d}" for d in include_dirs(root, cuda=True)]
         for src in cuda_sources(root):
-            cmds.append([nvcc, f"-std={std}", *nvcc_flags(), *incs, "-c", str(src), "-o", os.devnull])
+            cmds.append([nvcc, f"-std={std}", *nvcc_flags(), "-Xptxas", "-v", *incs, "-c", str(src),
+                         "-o", str(objdir / f"{src.stem}.o")])
     cxx = os.environ.get("CXX", "c++")
     torch_incs = [f"-I{d}" for d in cpp_extension.include_paths()]
     for src in cpp_sources(root):
         cmds.append([cxx, "-fsyntax-only", f"-std={std}", *cxx_flags(True), *torch_incs,
                      *(f"-I{d}" for d in include_dirs(root)), str(src)])
+    ptxas_logs = []
     with futures.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         for cmd, rc, log, secs in pool.map(_run, cmds):
             name = Path(cmd[-3] if cmd[-2] == "-o" else cmd[-1]).relative_to(root)
@@ -222,18 +237,67 @@ def check(jobs: Optional[int] = None, out=sys.stdout) -> int:
             if rc != 0:
                 failures += 1
                 print(log, file=out)
+            elif cmd[0] == nvcc:
+                ptxas_logs.append((name.name, log))
+    sass = {src: _sass_of(objdir / f"{Path(src).stem}.o") for src, _ in ptxas_logs}
+    failures += _resource_report(ptxas_logs, sass, out, report_dir)
     print(f"check: {len(cmds)} sources, {failures} failure(s); archs {';'.join(cuda_archs())}", file=out)
     return failures
+
+
+def _sass_of(obj: Path) -> str:
+    """``cuobjdump -sass`` of an object file (nvcc's cuobjdump, else the one shipped with Triton);
+    empty when there is none (the report then has no instruction counts)."""
+    tool = Path(nvcc_path() or "nvcc").parent / "cuobjdump"
+    if not tool.is_file():
+        try:
+            from triton import knobs
+
+            tool = Path(knobs.nvidia.cuobjdump.path)
+        except Exception:  # no triton: resources without SASS counts
+            return ""
+    proc = subprocess.run([str(tool), "-sass", str(obj)], capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _resource_report(logs: List[Tuple[str, str]], sass: Dict[str, str], out, report_dir: Optional[Path]) -> int:
+    """Print (and write) the ptxas resource table of the CUDA sources; the number of spilling
+    conv / BN kernels."""
+    from .aot import cuda_report
+
+    rows = cuda_report.resource_rows(logs, sass)
+    for line in cuda_report.summary_lines(rows):
+        print(f"check: resources {line}", file=out)
+    failing = [r for r in rows if r["fails"]]
+    for r in failing:
+        print(f"check: FAIL {r['source']} {r['arch']} {r['kernel']}: {r['spill_stores']} B spill stores, "
+              f"{r['spill_loads']} B spill loads", file=out)
+    if report_dir is not None and rows:
+        header = {"command": "python -m resnet_fused.build " + " ".join(sys.argv[1:]),
+                  "nvcc": _nvcc_version(), "archs": ";".join(cuda_archs()), "cutlass": str(cutlass_include())}
+        for p in cuda_report.write(Path(report_dir), rows, header):
+            print(f"check: wrote {p}", file=out)
+    return len(failing)
+
+
+def _nvcc_version() -> str:
+    nvcc = nvcc_path()
+    if nvcc is None:
+        return "none"
+    proc = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+    return (proc.stdout.strip().splitlines() or ["?"])[-1]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m resnet_fused.build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="compile every CUDA source with nvcc, no GPU needed")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compiles for --check (default: all cores)")
+    ap.add_argument("--report-dir", type=Path, default=None,
+                    help="with --check: write the CUDA kernels' resource report (cuda_resources.csv, cuda_report.md) here")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     if args.check:
-        return 1 if check(args.jobs) else 0
+        return 1 if check(args.jobs, report_dir=args.report_dir) else 0
     from . import _ext
 
     path = jit_build(verbose=args.verbose)
