@@ -95,10 +95,21 @@ def test_resnet18_records_every_conv_site_eval_and_train():
     # backward launches are attributed to the block whose forward made them
     assert {ln.site["module"] for ln in tr if ln.site["phase"] == "backward"} == {
         f"layer{i}.{j}" for i in range(1, 5) for j in range(2)}
-    # an autotuned call records every configuration that survives pruning, all at one site
-    first = train_convs[0]
-    assert first.autotune is not None and first.autotune[1] == sum(
-        1 for ln in tr if ln.autotune and ln.autotune[0] == first.autotune[0] and ln.site == first.site)
+    # by default every conv launch is one configuration (the shape class's), not an autotuning sweep
+    assert all(ln.autotune is None for ln in _conv_calls(launches))
+
+
+def test_opt_in_autotuning_records_every_surviving_configuration(monkeypatch):
+    """With RESNET_FUSED_AUTOTUNE=1 an autotuned call records every configuration that survives
+    pruning, all at one site."""
+    monkeypatch.setenv("RESNET_FUSED_AUTOTUNE", "1")
+    launches = drive.record_models(["resnet18"], dtypes=["fp16"], layouts=["channels_last"], batches=[2],
+                                   modes=["eval"])
+    convs = [ln for ln in launches if ln.name == "_conv_bias_act_kernel"]  # every configuration, not per call
+    first = convs[0]
+    assert first.autotune is not None and first.autotune[1] > 1
+    assert first.autotune[1] == sum(
+        1 for ln in convs if ln.autotune and ln.autotune[0] == first.autotune[0] and ln.site == first.site)
 
 
 def test_bottleneck_block_conv_structure():
