@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import resnet_fused as rf
 from resnet_fused.models import reference as R
 from resnet_fused.ops import conv_bias_act, conv_bias_act_reference
-from utils import INTERPRET, assert_close, randomize_bn
+from utils import CUDA_BACKEND, INTERPRET, assert_close, randomize_bn
 
 CL = torch.channels_last
 
@@ -109,6 +109,17 @@ def _check_geometry(geom, backend):
     ref = conv_bias_act_reference(x, weight, bias, r, s, p, d, relu=relu, upcast=True)
     assert_close(out, ref, conv_bias_act_reference(x, weight, bias, r, s, p, d, relu=relu), name=str(geom))
     assert out.is_contiguous(memory_format=CL if cl and x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("backend", ["torch", CUDA_BACKEND, pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="CPU tensors on the Triton backend need TRITON_INTERPRET=1"))])
+def test_dilated_one_tap_kernel_that_crashes_pytorchs_cpu_conv(backend):
+    """(N, Cin, Cout, k, stride, padding, dilation, H, W, channels_last, residual, relu) found by
+    the geometry search below: PyTorch 2.13's CPU conv dies with SIGSEGV on it (a 1x1 kernel,
+    whose dilation changes nothing). The op and its reference pass dilation 1 for one-tap
+    dimensions, so it runs and matches."""
+    _check_geometry((2, 8, 2, 1, 2, 1, 2, 5, 1, True, False, True), backend)
+    _check_geometry((2, 1, 2, 1, 2, 1, 2, 5, 1, True, True, False), backend)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -84,10 +84,19 @@ def conv_bias_act_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = 
         x, weight = x.double(), weight.double()
         bias = None if bias is None else bias.double()
         residual = None if residual is None else residual.double()
+    dilation = tap_dilation(weight, dilation)
     y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
+
+
+def tap_dilation(weight: Tensor, dilation) -> Tuple[int, int]:
+    """``dilation`` with 1 along each dimension where the kernel has one tap: there it changes
+    neither the output nor its size, and PyTorch 2.13's CPU conv crashes (SIGSEGV) on some such
+    inputs: channels_last, a bias, 1x1 kernel, stride 2, padding 1, dilation 2, width 1, batch 2."""
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    return (1 if weight.shape[2] == 1 else dh, 1 if weight.shape[3] == 1 else dw)
 
 
 # ---------------------------------------------------------------------------------- Triton kernel
@@ -256,7 +265,14 @@ _MIN_BLOCK_M = min(c.block_m for c in CONFIGS + [interpreter_config(1, 1)])
 
 def _device_arch(t: Tensor) -> int:
     """Compute capability major of ``t``'s GPU, 0 for the interpreter (CPU tensors). The one
-    place the launcher asks the device: a codegen check on ``meta`` tensors replaces it."""
+    place the launcher asks the device. A ``meta`` tensor (the codegen recorder,
+    :mod:`resnet_fused.aot`) plans for the GPU that ``torch.cuda.get_device_capability()``
+    names: the recorder answers it per target; with neither a recorder nor a GPU it is 0."""
+    if t.device.type == "meta":
+        try:
+            return torch.cuda.get_device_capability()[0]
+        except (RuntimeError, AssertionError):  # no CUDA here, and no recorder answering for one
+            return 0
     if t.device.type != "cuda":
         return 0
     return torch.cuda.get_device_capability(t.device)[0]
@@ -496,6 +512,7 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[T
     ``backend`` is a resolved backend ("triton", "cuda" or "torch"); cases the backend has no
     kernel for run on the PyTorch path. ``out_format`` is the output's memory format.
     """
+    dilation = tap_dilation(weight, dilation)
     cdt = compute_dtype(x)
     if cdt != x.dtype or weight.dtype != cdt:  # what autocast does to a conv: both operands in its dtype
         x, weight = x.to(cdt), weight.to(cdt)
