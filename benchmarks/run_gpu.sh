@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # A GPU session's one command: make CUTLASS's headers available, then run the suite
-# (python -m benchmarks.suite: the gpu tests, then every benchmark, then one result file).
+# (python -m benchmarks.suite: env, build, precompile, smoke, models, wrn, peaks, layers).
 #
-#   bash benchmarks/run_gpu.sh                    # --quick: < 8 min on an H100 (estimate); results in $OUT
-#   bash benchmarks/run_gpu.sh --full --steps tests   # any benchmarks.suite options
+#   bash benchmarks/run_gpu.sh                        # default: one call of <= 8 min (470 s deadline)
+#   bash benchmarks/run_gpu.sh --steps build tests    # the gpu test suite: a separate, second call
+#   bash benchmarks/run_gpu.sh --full --steps ...     # any benchmarks.suite options
 #
-# OUT: where results go (default ./gpu_out; on the device machine use $OUT so they come back).
+# OUT: where results go (default ./gpu_out; on the device machine $OUT, so they come back). The
+# device machine returns at most 8 files, so $OUT gets exactly: the combined JSON, CSV and markdown,
+# up to three PNG charts (models, wrn, layers), suite.log (everything echoed) and
+# <stem>_parts.tar.gz (every step's log and per-benchmark files, from $PARTS, default
+# /tmp/resnet_fused_parts). All of them are rewritten after every step: a call stopped at its
+# limit returns what had finished.
 # CUTLASS: the C++/CUDA library's convolutions need CUTLASS's headers, from the nvidia-cutlass wheel.
 # The device machine has no network: carry the wheel in .whl/ (git-ignored; fetch it once with
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl nvidia-cutlass==4.2.0.0
@@ -17,9 +23,10 @@
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 OUT=${OUT:-$ROOT/gpu_out}
+PARTS=${PARTS:-/tmp/resnet_fused_parts}
 SITE=${SITE:-/tmp/site}
-PY=${PYTHON:-python}
-mkdir -p "$OUT"
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the device image: python3 holds PyTorch
+mkdir -p "$OUT" "$PARTS"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
@@ -42,8 +49,9 @@ cutlass_setup() {
     export PYTHONPATH="$PYTHONPATH:$SITE"
     echo "CUTLASS: installed $(basename "$wheel") into $SITE (on PYTHONPATH)"
 }
-cutlass_setup 2>&1 | tee "$OUT/cutlass.log"
+cutlass_setup 2>&1 | tee "$PARTS/cutlass.log" "$OUT/suite.log"
 # (the pipe ran cutlass_setup in a subshell: export its PYTHONPATH here too)
 [[ -z ${CUTLASS_PATH:-} && -d $SITE/cutlass_library ]] && export PYTHONPATH="$PYTHONPATH:$SITE"
 
-exec "$PY" -m benchmarks.suite --out "$OUT" "$@"
+set -o pipefail
+"$PY" -m benchmarks.suite --out "$OUT" --parts "$PARTS" --pack "$@" 2>&1 | tee -a "$OUT/suite.log"

@@ -20,8 +20,9 @@ Every check is a relative error against a float64 run of the same function, boun
 A backend that cannot run here is recorded as skipped with the reason; one that raises is a
 failure. GPU shapes are ResNet-50's (batch 32); ``--device cpu`` runs the same checks at tiny
 sizes (Triton through its interpreter: set ``TRITON_INTERPRET=1``). Writes
-``<stem>_smoke.json`` (``{"env", "rows": [{case, dtype, backend, err, eager_err, bound, ok, seconds,
-note}]}``); exit code 1 if any check failed.
+``<stem>_smoke.json`` (``{"env", "summary": {ran, passed, failed, skipped, failures}, "rows": [{case,
+dtype, backend, err, eager_err, bound, ok, seconds, note}]}``), rewritten after every dtype; exit
+code 1 if any check failed.
 """
 from __future__ import annotations
 
@@ -232,6 +233,18 @@ def run(device: torch.device, dtypes=DTYPE_ORDER, seed: int = 0) -> List[dict]:
     return rows
 
 
+def summarize(rows) -> dict:
+    """Counts of the checks (``ran`` = passed + failed; a backend that raised counts as failed) and
+    the failures by name."""
+    raised = [r for r in rows if r["ok"] is None and r["note"].startswith("FAILED")]
+    wrong = [r for r in rows if r["ok"] is False]
+    ran = [r for r in rows if r["ok"] is not None]
+    return {"ran": len(ran) + len(raised), "passed": len(ran) - len(wrong), "failed": len(wrong) + len(raised),
+            "skipped": len(rows) - len(ran) - len(raised),
+            "failures": [f"{r['dtype']} {r['case']} {r['backend']}: {r['note'] or 'err %.3g > %.3g' % (r['err'], r['bound'])}"
+                         for r in wrong + raised]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.smoke", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
@@ -242,19 +255,24 @@ def main(argv=None) -> int:
     env = common.env_info(device)
     print(common.banner("smoke", env), flush=True)
     rf.dispatch.forget()
-    rows = run(device, tuple(d for d in DTYPE_ORDER if d in args.only))
-    failed = [r for r in rows if r["ok"] is False or r["note"].startswith("FAILED")]
-    ran = [r for r in rows if r["ok"] is not None]
-    print(f"smoke: {len(ran) - len([r for r in failed if r['ok'] is False])} of {len(ran)} checks passed, "
-          f"{len(failed)} failed, {len(rows) - len(ran) - len([r for r in failed if r['ok'] is None])} skipped")
+    path = None
     if args.out:
         from pathlib import Path
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{common.result_stem(env, 'smoke')}.json"
-        path.write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    rows: list = []
+    for dt in (d for d in DTYPE_ORDER if d in args.only):
+        rows += run(device, (dt,))
+        if path is not None:  # after every dtype: a run stopped at its time limit keeps what it checked
+            path.write_text(json.dumps({"env": env, "summary": summarize(rows), "rows": rows}, indent=1) + "\n")
+    summary = summarize(rows)
+    print(f"smoke: {summary['passed']} of {summary['ran']} checks passed, {summary['failed']} failed, "
+          f"{summary['skipped']} skipped")
+    if path is not None:
         print(f"wrote {path}")
+    failed = summary["failed"]
     return 1 if failed else 0
 
 

@@ -1,44 +1,54 @@
-"""One command for a GPU session: the GPU tests, then every benchmark, then one result file.
+"""One command for a GPU session: build, precompile, smoke-test, then the decisive benchmarks.
 
     python -m benchmarks.suite --out DIR [--quick | --full] [--device cuda|cpu] [--steps ...]
-                               [--deadline SECONDS] [--skip STEP ...]
+                               [--deadline SECONDS] [--skip STEP ...] [--parts DIR] [--pack]
 
 Steps, in this order, each a child process under a time cap (progress is echoed line by line,
-prefixed with the suite's elapsed time and the step's name; every log also lands in a file):
+prefixed with the suite's elapsed time and the step's name; every log also lands in a file). The
+default GPU mode (``--quick``) runs them in the order of what their numbers are worth, within one
+8-minute device call (``--deadline``, default 470 s; the estimate is grounded in
+benchmarks/README.md and has not been checked on a GPU yet):
 
-=========  ================================================================  ==========  ==========
-step       what                                                             quick cap   CPU
-=========  ================================================================  ==========  ==========
-env        GPU / driver / torch / triton / CUDA / cuDNN, free memory        20 s        yes
-build      ``python -m resnet_fused.build``: JIT-builds the C++/CUDA        150 s       yes (CPU
-           library; on a GPU it must have CUDA kernels                                  kernels)
-tests      the ``gpu`` tests (tests/test_gpu*.py, ``-m gpu``) as pytest      150 s       no GPU:
-           processes split by ``-k`` run side by side (Triton compiles on                skipped
-           one core per process); quick: the fp16 and dtype-less shards
-peaks      copy bandwidth and matmul peaks (:mod:`benchmarks.peaks`),       25 s        yes
-           measured once and handed to ``layers``
-wrn        :mod:`benchmarks.bench_wrn` (the WRN paper's Figure 4 re-run)    100 s       tiny
-models     :mod:`benchmarks.bench_models` (the model zoo, infer + train)    120 s       tiny
-layers     :mod:`benchmarks.bench_layers` (every conv shape, roofline)      70 s        tiny
-=========  ================================================================  ==========  ==========
+==========  ===============================================================  =========  ===========
+step        what                                                            quick cap  CPU
+==========  ===============================================================  =========  ===========
+env         GPU / driver / torch / triton / CUDA / cuDNN, free memory       20 s       yes
+build       ``python -m resnet_fused.build`` for this GPU's architecture     150 s      yes (C++)
+            only, on every core (``RESNET_FUSED_CUDA_ARCHS``, ``MAX_JOBS``)
+precompile  ``python -m resnet_fused.aot --precompile``: every Triton        120 s      recording
+            variant the benchmarks below reach, compiled in parallel                    only
+            processes into Triton's cache, so the benchmarks' first calls
+            load kernels instead of compiling them one at a time
+smoke       :mod:`benchmarks.smoke`: every kernel path once (triton, cuda,   90 s       tiny
+            cudnn_fused, auto; eval, train; bf16, TF32, fp16) vs float64
+models      :mod:`benchmarks.bench_models`: ResNet-50 inference b256 fp16    150 s      tiny
+            channels_last, then the training step b256 AMP (eager, fused,
+            auto, then torch.compile)
+wrn         :mod:`benchmarks.bench_wrn` (the WRN paper's Figure 4 re-run)    100 s      tiny
+peaks       copy bandwidth and matmul peaks (:mod:`benchmarks.peaks`)        20 s       yes
+layers      :mod:`benchmarks.bench_layers` (every conv shape, roofline)      70 s       tiny
+tests       the ``gpu`` tests (tests/test_gpu*.py, ``-m gpu``), four pytest  (call)     no GPU:
+            processes side by side: not in the default run; its own call                skipped
+            (``--steps tests``), sharded to fit
+==========  ===============================================================  =========  ===========
 
-``--full`` runs every test shard and every benchmark at full size with no caps, and adds the
-narrower benchmarks (``blocks``, ``train``, ``bandwidth``, ``epilogue``, ``memory``) and the
-package's own demo (``main``); it takes far longer than one 10-minute device call (use ``--steps``
-to split it). ``--quick`` (the default on a GPU) is meant to finish in under 8 minutes on an H100
-(``--deadline``, default 470 s: a step gets at most what is left, a benchmark is told to start
-nothing after its share; the estimate has not been checked on a GPU yet). On CPU (no CUDA, or
-``--device cpu``) the benchmarks run their tiny CPU modes end to end: CI runs that, so the harness
-never rots; CPU numbers describe the CI machine and nothing else.
+``--full`` runs every step (the tests too) at full size with no caps, and adds the narrower
+benchmarks (``blocks``, ``train``, ``bandwidth``, ``epilogue``, ``memory``) and the package's own
+demo (``main``); it takes far longer than one device call (use ``--steps`` to split it). On CPU
+(no CUDA, or ``--device cpu``) the same steps run at tiny sizes: CI runs that, so the harness never
+rots; CPU numbers describe the CI machine and nothing else.
 
-Outputs in ``DIR`` (default ``benchmarks/results``): ``<date>_<gpu>_<commit>.json`` (``env``,
-``suite``: mode, steps with status / seconds / test counts, the measured peaks, each benchmark's
-own facts such as its goals and skipped providers; ``rows``: every benchmark's rows in the shared
+Outputs in ``DIR`` (default ``benchmarks/results``), rewritten after every step, so a run cut off at
+its limit still leaves what it measured: ``<date>_<gpu>_<commit>.json`` (``env``; ``suite``: mode,
+steps with status / seconds / test counts, the measured peaks, each benchmark's own facts such as
+its goals, skipped providers and auto's decisions; ``rows``: every benchmark's rows in the shared
 schema, :data:`benchmarks.common.ROW_KEYS` + :data:`benchmarks.common.EXTRA_KEYS`), the same rows
 as a long-format CSV, a markdown summary and one PNG chart per benchmark
-(:mod:`benchmarks.report`). The steps' logs, junit XML and per-benchmark files go into
-``DIR/<date>_<gpu>_<commit>_parts/``. The exit code is 1 if any step failed or timed out, or any
-benchmark row is wrong.
+(:mod:`benchmarks.report`). The steps' logs, junit XML and per-benchmark files go into ``--parts``
+(default ``DIR/<date>_<gpu>_<commit>_parts/``); ``--pack`` also packs that folder into
+``DIR/<stem>_parts.tar.gz`` after every step (the device machine returns at most 8 files:
+``run_gpu.sh`` keeps the parts outside ``$OUT`` and packs them). The exit code is 1 if any step
+failed or timed out, or any benchmark row is wrong.
 """
 from __future__ import annotations
 
@@ -57,12 +67,20 @@ from typing import Dict, List, Optional, Sequence
 
 from . import common
 
-QUICK_STEPS = ("env", "build", "tests", "peaks", "wrn", "models", "layers")
-FULL_STEPS = QUICK_STEPS + ("blocks", "train", "bandwidth", "epilogue", "memory", "main")
-ALL_STEPS = FULL_STEPS
-# quick-mode caps (seconds); --full has none
-QUICK_CAPS = {"env": 20, "build": 150, "tests": 150, "peaks": 25, "wrn": 100, "models": 120, "layers": 70}
+# every step, in the order it runs
+ALL_STEPS = ("env", "build", "precompile", "tests", "smoke", "models", "wrn", "peaks", "layers", "blocks", "train",
+             "bandwidth", "epilogue", "memory", "main")
+QUICK_STEPS = ("env", "build", "precompile", "smoke", "models", "wrn", "peaks", "layers")
+FULL_STEPS = ALL_STEPS
+# quick-mode caps (seconds); --full has none. "tests" asked for explicitly gets what is left.
+QUICK_CAPS = {"env": 20, "build": 150, "precompile": 120, "smoke": 90, "models": 150, "wrn": 100, "peaks": 20,
+              "layers": 70}
 QUICK_DEADLINE_S = 470.0
+# what the precompile step records and compiles: the workloads of smoke, models and wrn (quick)
+PRECOMPILE = (("--models", "resnet50", "--batch", "256", "1", "--dtypes", "fp16", "--layouts", "channels_last"),
+              ("--models", "wrn28_10", "wrn40_4", "wrn16_10", "preact_resnet164", "preact_resnet1001", "--batch",
+               "32", "--dtypes", "fp16", "--layouts", "channels_last"))
+AOT_ARCH = {(9, 0): "sm_90a", (8, 0): "sm_80", (8, 6): "sm_86", (8, 9): "sm_89"}
 BENCH_STEPS = {"wrn": "bench_wrn", "models": "bench_models", "layers": "bench_layers", "blocks": "bench_blocks",
                "train": "bench_train", "bandwidth": "bench_bandwidth", "epilogue": "bench_conv_epilogue",
                "memory": "bench_memory"}
@@ -196,6 +214,17 @@ class Plan:
     results: List[StepResult] = field(default_factory=list)
     bench_files: Dict[str, Path] = field(default_factory=dict)
     peaks_file: Optional[Path] = None
+    pack: bool = False  # also pack ``parts`` into ``out/<stem>_parts.tar.gz`` after every step
+    explicit: bool = False  # the steps were named (--steps): "tests" then runs every shard
+    # kernels in Triton's cache after each step (GPU): growth after "precompile" = compiles it missed
+    cache_counts: Dict[str, Optional[int]] = field(default_factory=dict)
+
+    def rel(self, path: Path) -> str:
+        """``path`` as the results name it: relative to ``out``, or ``parts/...`` (packed)."""
+        try:
+            return str(path.relative_to(self.out))
+        except ValueError:
+            return f"parts/{path.relative_to(self.parts)}"
 
     def left(self) -> Optional[float]:
         return None if self.deadline is None else self.deadline - elapsed()
@@ -210,7 +239,7 @@ class Plan:
         return cap
 
 
-def child_env(plan: Plan) -> Dict[str, str]:
+def child_env(plan: Plan, step: str = "") -> Dict[str, str]:
     env = dict(os.environ)
     root = str(common.REPO_ROOT)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -218,7 +247,36 @@ def child_env(plan: Plan) -> Dict[str, str]:
     if plan.device == "cuda":
         env.pop("TRITON_INTERPRET", None)  # real kernels, compiled for the GPU
         env.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # later processes reuse earlier tuning
+        if step == "build":  # this GPU's architecture only, on every core (a 2-arch build takes twice as long)
+            import torch
+
+            major, minor = torch.cuda.get_device_capability(0)
+            env.setdefault("RESNET_FUSED_CUDA_ARCHS", f"{major}{minor}")
+    if step == "build":
+        env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     return env
+
+
+def aot_arch(plan: Plan) -> Optional[str]:
+    """The codegen target of this GPU (``sm_90a`` on Hopper), or None (CPU, or no target for it)."""
+    if plan.device != "cuda":
+        return None
+    import torch
+
+    return AOT_ARCH.get(torch.cuda.get_device_capability(0))
+
+
+def precompile_argv(plan: Plan) -> List[str]:
+    """One process running ``resnet_fused.aot`` for each workload of :data:`PRECOMPILE`: on a GPU
+    ``--precompile`` for its own target; on CPU ``--record-only`` (the recording and the counts,
+    exercised by CI; nothing to compile for)."""
+    arch = aot_arch(plan)
+    mode = ["--arch", arch, "--precompile"] if arch else ["--arch", "sm_90a", "--record-only"]
+    runs = [list(w) + mode + ["--out", str(plan.parts / f"precompile_{i}")] for i, w in enumerate(PRECOMPILE)]
+    code = ("import sys\nfrom resnet_fused.aot.__main__ import main\n"
+            "if __name__ == '__main__':\n"
+            f"    sys.exit(max(main(a) for a in {runs!r}))\n")
+    return [plan.python, "-c", code]
 
 
 def bench_argv(plan: Plan, step: str, cap: Optional[float]) -> List[str]:
@@ -272,9 +330,9 @@ def run_simple(plan: Plan, step: str, argv: List[str], note: str = "") -> StepRe
     if cap is not None and cap < 5:
         return StepResult(step, "SKIPPED", 0.0, "no time left before the deadline")
     say(f"== {step}: {' '.join(argv[1:])[:200]}" + (f" (limit {cap:.0f} s)" if cap is not None else ""))
-    proc = Proc(step, argv, plan.parts / f"{step}.log", cap).start(child_env(plan), common.REPO_ROOT)
+    proc = Proc(step, argv, plan.parts / f"{step}.log", cap).start(child_env(plan, step), common.REPO_ROOT)
     proc.wait()
-    return StepResult(step, status_of(proc), proc.seconds, note or str(proc.log.relative_to(plan.out)))
+    return StepResult(step, status_of(proc), proc.seconds, note or plan.rel(proc.log))
 
 
 def run_tests(plan: Plan) -> List[StepResult]:
@@ -285,7 +343,7 @@ def run_tests(plan: Plan) -> List[StepResult]:
     if cap is not None and cap < 20:
         return [StepResult("tests", "SKIPPED", 0.0, "no time left before the deadline")]
     files = [f for f in GPU_TEST_FILES if (common.REPO_ROOT / f).exists()]
-    shards = [s for s in SHARDS if plan.mode != "quick" or s[0] in QUICK_SHARDS]
+    shards = [s for s in SHARDS if plan.mode != "quick" or plan.explicit or s[0] in QUICK_SHARDS]
     say(f"== tests: {' '.join(files)} -m gpu as {len(shards)} processes side by side"
         + (f" (limit {cap:.0f} s)" if cap is not None else ""))
     procs = []
@@ -347,6 +405,47 @@ def run_bench(plan: Plan, step: str) -> StepResult:
     return res
 
 
+def run_smoke(plan: Plan) -> StepResult:
+    t_start = time.time()
+    res = run_simple(plan, "smoke", [plan.python, "-m", "benchmarks.smoke", "--device", plan.device,
+                                     "--out", str(plan.parts)])
+    fresh = [p for p in plan.parts.glob("*_smoke.json") if p.stat().st_mtime >= t_start - 1]
+    if fresh:
+        data = json.loads(max(fresh, key=lambda p: p.stat().st_mtime).read_text())
+        sm = data.get("summary", {})
+        res.tests = {k: sm.get(k, 0) for k in ("passed", "failed", "skipped")}
+        res.note = f"{sm.get('passed', 0)} of {sm.get('ran', 0)} checks passed" + "".join(
+            f"; {f}" for f in sm.get("failures", [])[:3])
+    return res
+
+
+def run_precompile(plan: Plan) -> StepResult:
+    """The Triton variants of the run compiled up front; the note says how many and how long."""
+    res = run_simple(plan, "precompile", precompile_argv(plan))
+    variants, seconds = 0, 0.0
+    for i in range(len(PRECOMPILE)):
+        path = plan.parts / f"precompile_{i}" / "triton_summary.json"
+        if path.exists():
+            summ = json.loads(path.read_text())
+            variants += summ.get("variants", 0)
+            seconds += sum(t.get("compile_s_total", 0) or 0 for t in summ.get("targets", {}).values())
+    if variants:
+        what = "compiled" if aot_arch(plan) else "recorded (CPU: nothing to compile)"
+        res.note = f"{variants} variants {what}" + (f", {seconds:.0f} compile-s" if seconds else "") + \
+            f"; {res.note}"
+    return res
+
+
+def triton_cache_entries() -> Optional[int]:
+    """Kernels in Triton's cache (the JIT's compiles since the precompile step show as growth)."""
+    try:
+        from triton import knobs
+
+        return sum(1 for p in Path(knobs.cache.dir).iterdir() if p.is_dir())  # one directory per compiled kernel
+    except Exception:  # no triton, no cache yet
+        return None
+
+
 def run_main_demo(plan: Plan) -> StepResult:
     argv = [plan.python, "-m", "resnet_fused", "--device", plan.device, "--json", str(plan.parts / "main.json")]
     if plan.device == "cuda":
@@ -364,7 +463,7 @@ def collect(plan: Plan) -> tuple:
         shared = [r for r in data.get("rows", []) if common.is_timing_row(r)]
         rows += shared
         facts[step] = {k: v for k, v in data.items() if k not in ("env", "rows")}
-        facts[step]["file"] = str(path.relative_to(plan.out))
+        facts[step]["file"] = plan.rel(path)
         if len(shared) != len(data.get("rows", [])):
             facts[step]["rows_in_own_schema"] = len(data["rows"]) - len(shared)
     return rows, facts
@@ -415,6 +514,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None,
                    help=f"seconds for the whole suite (quick default {QUICK_DEADLINE_S:.0f}; none otherwise)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG charts")
+    p.add_argument("--parts", default=None, help="folder for the logs and per-benchmark files "
+                   "(default OUT/<date>_<gpu>_<commit>_parts)")
+    p.add_argument("--pack", action="store_true", help="after every step, pack the parts folder into "
+                   "OUT/<stem>_parts.tar.gz (run_gpu.sh: the device machine returns at most 8 files)")
     return p.parse_args(argv)
 
 
@@ -431,7 +534,36 @@ def make_plan(args: argparse.Namespace) -> Plan:
     out = Path(args.out).resolve()
     env = common.env_info(torch.device(device))
     stem = common.result_stem(env, "x")[:-2]
-    return Plan(device, mode, steps, deadline, out, out / f"{stem}_parts")
+    parts = Path(args.parts).resolve() if args.parts else out / f"{stem}_parts"
+    return Plan(device, mode, steps, deadline, out, parts, pack=args.pack, explicit=args.steps is not None)
+
+
+def checkpoint(plan: Plan, env: dict, plots: bool) -> Dict[str, Path]:
+    """Write the combined files (and the packed parts) from what has finished so far."""
+    from . import report
+
+    rows, facts = collect(plan)
+    suite = {"mode": plan.mode, "device": plan.device, "steps": [r.as_dict() for r in plan.results],
+             "seconds": round(elapsed(), 1), "benchmarks": facts, "goals": goal_lines(facts),
+             "triton_cache_entries": plan.cache_counts}
+    if plan.peaks_file is not None:
+        suite["peaks"] = json.loads(plan.peaks_file.read_text())
+    paths = report.combine(plan.out, env, rows, suite, plots=plots)
+    if plan.pack:
+        paths["parts"] = pack_parts(plan, report.combined_stem(env))
+    return paths
+
+
+def pack_parts(plan: Plan, stem: str) -> Path:
+    """``out/<stem>_parts.tar.gz`` of the parts folder, replaced atomically."""
+    import tarfile
+
+    dest = plan.out / f"{stem}_parts.tar.gz"
+    tmp = dest.with_suffix(".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(plan.parts, arcname=f"{stem}_parts")
+    tmp.replace(dest)
+    return dest
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -440,18 +572,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plan.parts.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from . import report
-
     env = common.env_info(torch.device(plan.device))
     say(common.banner(f"suite ({plan.mode})", env))
-    say(f"steps {plan.steps}; out {plan.out}"
+    say(f"steps {plan.steps}; out {plan.out}; parts {plan.parts}"
         + (f"; deadline {plan.deadline:.0f} s" if plan.deadline is not None else ""))
+    paths: Dict[str, Path] = {}
     for step in plan.steps:
         if step == "env":
             plan.results.append(run_simple(plan, "env", [plan.python, "-c", ENV_SCRIPT]))
         elif step == "build":
             plan.results.append(run_simple(plan, "build", [plan.python, "-c",
                                                            BUILD_SCRIPT.replace("{device}", plan.device)]))
+        elif step == "precompile":
+            plan.results.append(run_precompile(plan))
+        elif step == "smoke":
+            plan.results.append(run_smoke(plan))
         elif step == "tests":
             plan.results += run_tests(plan)
         elif step == "peaks":
@@ -460,19 +595,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plan.results.append(run_main_demo(plan))
         else:
             plan.results.append(run_bench(plan, step))
+        if plan.device == "cuda":
+            plan.cache_counts[step] = triton_cache_entries()
+        paths = checkpoint(plan, env, plots=not args.no_plots)  # a run cut off later keeps this much
+    if not paths:
+        paths = checkpoint(plan, env, plots=not args.no_plots)
     rows, facts = collect(plan)
-    suite = {"mode": plan.mode, "device": plan.device, "steps": [r.as_dict() for r in plan.results],
-             "seconds": round(elapsed(), 1), "benchmarks": facts, "goals": goal_lines(facts)}
-    if plan.peaks_file is not None:
-        suite["peaks"] = json.loads(plan.peaks_file.read_text())
-    paths = report.combine(plan.out, env, rows, suite, plots=not args.no_plots)
     wrong = [r for r in rows if not r["correct"]]
     failed = [r for r in plan.results if r.status not in ("PASS", "SKIPPED")]
     print()
     print(common.format_table(["step", "status", "seconds", "note"],
                               [[r.step, r.status, f"{r.seconds:.0f}", r.note[:100]] for r in plan.results],
                               title=f"suite ({plan.mode}) on {env['gpu']}: {elapsed():.0f} s"))
-    for g in suite["goals"]:
+    for g in goal_lines(facts):
         print(f"goal: {g}")
     for k, p in paths.items():
         print(f"wrote {p}")

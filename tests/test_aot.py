@@ -349,10 +349,43 @@ def test_rules(change, arch, rules):
     assert report.rule_failures({**_OK, **change}, arch) == rules
 
 
-def _fake_compile(change):
-    def compile_all(tasks, jobs, cache_dir=None, progress=None):
+def _fake_compile(change, seen=None):
+    def compile_all(tasks, jobs, cache_dir=None, progress=None, triton_cache=None):
+        if seen is not None:
+            seen.update(cache_dir=cache_dir, triton_cache=triton_cache)
         return [{**_OK, **change, "variant": t["variant"], "arch": t["arch"]} for t in tasks]
     return compile_all
+
+
+def test_precompile_compiles_into_the_triton_cache_the_jit_reads(monkeypatch, tmp_path):
+    """--precompile hands the workers Triton's own cache directory (TRITON_CACHE_DIR) and bypasses
+    the result cache (every variant must really land in Triton's cache)."""
+    from triton import knobs
+
+    seen = {}
+    monkeypatch.setattr(aot_compile, "compile_all", _fake_compile({}, seen))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "tc"))
+    argv = ["--models", "resnet18", "--modes", "eval", "--dtypes", "fp16", "--layouts", "channels_last",
+            "--arch", "sm_90a", "--batch", "2", "--cache", str(tmp_path / "results")]
+    assert cli.main(argv + ["--precompile"]) == 0
+    assert seen == {"cache_dir": None, "triton_cache": knobs.cache.dir} and knobs.cache.dir == str(tmp_path / "tc")
+    assert cli.main(argv) == 0
+    assert seen == {"cache_dir": str(tmp_path / "results"), "triton_cache": None}
+
+
+@pytest.mark.slow
+def test_compile_all_into_a_given_triton_cache(tmp_path):
+    """With ``triton_cache`` the compiled kernel stays in that directory (a cubin under Triton's key);
+    without it nothing is written outside the private temporary cache."""
+    a = _meta(64, 64, dtype=torch.float16)
+    with recording() as rec:
+        _dot_kernel[(1,)](a, a, _meta(64, 64), BLOCK=64)
+    tasks = aot_compile.tasks_for(rec.launches, ["sm_90a"])
+    for t in tasks:
+        t["kernel"] = f"{__name__}:_dot_kernel"
+    (row,) = aot_compile.compile_all(tasks, 1, triton_cache=str(tmp_path / "tc"))
+    assert row["status"] == "ok", row["error"]
+    assert len(list((tmp_path / "tc").glob("*/*.cubin"))) == 1
 
 
 @pytest.mark.parametrize("change, code", [({}, 0), ({"spill_stores": 8}, 1), ({"shared": 10**6}, 1),

@@ -266,7 +266,7 @@ def test_plan_caps_steps_and_arguments(tmp_path):
     args = suite.parse_args(["--device", "cpu", "--out", str(tmp_path), "--skip", "build"])
     plan = suite.make_plan(args)
     assert plan.mode == "cpu" and plan.deadline is None and plan.cap("wrn") is None
-    assert plan.steps == ["env", "tests", "peaks", "wrn", "models", "layers"]
+    assert plan.steps == ["env", "precompile", "smoke", "models", "wrn", "peaks", "layers"]
     assert plan.parts.parent == tmp_path and plan.parts.name.endswith("_parts")
     argv = suite.bench_argv(plan, "wrn", None)
     assert argv[1:3] == ["-m", "benchmarks.bench_wrn"] and "--quick" not in argv and argv[-2:] == ["--device", "cpu"]
@@ -279,10 +279,38 @@ def test_plan_caps_steps_and_arguments(tmp_path):
     argv = suite.bench_argv(quick, "models", 90.0)
     assert "--quick" in argv and argv[argv.index("--deadline") + 1] == "72"
     assert suite.run_tests(suite.Plan("cpu", "cpu", [], None, tmp_path, tmp_path))[0].status == "SKIPPED"
-    assert set(suite.FULL_STEPS) > set(suite.QUICK_STEPS)
-    assert all(s in suite.BENCH_STEPS or s in ("env", "build", "tests", "peaks", "main") for s in suite.ALL_STEPS)
+    assert set(suite.FULL_STEPS) > set(suite.QUICK_STEPS) and "tests" not in suite.QUICK_STEPS
+    assert all(s in suite.BENCH_STEPS or s in ("env", "build", "precompile", "smoke", "tests", "peaks", "main")
+               for s in suite.ALL_STEPS)
+    assert all(s in suite.QUICK_CAPS for s in suite.QUICK_STEPS)
     shard_names = [n for n, _ in suite.SHARDS]
     assert set(suite.QUICK_SHARDS) <= set(shard_names)
+
+
+def test_device_run_plumbing(tmp_path):
+    """The pieces of the 8-file device run: the build's environment, the precompile command (CPU:
+    recording only), result names outside OUT, and the packed parts."""
+    args = suite.parse_args(["--device", "cpu", "--out", str(tmp_path / "out"), "--parts", str(tmp_path / "p"),
+                             "--pack", "--steps", "env", "tests"])
+    plan = suite.make_plan(args)
+    assert plan.parts == tmp_path / "p" and plan.pack and plan.explicit and plan.steps == ["env", "tests"]
+    assert suite.child_env(plan, "build")["MAX_JOBS"] == str(os.cpu_count() or 1)
+    # (CPU: no GPU architecture to narrow the build to; on a GPU it is the GPU's own)
+    assert suite.child_env(plan, "build").get("RESNET_FUSED_CUDA_ARCHS") == os.environ.get("RESNET_FUSED_CUDA_ARCHS")
+    code = suite.precompile_argv(plan)[2]
+    assert "'--record-only'" in code and "'--precompile'" not in code and code.count("'--models'") == 2
+    assert "'resnet50'" in code and "'preact_resnet1001'" in code
+    plan.parts.mkdir()
+    (plan.parts / "env.log").write_text("hello\n")
+    assert plan.rel(plan.parts / "env.log") == "parts/env.log"
+    assert plan.rel(plan.out / "x.json") == "x.json"
+    plan.out.mkdir()
+    packed = suite.pack_parts(plan, "stem")
+    import tarfile
+
+    with tarfile.open(packed) as tar:
+        assert tar.extractfile("stem_parts/env.log").read() == b"hello\n"
+    assert [p.name for p in plan.out.iterdir()] == ["stem_parts.tar.gz"]
 
 
 def test_goal_lines_take_strings_lists_and_dicts():

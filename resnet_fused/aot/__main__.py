@@ -3,6 +3,7 @@
     python -m resnet_fused.aot [--arch sm_90a sm_80] [--models resnet50 wrn28_10] [--out DIR]
                                [--modes eval train] [--dtypes fp16 bf16 fp32] [--layouts channels_last nchw]
                                [--batch N] [--no-tf32] [--jobs N] [--cache DIR] [--shard I/N] [--record-only]
+                               [--precompile]
 
 Exit status: 0 when every variant passes the rules, 1 when one fails (compile error, spill, shared
 memory over the limit, a tensor-core variant without HGMMA on sm_90a), 2 for bad arguments.
@@ -54,6 +55,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "unsharded run with the same --cache assembles the full report)")
     ap.add_argument("--record-only", action="store_true",
                     help="record and count the variants, compile nothing")
+    ap.add_argument("--precompile", action="store_true",
+                    help="compile into this machine's Triton cache (TRITON_CACHE_DIR, else ~/.triton/cache) "
+                    "instead of a private one, so the JIT finds every recorded variant compiled: the device "
+                    "run's step 2, with --arch naming the GPU's own target; --cache is ignored (every variant "
+                    "must really be compiled into the cache)")
     args = ap.parse_args(argv)
     if args.batch is not None and min(args.batch) < 1:
         ap.error(f"--batch: expected positive ints, got {args.batch}")
@@ -156,7 +162,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tasks += aot_compile.tasks_for(chosen, [arch])
     rows: List[Dict] = []
     if not args.record_only:
-        results = aot_compile.compile_all(tasks, args.jobs, args.cache, _progress())
+        triton_cache = None
+        if args.precompile:
+            from triton import knobs
+
+            triton_cache = knobs.cache.dir  # TRITON_CACHE_DIR or Triton's default, as the JIT will read it
+            print(f"[aot] precompiling into the Triton cache {triton_cache}", file=sys.stderr)
+        results = aot_compile.compile_all(tasks, args.jobs, None if args.precompile else args.cache, _progress(),
+                                          triton_cache=triton_cache)
         rows = report.rows_for(variants, results)
     summary = report.summarize(launches, rows, [] if args.record_only else args.arch)
     print_summary(summary)

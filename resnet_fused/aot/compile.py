@@ -183,7 +183,7 @@ def _worker_init(triton_cache: str, cache_dir: Optional[str]) -> None:
     global _worker_cache_dir
     from triton import knobs
 
-    knobs.cache.dir = triton_cache  # private: the user's Triton cache is left alone
+    knobs.cache.dir = triton_cache  # private (the user's is left alone), unless precompiling into it
     _worker_cache_dir = cache_dir
 
 
@@ -211,10 +211,16 @@ def _work(task: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def compile_all(tasks: List[Dict[str, Any]], jobs: int, cache_dir: Optional[str] = None,
-                progress: Optional[Callable[[int, int], None]] = None) -> List[Dict[str, Any]]:
+                progress: Optional[Callable[[int, int], None]] = None,
+                triton_cache: Optional[str] = None) -> List[Dict[str, Any]]:
     """Results of ``tasks`` (dicts: ``variant``, ``kernel``, ``arch``, ``signature``, ``constexprs``,
     ``attrs``, ``options``), in order, compiled by ``jobs`` spawned worker processes. Call it from
-    under ``if __name__ == "__main__":`` in a script (spawned workers import the main module)."""
+    under ``if __name__ == "__main__":`` in a script (spawned workers import the main module).
+
+    ``triton_cache``: compile into this Triton cache instead of a private temporary one. On the GPU
+    the report is made for, that is how a run precompiles: the kernels land under the same keys the
+    JIT computes at launch (Triton's key does not depend on the ptxas-log and always-compile
+    switches used here), so later launches load them instead of compiling one at a time."""
     if cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     if not tasks:
@@ -225,8 +231,8 @@ def compile_all(tasks: List[Dict[str, Any]], jobs: int, cache_dir: Optional[str]
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         with tempfile.TemporaryDirectory(prefix="resnet_fused_aot_") as tmp, \
-                futures.ProcessPoolExecutor(max(1, min(jobs, len(tasks))), mp_context=ctx,
-                                            initializer=_worker_init, initargs=(tmp, cache_dir)) as pool:
+                futures.ProcessPoolExecutor(max(1, min(jobs, len(tasks))), mp_context=ctx, initializer=_worker_init,
+                                            initargs=(triton_cache or tmp, cache_dir)) as pool:
             results = []
             # chunksize 1: both workers stay busy to the end (kernel sizes vary 50x)
             for i, row in enumerate(pool.map(_work, tasks, chunksize=1)):
