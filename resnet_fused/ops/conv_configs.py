@@ -16,10 +16,9 @@ BLOCK_K                filter row (Cin < 8 and KW*Cin <= 32, "FLAT_K"): next pow
                        divides takes 16 (Cin < 32) or 32.
 BLOCK_M                128, or 64 when 128-row tiles would not fill one wave of 132 SMs (small
                        batches, 7x7 layers): a 64-row tile is still one warpgroup's wgmma (m64).
-num_warps              8 for a 128x128 tile (two warpgroups, 64 accumulator registers a thread)
-                       and for a 128-row tile that gathers element by element (a filter row, or
-                       NCHW, whose pixel runs the compiler cannot prove contiguous: one 64-bit
-                       address a value), else 4 (one warpgroup).
+num_warps              8 for a 128-row tile (two warpgroups: 64 accumulator registers a thread at
+                       128x128; at 4 warps a 128x64 tile reached 255 registers and spilled on
+                       sm_80), 4 for a 64-row tile (one warpgroup).
 num_stages             as many as fit ~100 KiB of operand buffers, 2..4: 3 for 32 KiB stages, 4 below
                        (two CTAs can share an H100 SM; within A100's 163 KiB with the epilogue's
                        scratch).
@@ -32,7 +31,7 @@ What ResNet-50 (batch 256) and WRN-28-10 (batch 128) get (fp16/bf16 | fp32):
 class                                      channels_last               NCHW
 =========================================  ==========================  ==========================
 stem 7x7, Cin 3 (and WRN's 3x3, Cin 3)      128x64x32 w8 (x16: 3x3)     same
-Cout <= 64 (layer1 1x1 / 3x3)              128x64x64 w4 | 128x64x32    128x64x32 w8
+Cout <= 64 (layer1 1x1 / 3x3)              128x64x64 w8 | 128x64x32    128x64x32 w8
 Cout > 64, Cin % 64 == 0                   128x128x64 w8 s3 | x32 s3   128x64x32 w8
 Cin 160 / Cin 16 (WRN)                     128x128x32 / x16 w8         128x64x32 / x16 w8
 M / 128 x Cout / BLOCK_N < 132 tiles       BLOCK_M 64, 4 warps         BLOCK_M 64, 4 warps
@@ -118,11 +117,13 @@ def _stages(bm: int, bn: int, bk: int, elem_bytes: int) -> int:
     return max(2, min(4, STAGE_BUDGET // stage))
 
 
-def _make(bm: int, bn: int, bk: int, elem_bytes: int, gather: bool = False) -> ConvConfig:
-    # ``gather``: an operand or the output moves element by element (a filter-row tile, or NCHW
-    # pixels whose contiguity the compiler cannot prove): no cp.async for 16-bit, one 64-bit
-    # address a value, so 8 warps split a 128-row tile (the stem: 255 -> 166 registers)
-    warps = 8 if bm * bn >= 128 * 128 or (gather and bm == 128) else 4
+def _make(bm: int, bn: int, bk: int, elem_bytes: int) -> ConvConfig:
+    # 8 warps (two warpgroups) for every 128-row tile. At 4 warps a 128x64 tile sat at 255
+    # registers on both targets and sm_80 spilled 8 B (128x64x64, ResNet-50 layer1 3x3,
+    # fp16/bf16); tiles that gather element by element (a filter row, or NCHW pixels whose
+    # contiguity the compiler cannot prove: one 64-bit address a value) needed 8 already (the
+    # stem: 255 -> 166 registers).
+    warps = 8 if bm == 128 else 4
     return ConvConfig(bm, bn, bk, warps, _stages(bm, bn, bk, elem_bytes))
 
 
@@ -151,7 +152,7 @@ def conv_config(m: int, cout: int, cin: int, kh: int, kw: int, elem_bytes: int,
         bk = min(bk, 32)
     tiles = -(-m // 128) * -(-cout // bn)
     bm = 128 if tiles >= WAVE_SMS else 64
-    return _make(bm, bn, bk, elem_bytes, flat or pixel_major)
+    return _make(bm, bn, bk, elem_bytes)
 
 
 def pixel_major_strides(channel_stride: int, w_stride: int) -> bool:
@@ -185,7 +186,7 @@ def candidates(cin: int, kw: int, elem_bytes: int, pixel_major: bool = False, fm
     if pixel_major and not flat:
         bk = min(bk, 32)
     bns = (64,) if pixel_major else (64, 128)
-    return [_make(bm, bn, bk, elem_bytes, flat or pixel_major) for bm in (64, 128) for bn in bns]
+    return [_make(bm, bn, bk, elem_bytes) for bm in (64, 128) for bn in bns]
 
 
 def _all_configs() -> List[ConvConfig]:
