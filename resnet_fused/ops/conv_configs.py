@@ -35,8 +35,8 @@ Cout <= 64 (layer1 1x1 / 3x3)              128x64x64 w8 | 128x64x32    128x64x32
 Cout > 64, Cin % 64 == 0                   128x128x64 w8 s3 | x32 s3   128x64x32 w8
 Cin 160 / Cin 16 (WRN)                     128x128x32 / x16 w8         128x64x32 / x16 w8
 M / 128 x Cout / BLOCK_N < 132 tiles       BLOCK_M 64, 4 warps         BLOCK_M 64, 4 warps
-fp32 with TF32 off ("ieee": FMA units)     64x64x16 w8 s4 (stem x32),  same
-                                           maxnreg 255
+fp32 with TF32 off ("ieee": FMA units)     64x64x16 w8 s4 (stem        same
+                                           64x32x32), maxnreg 255
 =========================================  ==========================  ==========================
 
 Every configuration this function can return is in :data:`CONFIGS`; each was compiled
@@ -133,6 +133,9 @@ def _fma_config(cin: int, kw: int) -> ConvConfig:
     # ptxas then aims for occupancy even on sm_90 (80 registers and a 4-byte spill in four
     # NCHW training variants): allowed 255, it spills nothing.
     bk = block_k_for(cin, kw, 4) if flat_k(cin, kw) else 16
+    if flat_k(cin, kw):  # the stem: a 32-wide filter-row K block doubles the operand registers;
+        # 64x64x32 reached 255 and spilled 4 B on sm_80, 64x32x32 does not spill (255 on both)
+        return ConvConfig(64, 32, bk, 8, _stages(64, 32, bk, 4), maxnreg=255)
     return ConvConfig(64, 64, bk, 8, _stages(64, 64, bk, 4), maxnreg=255)
 
 
