@@ -4,7 +4,7 @@ Runs ``python -m resnet_fused`` (which checks equivalence against a float64 run 
 anything, and times stock and fused interleaved call by call) over a grid of batch sizes and
 layouts, collects its rows and writes one result file (JSON + CSV, schema of ``benchmarks.common``)::
 
-    python -m benchmarks.bench_cpu_model [--out benchmarks/results] [--iters 20] [--threads N]
+    python -m benchmarks.bench_cpu_model [--out benchmarks/results] [--iters N] [--threads N]
                                          [--backends torch cuda] [--eval-only] [--batches 1 8 32]
 
 The grid: batch 1, 8 and 32, NCHW and channels_last, each an eval forward (224x224) and a training
@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(common.REPO_ROOT / "benchmarks" / "results"))
     ap.add_argument("--model", default="resnet50")
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=None,
+                    help="timed calls per row (default: 40 at batch 1, 16 at 8, 8 at 32 and above: a few seconds "
+                    "of each model per row, so batch 1's 70-ms calls get enough samples for a median)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "torch", "cuda"])
@@ -79,7 +81,8 @@ def main(argv=None) -> int:
         for cl in (False, True):
             for _ in range(args.repeats):
                 for backend in args.backends:
-                    rows += run_config(batch, cl, not args.eval_only, args.iters, args.threads, args.model,
+                    iters = args.iters or (40 if batch < 8 else 16 if batch < 32 else 8)
+                    rows += run_config(batch, cl, not args.eval_only, iters, args.threads, args.model,
                                        backend, decisions, args.size)
     env = common.env_info()
     paths = common.write_results(args.out, f"cpu_model_{args.model}", env, rows, extra={"dispatch": decisions})

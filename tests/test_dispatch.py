@@ -470,3 +470,44 @@ def test_tune_off_uses_static_default_then_cache(monkeypatch):
     monkeypatch.setenv(dispatcher.TUNE_ENV, "0")
     run_auto(*conv_inputs())
     assert len(timer.calls) == 1 and (only_row().source, only_row().chosen) == ("cache", "fast")
+
+
+# ------------------------------------------------------------------------ a module's site memo
+def test_module_site_memo_keeps_settled_choices_only():
+    """A block remembers its settled choices per conv site (later calls skip the key), and that
+    memory follows the dispatcher: forget() and a candidate's (un)registration start over; a static
+    choice (RESNET_FUSED_TUNE=0) is not remembered, so measuring resumes when it is allowed; a
+    copy or a pickled module starts empty."""
+    import pickle
+
+    runs = []
+
+    def fast(*a):
+        runs.append(1)
+        return torch_conv(*a)
+
+    block = rf.BasicBlock(8, 8).eval()
+    x = torch.randn(2, 8, 6, 6)
+    timer = use_timer(torch=1.0, cuda=1.0, fast=0.5)
+    with rf.use_backend("auto"), torch.no_grad():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(dispatcher.TUNE_ENV, "0")
+            block(x)
+            assert not timer.calls and all(not m for m in block._dispatch_memos.values())
+        rf.register_candidate("conv_bias_act", "fast", fast)
+        y = block(x)  # measures both sites (two keys: conv2 adds the residual), remembers the choices
+        assert len(timer.calls) == 2
+        assert {r.chosen for r in rf.dispatch_report() if r.source == "measured"} == {"fast"}
+        assert all(len(m) == 1 for m in block._dispatch_memos.values())
+        n = len(runs)
+        block(x)
+        assert len(timer.calls) == 2 and len(runs) == n + 2  # from the memo: the winner, twice
+        dispatch.unregister_candidate("conv_bias_act", "fast")
+        y2 = block(x)  # a new generation: measured again, without "fast"
+        assert len(timer.calls) == 4 and len(runs) == n + 2
+        dispatch.forget()  # the process forgets; the block asks again and gets the cache file's answer
+        block(x)
+        assert len(timer.calls) == 4 and {r.source for r in rf.dispatch_report()} == {"cache"}
+        torch.testing.assert_close(y, y2)
+        assert not any(copy.deepcopy(block)._dispatch_memos.values())
+        assert not any(pickle.loads(pickle.dumps(block))._dispatch_memos.values())

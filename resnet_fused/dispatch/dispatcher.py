@@ -64,7 +64,9 @@ class Decision:
 
 _lock = threading.RLock()
 _memo: Dict[tuple, Decision] = {}
-_static_memo: Dict[tuple, Decision] = {}  # (memo key, why not measured) -> the static decision
+epoch = 0  # bumped by forget(): a call site may remember a settled choice while it is unchanged
+_static_memo: Dict[tuple, Decision] = {}
+epoch = 0  # bumped by forget(): a call site may remember a settled choice while it is unchanged  # (memo key, why not measured) -> the static decision
 _rows: Dict[str, Decision] = {}  # every decision of this process, by key, in order of first use
 _file = DecisionFile()
 
@@ -76,11 +78,21 @@ def _memo_key(case: tuple, device: torch.device) -> tuple:
 
 def forget() -> None:
     """Drop this process's decisions and report rows (the cache file stays)."""
+    global epoch
     with _lock:
+        epoch += 1  # call sites' own memos (see is_settled) start over too
         _memo.clear()
         _static_memo.clear()
         _rows.clear()
         _file.forget()
+
+
+def is_settled(case: tuple, device: torch.device) -> bool:
+    """Whether this case's choice is fixed for the rest of the process (measured, or read from the
+    cache file) until :func:`forget` or a candidate (un)registration: a call site may then keep it
+    and skip building the key on later calls. A static choice is not settled: it is re-examined
+    on every call, since the reason not to measure (``RESNET_FUSED_TUNE=0``, a capture) can end."""
+    return _memo_key(case, device) in _memo
 
 
 # ----------------------------------------------------------------------------------- choosing

@@ -58,6 +58,17 @@ def conv_bn_pair(m) -> Optional[Tuple[nn.Conv2d, nn.Module]]:
     return None
 
 
+class SiteMemos(dict):
+    """A module's dispatch memos, per conv key. A copy or an unpickled module starts empty: the
+    entries hold candidate objects (functions, library handles) that belong to this process."""
+
+    def __deepcopy__(self, memo):
+        return SiteMemos()
+
+    def __reduce__(self):
+        return (SiteMemos, ())
+
+
 class FusedBlockMixin:
     """Mixed into every block (an ``nn.Module``). ``backend=None`` follows the global choice."""
 
@@ -86,7 +97,7 @@ class FusedBlockMixin:
             return dispatch_sites.conv_site(
                 x, lambda fmt: self._fold.get(key, conv, norm, memory_format=fmt), tuple(conv.weight.shape), w_fmt,
                 residual, conv.stride, conv.padding, conv.dilation, relu, out_fmt, grad,
-                site=f"{type(self).__name__}.{key}")
+                site=f"{type(self).__name__}.{key}", memo=self._site_memo(key))
         impl = "torch" if impl == "auto" else impl  # grouped convs: no fused kernel to measure
         # the Triton and CUTLASS kernels read channels_last weights; grouped convs run on the PyTorch
         # path, where a channels_last weight would only make PyTorch produce (then undo) that layout
@@ -95,6 +106,14 @@ class FusedBlockMixin:
         w, b = self._fold.get(key, conv, norm, memory_format=fmt)
         return _conv_run(x, w, b, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu,
                          backend=impl, out_format=out_fmt)
+
+    def _site_memo(self, key: str) -> dict:
+        """This module's memo of settled dispatch choices for conv ``key`` (see
+        :func:`resnet_fused.dispatch.sites.conv_site`); not part of any state_dict."""
+        memos = self.__dict__.get("_dispatch_memos")
+        if memos is None:
+            memos = self.__dict__["_dispatch_memos"] = SiteMemos()
+        return memos.setdefault(key, {})
 
     def _bn_relu(self, key: str, impl: str, x: Tensor, norm: nn.Module) -> Tensor:
         """``relu(norm(x))`` for an eval BatchNorm, one pass."""

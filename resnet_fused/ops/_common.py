@@ -1,6 +1,8 @@
 """Small helpers shared by the fused ops: argument checks, geometry, layouts."""
 from __future__ import annotations
 
+import functools
+
 import contextlib
 
 from typing import Optional, Sequence, Tuple, Union
@@ -79,11 +81,17 @@ def weight_memory_format(w: Tensor) -> torch.memory_format:
     if dense != dense_cl:
         return torch.channels_last if dense_cl else torch.contiguous_format
     # dense in both layouts (1x1 kernels, one channel), or neither: ATen decides by the strides
+    # alone (remembered: ResNet-50 asks this for every 1x1 conv of every forward)
+    return _format_by_strides(tuple(w.shape), w.stride())
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_by_strides(shape: tuple, strides: tuple) -> torch.memory_format:
     try:
         from torch._prims_common import suggest_memory_format
     except ImportError:  # pragma: no cover - older torch
-        return memory_format_of(w)
-    return suggest_memory_format(w)
+        return memory_format_of(torch.empty_strided(shape, strides, device="meta"))
+    return suggest_memory_format(torch.empty_strided(shape, strides, device="meta"))
 
 
 def conv_uses_tf32() -> bool:
