@@ -519,7 +519,7 @@ def test_batch_split_views_with_descriptors(monkeypatch, tma_spy):
 # The GPU's tiles (wider than the interpreter's fixed 32x32x16) on small shapes: every edge masked,
 # descriptors with the GPU's block shapes, several Cin blocks a tap. (shape, x layout, dtype, config)
 GPU_TILE_CASES = {
-    "3x3_cin64_cl_128x64x64": ((1, 64, 6, 5, 70, 3, 1, 1, 1), CL, torch.float16, (128, 64, 64, 4, 4)),
+    "3x3_cin64_cl_128x64x64": ((1, 64, 6, 5, 70, 3, 1, 1, 1), CL, torch.float16, (128, 64, 64, 8, 4)),
     "1x1_cin64_cl_128x128x64": ((2, 64, 5, 7, 130, 1, 1, 0, 1), CL, torch.bfloat16, (128, 128, 64, 8, 3)),
     "3x3s2_cin48_nchw_64x128x16": ((2, 48, 9, 7, 70, 3, 2, 1, 1), NCHW, torch.float32, (64, 128, 16, 4, 4)),
     "stem_7x7_cl_128x64x32": ((1, 3, 12, 12, 8, 7, 2, 3, 1), CL, torch.float16, (128, 64, 32, 8, 4)),
