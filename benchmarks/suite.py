@@ -133,12 +133,13 @@ def child_env(plan: Plan, step: str = "") -> Dict[str, str]:
     if plan.device == "cuda":
         env.pop("TRITON_INTERPRET", None)  # real kernels, compiled for the GPU
         env.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # later processes reuse earlier tuning
-        if step == "build":  # this GPU's architecture only, on every core (a 2-arch build takes twice as long)
-            import torch
+        # this GPU's architecture only (a 2-arch build takes twice as long), in every step: the
+        # architectures are part of the build's flags, so a step with others would build again
+        import torch
 
-            major, minor = torch.cuda.get_device_capability(0)
-            env.setdefault("RESNET_FUSED_CUDA_ARCHS", f"{major}{minor}")
-    if step == "build":
+        major, minor = torch.cuda.get_device_capability(0)
+        env.setdefault("RESNET_FUSED_CUDA_ARCHS", f"{major}{minor}")
+    if step == "build":  # on every core
         env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     return env
 
