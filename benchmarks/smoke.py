@@ -83,6 +83,21 @@ def row(case: str, dtype: str, backend: str, chk: Optional[common.Check], second
     return r
 
 
+def each_backend(rows: List[dict], case: str, dtype: str, device: torch.device, backends, check: Callable) -> None:
+    """One row per backend: skipped with the reason where it cannot run here, else ``check(backend)``
+    -> ``(Check, seconds, note)``; a backend that raises is a failure, reported, not fatal."""
+    for backend in backends:
+        why = unavailable(backend, device)
+        if why is not None:
+            rows.append(row(case, dtype, backend, None, 0.0, f"skipped: {why}"))
+            continue
+        try:
+            chk, sec, note = check(backend)
+            rows.append(row(case, dtype, backend, chk, sec, note))
+        except Exception as exc:
+            rows.append(row(case, dtype, backend, None, 0.0, f"FAILED: {type(exc).__name__}: {exc}"))
+
+
 # ------------------------------------------------------------------------------------ the checks
 def conv_checks(device: torch.device, dtype: str, gen: torch.Generator) -> List[dict]:
     rows = []
@@ -102,23 +117,18 @@ def conv_checks(device: torch.device, dtype: str, gen: torch.Generator) -> List[
         b = b64.float()
         with torch.no_grad():
             eager = torch.relu(F.conv2d(x, wt, b.to(dt), s, p) + (0 if r is None else r))
-            for backend in CONV_BACKENDS:
-                why = unavailable(backend, device)
-                if why is not None:
-                    rows.append(row(f"conv {name}", dtype, backend, None, 0.0, f"skipped: {why}"))
-                    continue
-                try:
-                    if backend == "cudnn_fused":
-                        from resnet_fused.dispatch.candidates import _cudnn_fused
 
-                        call = lambda: _cudnn_fused(x, wt, b, r, (s, s), (p, p), (1, 1), True, fmt)  # noqa: E731
-                    else:
-                        call = lambda: rf.ops.conv_bias_act(x, wt, b, r, stride=s, padding=p, backend=backend)  # noqa
-                    out, sec = _time(lambda: _sync(call(), device))
-                    rows.append(row(f"conv {name}", dtype, backend, common.check_output(out, ref, eager, dtype),
-                                    sec, _chosen(backend)))
-                except Exception as exc:  # a kernel that raises is a failure, reported, not fatal
-                    rows.append(row(f"conv {name}", dtype, backend, None, 0.0, f"FAILED: {type(exc).__name__}: {exc}"))
+            def check(backend, x=x, wt=wt, b=b, r=r, s=s, p=p, fmt=fmt, ref=ref, eager=eager):
+                if backend == "cudnn_fused":
+                    from resnet_fused.dispatch.candidates import _cudnn_fused
+
+                    call = lambda: _cudnn_fused(x, wt, b, r, (s, s), (p, p), (1, 1), True, fmt)  # noqa: E731
+                else:
+                    call = lambda: rf.ops.conv_bias_act(x, wt, b, r, stride=s, padding=p, backend=backend)  # noqa
+                out, sec = _time(lambda: _sync(call(), device))
+                return common.check_output(out, ref, eager, dtype), sec, _chosen(backend)
+
+            each_backend(rows, f"conv {name}", dtype, device, CONV_BACKENDS, check)
     return rows
 
 
@@ -134,17 +144,12 @@ def bn_checks(device: torch.device, dtype: str, gen: torch.Generator) -> List[di
     x, r = (t.to(dt).contiguous(memory_format=torch.channels_last) for t in (x64, r64))
     with torch.no_grad():
         eager = torch.relu(x * sc.to(dt).view(1, -1, 1, 1) + sh.to(dt).view(1, -1, 1, 1) + r)
-        for backend in OTHER_BACKENDS:
-            why = unavailable(backend, device)
-            if why is not None:
-                rows.append(row("bn_act +res", dtype, backend, None, 0.0, f"skipped: {why}"))
-                continue
-            try:
-                out, sec = _time(lambda: _sync(rf.ops.bn_act(x, sc.float(), sh.float(), r, backend=backend), device))
-                rows.append(row("bn_act +res", dtype, backend, common.check_output(out, ref, eager, dtype), sec,
-                                _chosen(backend)))
-            except Exception as exc:
-                rows.append(row("bn_act +res", dtype, backend, None, 0.0, f"FAILED: {type(exc).__name__}: {exc}"))
+
+        def check(backend):
+            out, sec = _time(lambda: _sync(rf.ops.bn_act(x, sc.float(), sh.float(), r, backend=backend), device))
+            return common.check_output(out, ref, eager, dtype), sec, _chosen(backend)
+
+        each_backend(rows, "bn_act +res", dtype, device, OTHER_BACKENDS, check)
     return rows
 
 
@@ -166,25 +171,20 @@ def train_checks(device: torch.device, dtype: str, gen: torch.Generator) -> List
     ref = {k: v for k, v in ref.items() if v.is_floating_point()}
     eager = _train_step(copy.deepcopy(base).to(device), x64.float().to(device), g64.float().to(device), "torch",
                         dtype)
-    for backend in OTHER_BACKENDS:
-        why = unavailable(backend, device)
-        if why is not None:
-            rows.append(row("train Bottleneck", dtype, backend, None, 0.0, f"skipped: {why}"))
-            continue
-        try:
-            got, sec = _time(lambda: _train_step(copy.deepcopy(base).to(device), x64.float().to(device),
-                                                 g64.float().to(device), backend, dtype))
-            checks = {key: common.check_output(got[key], ref_t, eager[key], dtype) for key, ref_t in ref.items()}
-            for key, t in got.items():  # integer buffers (num_batches_tracked): exactly as eager
-                if not t.is_floating_point():
-                    same = torch.equal(t.cpu(), eager[key].cpu())
-                    checks[key] = common.Check(0.0 if same else float("inf"), 0.0, 0.0, same)
-            # the row keeps the failing tensor, else the one closest to its bound
-            worst = max(checks.items(), key=lambda kv: (not kv[1].ok, kv[1].err / max(kv[1].bound, 1e-300)))
-            rows.append(row("train Bottleneck", dtype, backend, worst[1], sec,
-                            f"worst: {worst[0]}" + (f"; {_chosen(backend)}" if _chosen(backend) else "")))
-        except Exception as exc:
-            rows.append(row("train Bottleneck", dtype, backend, None, 0.0, f"FAILED: {type(exc).__name__}: {exc}"))
+
+    def check(backend):
+        got, sec = _time(lambda: _train_step(copy.deepcopy(base).to(device), x64.float().to(device),
+                                             g64.float().to(device), backend, dtype))
+        checks = {key: common.check_output(got[key], ref_t, eager[key], dtype) for key, ref_t in ref.items()}
+        for key, t in got.items():  # integer buffers (num_batches_tracked): exactly as eager
+            if not t.is_floating_point():
+                same = torch.equal(t.cpu(), eager[key].cpu())
+                checks[key] = common.Check(0.0 if same else float("inf"), 0.0, 0.0, same)
+        # the row keeps the failing tensor, else the one closest to its bound
+        worst = max(checks.items(), key=lambda kv: (not kv[1].ok, kv[1].err / max(kv[1].bound, 1e-300)))
+        return worst[1], sec, f"worst: {worst[0]}" + (f"; {_chosen(backend)}" if _chosen(backend) else "")
+
+    each_backend(rows, "train Bottleneck", dtype, device, OTHER_BACKENDS, check)
     return rows
 
 
