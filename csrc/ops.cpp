@@ -126,6 +126,17 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 }
 #endif
 
+// bn_act_forward on y's device: the CUDA kernel (named `what` in a launch error) or the CPU one.
+void run_bn_act_forward(const BnActArgs& a, const at::Tensor& y, const char* what) {
+  if (on_cuda(y)) {
+#ifdef RESNET_FUSED_WITH_CUDA
+    check_launch(cuda::bn_act_forward(a, stream_of(y)), what);
+#endif
+  } else {
+    cpu::bn_act_forward(a);
+  }
+}
+
 // The residual branch of the block-tail ops: r (like y) and its optional BatchNorm affine.
 struct Residual {
   at::Tensor r, mean, scale, shift;
@@ -189,13 +200,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act(const at::Tensor& y_in, const OptTenso
   a.mask = masked ? mask.data_ptr<uint8_t>() : nullptr;
   a.relu = relu;
   c10::OptionalDeviceGuard guard(y.device());
-  if (on_cuda(y)) {
-#ifdef RESNET_FUSED_WITH_CUDA
-    check_launch(cuda::bn_act_forward(a, stream_of(y)), "bn_act_forward");
-#endif
-  } else {
-    cpu::bn_act_forward(a);
-  }
+  run_bn_act_forward(a, y, "bn_act_forward");
   return {out, mask};
 }
 
@@ -455,10 +460,6 @@ ConvPlan plan_conv(const at::Tensor& x, const at::Tensor& w, const OptTensor& r,
   return p;
 }
 
-}  // namespace
-
-namespace {
-
 bool aligned(const at::Tensor& t, size_t bytes) {
   return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
 }
@@ -555,13 +556,7 @@ ConvResult conv_impl(const at::Tensor& x_in, const at::Tensor& w_in, const OptTe
       a.r = res.data_ptr();
     }
     a.relu = relu;
-    if (on_cuda(y)) {
-#ifdef RESNET_FUSED_WITH_CUDA
-      check_launch(cuda::bn_act_forward(a, stream_of(y)), "bn_act_forward (conv epilogue)");
-#endif
-    } else {
-      cpu::bn_act_forward(a);
-    }
+    run_bn_act_forward(a, y, "bn_act_forward (conv epilogue)");
   }
   if (!stats) return {y, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   auto st = channel_stats(y);
