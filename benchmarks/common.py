@@ -3,10 +3,9 @@
 Timing
     :func:`benchmark` times ``fn(*inputs[i])``, rotating over several input copies so that on a
     GPU the inputs are not simply re-read from L2 (:func:`rotation_copies` picks how many).
-    CUDA: CUDA events around each call after a warm-up (as ``triton.testing.do_bench``), or, with
-    ``cuda_graph=True``, one captured graph over all copies whose replays are timed. CPU:
-    ``time.perf_counter`` around each call after a warm-up. Both return a :class:`Timing` with the
-    median and the 20th / 80th percentiles in milliseconds.
+    CUDA: ``triton.testing.do_bench`` (``do_bench_cudagraph`` with ``cuda_graph=True``); CPU:
+    ``torch.utils.benchmark.Timer.blocked_autorange``. Both give a :class:`Timing`: the median and
+    the 20th / 80th percentiles in milliseconds.
 
 Correctness
     :func:`check_output`: relative error ``||out - ref|| / ||ref||`` against a float64 reference,
@@ -42,10 +41,10 @@ import argparse
 import contextlib
 import csv
 import datetime as _dt
+import itertools
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -86,41 +85,16 @@ FLOOR = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2, "fp64": 1e-12}
 
 
 # ------------------------------------------------------------------------------------ environment
-def cpu_name() -> str:
-    """The processor's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def _driver_version() -> Optional[str]:
-    """NVIDIA driver version (pynvml, else nvidia-smi), or None without one."""
-    if not torch.cuda.is_available() or torch.version.cuda is None:
-        return None
-    try:
-        import pynvml  # optional
-
-        pynvml.nvmlInit()
-        try:
-            v = pynvml.nvmlSystemGetDriverVersion()
-            return v.decode() if isinstance(v, bytes) else str(v)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        pass
+    """The NVIDIA driver's version (``nvidia-smi``), or None without one."""
     smi = shutil.which("nvidia-smi")
-    if smi is None:
+    if not torch.cuda.is_available() or smi is None:
         return None
     try:
         out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout.strip().splitlines()
-        return out[0].strip() if out else None
-    except Exception:
+                             text=True, timeout=20, check=True).stdout.split()
+        return out[0] if out else None
+    except (OSError, subprocess.SubprocessError):
         return None
 
 
@@ -146,7 +120,9 @@ def device_name(device: Optional[torch.device] = None) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu: {cpu_name()}"
+    from resnet_fused.dispatch.keys import device_fields
+
+    return device_fields(device)["device"]  # "cpu: <model name>", as the dispatch's keys have it
 
 
 def pick_device(name: Optional[str]) -> torch.device:
@@ -189,16 +165,12 @@ class Timing:
 
 
 def quantile(samples: Sequence[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``samples``, linear interpolation (numpy's default)."""
+    """The ``q`` quantile (0..1) of ``samples``, linear interpolation (``torch.quantile``)."""
     if not samples:
         raise ValueError("samples: expected at least one value, got none")
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"q: expected a value in [0, 1], got {q}")
-    s = sorted(samples)
-    pos = q * (len(s) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    return torch.tensor(samples, dtype=torch.float64).quantile(q).item()
 
 
 def summarize(samples_ms: Sequence[float]) -> Timing:
@@ -221,90 +193,60 @@ def cache_bytes(device: torch.device) -> int:
     return 32 * 2**20
 
 
-def _time_cpu(fn: Callable, inputs: Sequence[tuple], warmup: int, min_reps: int, max_reps: int,
-              budget_s: float) -> List[float]:
-    k = len(inputs)
-    for i in range(warmup):
-        fn(*inputs[i % k])
-    samples: List[float] = []
-    stop = time.perf_counter() + budget_s
-    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() < stop):
-        args = inputs[len(samples) % k]
-        t0 = time.perf_counter()
-        fn(*args)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return samples
-
-
-def _time_cuda(fn: Callable, inputs: Sequence[tuple], warmup_ms: float, rep_ms: float, min_reps: int,
-               max_reps: int, cuda_graph: bool) -> List[float]:
-    k = len(inputs)
-    fn(*inputs[0])  # compile / autotune / cuDNN heuristics stay out of the estimate
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for i in range(5):
-        fn(*inputs[i % k])
-    end.record()
-    torch.cuda.synchronize()
-    estimate = max(start.elapsed_time(end) / 5, 1e-3)
-    n_warm = max(1, int(warmup_ms / estimate))
-    n_rep = max(min_reps, min(max_reps, int(rep_ms / estimate)))
-    if cuda_graph:
-        # Graph capture wants its warm-up on a side stream (allocator and cuBLAS/cuDNN handles).
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for i in range(3):
-                fn(*inputs[i % k])
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for args in inputs:  # one replay = one call on each copy
-                fn(*args)
-        torch.cuda.synchronize()
-        for _ in range(max(1, n_warm // k)):
-            graph.replay()
-        reps = max(min_reps, n_rep // k)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for s, e in zip(starts, ends):
-            s.record()
-            graph.replay()
-            e.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) / k for s, e in zip(starts, ends)]
-    for i in range(n_warm):
-        fn(*inputs[i % k])
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    for i, (s, e) in enumerate(zip(starts, ends)):
-        args = inputs[i % k]
-        s.record()
-        fn(*args)
-        e.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-
-
 def benchmark(fn: Callable, inputs: Sequence[tuple], device: torch.device, *, cuda_graph: bool = False,
               warmup_ms: float = 25.0, rep_ms: float = 100.0, warmup: int = 2, min_reps: int = 10,
-              max_reps: int = 1000, budget_s: float = 0.5) -> Timing:
-    """Time ``fn(*inputs[i])``, ``i`` rotating over ``inputs`` (each a tuple of arguments).
+              budget_s: float = 0.5, max_reps: Optional[int] = None) -> Timing:
+    """Time ``fn(*inputs[i])``, ``i`` rotating over ``inputs`` (each a tuple of arguments); a
+    :class:`Timing` in milliseconds per call.
 
-    CUDA: ``warmup_ms`` / ``rep_ms`` of warm-up and measurement (at least ``min_reps`` samples),
-    CUDA events per call, or per graph replay (divided by ``len(inputs)``) with ``cuda_graph``.
-    CPU: ``warmup`` calls, then at least ``min_reps`` samples and as many as fit ``budget_s``.
-    Returns a :class:`Timing` in milliseconds per call.
+    CUDA: ``triton.testing.do_bench`` (CUDA events per call, L2 flushed between calls;
+    ``warmup_ms`` / ``rep_ms`` of warm-up and measurement, stretched so that at least
+    ``min_reps`` calls are timed), or ``do_bench_cudagraph`` with ``cuda_graph`` (one graph of
+    unrolled calls, replayed). CPU: ``warmup`` calls, then ``torch.utils.benchmark.Timer``'s
+    ``blocked_autorange`` for ``budget_s`` seconds (at the process's thread count; its block-size
+    estimate is one more warm-up), topped up with single timed calls to ``min_reps`` samples (``budget_s=0``: exactly ``min_reps`` calls), at
+    most ``max_reps`` kept. ``rep_ms=0`` on CUDA: exactly ``min_reps`` calls, CUDA events around
+    each (long training steps, where do_bench's own five-call estimate would cost seconds).
     """
     if not inputs:
         raise ValueError("inputs: expected at least one tuple of arguments, got none")
-    device = torch.device(device)
-    if device.type == "cuda":
-        samples = _time_cuda(fn, inputs, warmup_ms, rep_ms, min_reps, max_reps, cuda_graph)
-    else:
-        samples = _time_cpu(fn, inputs, warmup, min_reps, max_reps, budget_s)
-    return summarize(samples)
+    args = itertools.cycle(inputs)
+
+    def call():
+        return fn(*next(args))
+
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        call()  # compile / autotune / cuDNN heuristics stay out of do_bench's estimate
+        torch.cuda.synchronize()
+        if rep_ms <= 0:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(min_reps)]
+            for start, end in events:
+                start.record()
+                call()
+                end.record()
+            torch.cuda.synchronize()
+            return summarize([start.elapsed_time(end) for start, end in events])
+        if cuda_graph:
+            return summarize(triton.testing.do_bench_cudagraph(call, rep=rep_ms, return_mode="all"))
+        t0 = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        rep_ms = max(rep_ms, 1.2 * min_reps * (time.perf_counter() - t0) * 1e3)  # do_bench sizes by time
+        return summarize(triton.testing.do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="all"))
+    from torch.utils.benchmark import Timer
+
+    for _ in range(warmup):
+        call()
+    timer = Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
+    samples = [t * 1e3 for t in timer.blocked_autorange(min_run_time=budget_s).times] if budget_s > 0 else []
+    while len(samples) < min_reps:  # one call a sample (Timer.timeit would add two warm-up calls each)
+        t0 = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return summarize(samples[:max_reps])
 
 
 def benchmark_graph_or_plain(fn: Callable, inputs: Sequence[tuple], device: torch.device, cuda_graph: bool,

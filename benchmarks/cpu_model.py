@@ -4,7 +4,7 @@ Runs ``python -m resnet_fused`` (which checks equivalence against a float64 run 
 anything, and times stock and fused interleaved call by call) over a grid of batch sizes and
 layouts, collects its rows and writes one result file (JSON + CSV, schema of ``benchmarks.common``)::
 
-    python -m benchmarks.bench_cpu_model [--out benchmarks/results] [--iters N] [--threads N]
+    python -m benchmarks.cpu_model [--out benchmarks/results] [--iters N] [--threads N]
                                          [--backends torch cuda] [--eval-only] [--batches 1 8 32]
 
 The grid: batch 1, 8 and 32, NCHW and channels_last, each an eval forward (224x224) and a training

@@ -1,6 +1,6 @@
 """Activation memory autograd keeps for one training step: eager vs fused vs fused low-memory.
 
-    python -m benchmarks.bench_memory [--out DIR] [--quick] [--no-write]
+    python -m benchmarks.memory [--out DIR] [--quick] [--no-write]
 
 Question: how many bytes of activations does a training forward leave saved for the backward,
 with stock PyTorch blocks (``resnet_fused.models.reference``) and with our fused blocks (default
@@ -110,7 +110,7 @@ def main(argv: Optional[List[str]] = None, cases: Optional[list] = None,
     if not args.no_write:
         env = common.env_info(torch.device("cpu"))
         paths = common.write_results(args.out, BENCH, env, rows, keys=KEYS, extra={
-            "method": "saved tensors under FakeTensorMode; see benchmarks/bench_memory.py"})
+            "method": "saved tensors under FakeTensorMode; see benchmarks/memory.py"})
         log("wrote " + ", ".join(str(p) for p in paths))
     return rows
 

@@ -276,14 +276,22 @@ def combine(out_dir, env: dict, rows: Sequence[dict], suite: dict, plots: bool =
         w = csv.DictWriter(f, fieldnames=list(ALL_KEYS))
         w.writeheader()
         w.writerows(norm)
-    if plots:
-        for bench in OrderedDict.fromkeys(r["bench"] for r in norm):
-            png = plot_bench(bench, [r for r in norm if r["bench"] == bench], out_dir / f"{stem}_{bench}.png",
-                             title=f"{bench}: {env['gpu']}, commit {(env.get('git_commit') or 'nogit')[:12]}")
-            if png is not None:
-                paths[f"png_{bench}"] = png
-    paths["md"].write_text(render_markdown(data, {k[4:]: v.name for k, v in paths.items() if k.startswith("png_")}))
+    pngs = plot_all(data, paths["json"]) if plots else {}
+    paths.update({f"png_{bench}": png for bench, png in pngs.items()})
+    paths["md"].write_text(render_markdown(data, {bench: png.name for bench, png in pngs.items()}))
     return paths
+
+
+def plot_all(data: dict, json_path: Path) -> Dict[str, Path]:
+    """One chart per benchmark of a combined file, ``<stem>_<bench>.png`` beside ``json_path``."""
+    env, pngs = data["env"], {}
+    for bench in OrderedDict.fromkeys(r["bench"] for r in data["rows"]):
+        png = plot_bench(bench, [r for r in data["rows"] if r["bench"] == bench],
+                         json_path.with_name(f"{json_path.stem}_{bench}.png"),
+                         title=f"{bench}: {env['gpu']}, commit {(env.get('git_commit') or 'nogit')[:12]}")
+        if png is not None:
+            pngs[bench] = png
+    return pngs
 
 
 def render_markdown(data: dict, pngs: Optional[Dict[str, str]] = None) -> str:
@@ -339,15 +347,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     path = Path(args.result)
     data = json.loads(path.read_text())
-    pngs = {}
-    for bench in OrderedDict.fromkeys(r["bench"] for r in data["rows"]):
-        png = plot_bench(bench, [r for r in data["rows"] if r["bench"] == bench],
-                         path.with_name(f"{path.stem}_{bench}.png"),
-                         title=f"{bench}: {data['env']['gpu']}, commit {(data['env'].get('git_commit') or '')[:12]}")
-        if png is not None:
-            pngs[bench] = png.name
-            print(f"wrote {png}")
-    path.with_suffix(".md").write_text(render_markdown(data, pngs))
+    pngs = plot_all(data, path)
+    print("".join(f"wrote {png}\n" for png in pngs.values()), end="")
+    path.with_suffix(".md").write_text(render_markdown(data, {bench: png.name for bench, png in pngs.items()}))
     print(f"wrote {path.with_suffix('.md')}")
     if args.readme:
         update_readme(args.readme, path)

@@ -21,20 +21,20 @@ precompile  ``python -m resnet_fused.aot --precompile``: every Triton        120
             load kernels instead of compiling them one at a time
 smoke       :mod:`benchmarks.smoke`: every kernel path once (triton, cuda,   90 s       tiny
             cudnn_fused, auto; eval, train; bf16, TF32, fp16) vs float64
-models      :mod:`benchmarks.bench_models`: ResNet-50 inference b256 fp16    150 s      tiny
+models      :mod:`benchmarks.models`: ResNet-50  inference b256 fp16    150 s      tiny
             channels_last, then the training step b256 AMP (eager, fused,
             auto, then torch.compile)
-wrn         :mod:`benchmarks.bench_wrn` (the WRN paper's Figure 4 re-run)    100 s      tiny
+wrn         :mod:`benchmarks.wrn_fig4` (the WRN paper's Figure 4 re-run)     100 s      tiny
 peaks       copy bandwidth and matmul peaks (:mod:`benchmarks.peaks`)        20 s       yes
-layers      :mod:`benchmarks.bench_layers` (every conv shape, roofline)      70 s       tiny
-tests       the ``gpu`` tests (tests/test_gpu*.py, ``-m gpu``), four pytest  (call)     no GPU:
+layers      :mod:`benchmarks.layers` (every conv shape and memory-bound op   70 s       tiny
+            against the measured ceilings)
+tests       the ``gpu`` tests (``pytest -m gpu tests``), four pytest       (call)     no GPU:
             processes side by side: not in the default run; its own call                skipped
             (``--steps tests``), sharded to fit
 ==========  ===============================================================  =========  ===========
 
-``--full`` runs every step (the tests too) at full size with no caps, and adds the narrower
-benchmarks (``blocks``, ``train``, ``bandwidth``, ``epilogue``, ``memory``) and the package's own
-demo (``main``); it takes far longer than one device call (use ``--steps`` to split it). On CPU
+``--full`` runs every step (the tests too) at full size with no caps, and adds ``memory``
+(:mod:`benchmarks.memory`, saved activations) and the package's own demo (``main``); it takes far longer than one device call (use ``--steps`` to split it). On CPU
 (no CUDA, or ``--device cpu``) the same steps run at tiny sizes: CI runs that, so the harness never
 rots; CPU numbers describe the CI machine and nothing else.
 
@@ -65,8 +65,7 @@ from . import common
 from .children import Proc, StepResult, _last_line, elapsed, junit_counts, say, status_of  # noqa: F401
 
 # every step, in the order it runs
-ALL_STEPS = ("env", "build", "precompile", "tests", "smoke", "models", "wrn", "peaks", "layers", "blocks", "train",
-             "bandwidth", "epilogue", "memory", "main")
+ALL_STEPS = ("env", "build", "precompile", "tests", "smoke", "models", "wrn", "peaks", "layers", "memory", "main")
 QUICK_STEPS = ("env", "build", "precompile", "smoke", "models", "wrn", "peaks", "layers")
 FULL_STEPS = ALL_STEPS
 # quick-mode caps (seconds); --full has none. "tests" asked for explicitly gets what is left.
@@ -78,11 +77,8 @@ PRECOMPILE = (("--models", "resnet50", "--batch", "256", "1", "--dtypes", "fp16"
               ("--models", "wrn28_10", "wrn40_4", "wrn16_10", "preact_resnet164", "preact_resnet1001", "--batch",
                "32", "--dtypes", "fp16", "--layouts", "channels_last"))
 AOT_ARCH = {(9, 0): "sm_90a", (8, 0): "sm_80", (8, 6): "sm_86", (8, 9): "sm_89"}
-BENCH_STEPS = {"wrn": "bench_wrn", "models": "bench_models", "layers": "bench_layers", "blocks": "bench_blocks",
-               "train": "bench_train", "bandwidth": "bench_bandwidth", "epilogue": "bench_conv_epilogue",
-               "memory": "bench_memory"}
-BENCH_NAMES = {"epilogue": "conv_epilogue"}  # a step's result files end in _<bench>; the step's name otherwise
-GPU_TEST_FILES = ("tests/test_gpu.py", "tests/test_gpu_train.py", "tests/test_gpu_ext.py")
+BENCH_STEPS = {"models": "models", "wrn": "wrn_fig4", "layers": "layers", "memory": "memory"}  # step: module
+# (a step's result files end in _<step>)
 # exclusive and exhaustive: each test id matches exactly one expression
 SHARDS = (("gpu-cifar+misc", "cifar or not (fp16 or bf16 or fp32)"), ("gpu-fp16", "fp16 and not cifar"),
           ("gpu-bf16", "bf16 and not (cifar or fp16)"), ("gpu-fp32", "fp32 and not (cifar or fp16 or bf16)"))
@@ -169,11 +165,11 @@ def precompile_argv(plan: Plan) -> List[str]:
 def bench_argv(plan: Plan, step: str, cap: Optional[float]) -> List[str]:
     argv = [plan.python, "-m", f"benchmarks.{BENCH_STEPS[step]}", "--out", str(plan.parts)]
     if step == "memory":
-        return argv  # bench_memory measures saved activations on CPU-side accounting: no device options
+        return argv  # saved activations, counted under FakeTensorMode: no device options
     argv += ["--device", plan.device]
     if plan.mode == "quick":
         argv.append("--quick")
-    if cap is not None and step in ("wrn", "models", "layers", "train", "epilogue"):
+    if cap is not None and step in ("wrn", "models", "layers"):
         # the benchmark starts nothing after this (its own deadline), so it ends inside the cap
         argv += ["--deadline", f"{max(5.0, 0.8 * cap):.0f}"]
     if step == "layers" and plan.peaks_file is not None:
@@ -229,14 +225,13 @@ def run_tests(plan: Plan) -> List[StepResult]:
     cap = plan.cap("tests")
     if cap is not None and cap < 20:
         return [StepResult("tests", "SKIPPED", 0.0, "no time left before the deadline")]
-    files = [f for f in GPU_TEST_FILES if (common.REPO_ROOT / f).exists()]
     shards = [s for s in SHARDS if plan.mode != "quick" or plan.explicit or s[0] in QUICK_SHARDS]
-    say(f"== tests: {' '.join(files)} -m gpu as {len(shards)} processes side by side"
+    say(f"== tests: every test marked gpu (-m gpu) as {len(shards)} processes side by side"
         + (f" (limit {cap:.0f} s)" if cap is not None else ""))
     procs = []
     for name, expr in shards:
         xml = plan.parts / f"test_{name}.xml"
-        argv = [plan.python, "-m", "pytest", "-q", "-m", "gpu", *files, "-k", expr, f"--junitxml={xml}",
+        argv = [plan.python, "-m", "pytest", "-q", "-m", "gpu", "tests", "-k", expr, f"--junitxml={xml}",
                 "-p", "no:cacheprovider", "-rfE", "--durations=10"]
         # only the first shard echoes its lines: four interleaved pytest outputs would be unreadable
         procs.append(Proc(name, argv, plan.parts / f"test_{name}.log", cap, echo=not procs))
@@ -272,8 +267,7 @@ def run_bench(plan: Plan, step: str) -> StepResult:
     res = run_simple(plan, step, bench_argv(plan, step, plan.cap(step)))
     if res.status == "SKIPPED":
         return res
-    bench = common.slug(BENCH_NAMES.get(step, step))
-    fresh = [p for p in plan.parts.glob(f"*_{bench}.json") if p.stat().st_mtime >= t_start - 1]
+    fresh = [p for p in plan.parts.glob(f"*_{step}.json") if p.stat().st_mtime >= t_start - 1]
     if fresh:
         plan.bench_files[step] = max(fresh, key=lambda p: p.stat().st_mtime)
     else:
@@ -349,7 +343,7 @@ def goal_lines(facts: Dict[str, dict]) -> List[str]:
     """The benchmarks' goal verdicts, as they wrote them (a string, or a list / dict of strings)."""
     out = []
     for step, f in facts.items():
-        # top level, or one level down (bench_wrn keeps its goal under "ratios")
+        # top level, or one level down (wrn_fig4 keeps its goal under "ratios")
         places = [f] + [v for v in f.values() if isinstance(v, dict)]
         for key, g in ((k, p.get(k)) for p in places for k in ("goal", "goals")):
             if g is None:
@@ -364,11 +358,11 @@ def goal_lines(facts: Dict[str, dict]) -> List[str]:
 
 
 def _goal_text(g) -> str:
-    """A goal entry as text: strings as they are; a dict's own "text"; bench_wrn's {dtype, provider, target, met, of,
+    """A goal entry as text: strings as they are; a dict's own "text"; wrn_fig4's {dtype, provider, target, met, of,
     worst_*} as a sentence; anything else as compact JSON."""
     if isinstance(g, str):
         return g
-    if isinstance(g, dict) and isinstance(g.get("text"), str):  # bench_models' entries carry their sentence
+    if isinstance(g, dict) and isinstance(g.get("text"), str):  # models' entries carry their sentence
         return g["text"]
     if isinstance(g, dict) and {"met", "of", "target"} <= set(g):
         who = " ".join(str(g[k]) for k in ("dtype", "provider") if k in g)

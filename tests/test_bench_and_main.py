@@ -35,13 +35,6 @@ def _run(args, tmp_path, extra_env=None, timeout=240):
                           timeout=timeout)
 
 
-def _ext_error():
-    """Why the compiled library (the benchmarks' cuda provider) cannot run CPU tensors, or None."""
-    from resnet_fused import backends
-
-    return backends.unavailable_reason("cuda", torch.device("cpu"))
-
-
 def _check_rows(rows, providers):
     assert rows, "no rows written"
     for row in rows:
@@ -91,8 +84,7 @@ def test_benchmark_cpu_times_calls_and_rotates_inputs():
         seen.append(i)
         time.sleep(0.002)
 
-    t = common.benchmark(fn, [(0,), (1,), (2,)], torch.device("cpu"), warmup=2, min_reps=12, max_reps=12,
-                         budget_s=0.0)
+    t = common.benchmark(fn, [(0,), (1,), (2,)], torch.device("cpu"), warmup=2, min_reps=12, budget_s=0.0)
     assert t.n == 12
     assert 2.0 <= t.median_ms < 50.0  # sleep(2 ms) never returns early
     assert t.p20_ms <= t.median_ms <= t.p80_ms
@@ -103,9 +95,8 @@ def test_benchmark_cpu_times_calls_and_rotates_inputs():
 
 def test_benchmark_cpu_respects_budget():
     t0 = time.perf_counter()
-    t = common.benchmark(lambda: None, [()], torch.device("cpu"), warmup=0, min_reps=5, max_reps=100000,
-                         budget_s=0.05)
-    assert 5 <= t.n <= 100000 and time.perf_counter() - t0 < 5.0
+    t = common.benchmark(lambda: None, [()], torch.device("cpu"), warmup=0, min_reps=5, budget_s=0.05)
+    assert t.n >= 5 and time.perf_counter() - t0 < 5.0
     assert common.peak_mem_mb(lambda: None, (), torch.device("cpu")) is None
 
 
@@ -217,49 +208,11 @@ def test_main_rejects_unknown_model_and_unavailable_backend(tmp_path):
     assert r.returncode == 2 and "--backend cuda: unavailable" in r.stderr, r.stdout + r.stderr
 
 
-def test_bench_blocks_cpu(tmp_path):
-    r = _run(["-m", "benchmarks.bench_blocks", "--device", "cpu", "--out", str(tmp_path)], tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "eager/torch" in r.stdout and "resnet50.layer4.1" in r.stdout
-    files = sorted(tmp_path.glob("*_blocks.json"))
-    assert len(files) == 1 and "_cpu-" in files[0].name
-    data = json.loads(files[0].read_text())
-    assert tuple(data) == ("env", "skipped", "rows") and tuple(data["env"]) == common.ENV_KEYS
-    assert data["env"]["gpu"].startswith("cpu: ")
-    rows = data["rows"]
-    # cuda (the compiled library's C++ kernels) runs where the library loads, else it is skipped
-    # with the loader's reason
-    providers = {"eager", "torch"} | ({"cuda"} if _ext_error() is None else set())
-    assert set(data["skipped"]) == {"eager", "torch", "cuda"} - providers
-    _check_rows(rows, providers)
-    assert {r["provider"] for r in rows} == providers
-    models = {r["model"] for r in rows}
-    assert len(models) == 9 and "resnet50" in models  # 8 block shapes + the whole network
-    assert len(rows) == 9 * 2 * len(providers)  # x batch (1, 2) x provider
-    assert files[0].with_suffix(".md").read_text().startswith("## bench_blocks")
-    with open(files[0].with_suffix(".csv")) as f:
-        assert len(list(csv.DictReader(f))) == len(rows)
-
-
-def test_bench_blocks_triton_interpreter(tmp_path):
-    pytest.importorskip("triton")
-    r = _run(["-m", "benchmarks.bench_blocks", "--device", "cpu", "--interpret", "--no-model", "--batches", "2",
-              "--blocks", "layer1.0", "layer2.0", "--out", str(tmp_path)], tmp_path, {"TRITON_INTERPRET": "1"})
-    assert r.returncode == 0, r.stdout + r.stderr
-    rows = json.loads(next(tmp_path.glob("*_blocks.json")).read_text())["rows"]
-    providers = ["eager", "torch", "triton"] + (["cuda"] if _ext_error() is None else [])
-    _check_rows(rows, set(providers))
-    assert sorted(r["provider"] for r in rows) == sorted(providers * 2)
-    # without the environment variable the flag is refused with the reason
-    r = _run(["-m", "benchmarks.bench_blocks", "--device", "cpu", "--interpret", "--no-write"], tmp_path)
-    assert r.returncode != 0 and "TRITON_INTERPRET=1" in r.stderr
-
-
-def test_bench_cpu_model_auto_records_decisions(tmp_path):
+def test_cpu_model_auto_records_decisions(tmp_path):
     """The CPU whole-model benchmark end to end at a tiny size: eager vs the converted model under
     'auto', both layouts, eval and train step, every row correct, and the dispatch decisions of
     each configuration saved beside the rows."""
-    r = _run(["-m", "benchmarks.bench_cpu_model", "--model", "resnet18", "--batches", "2", "--size", "32",
+    r = _run(["-m", "benchmarks.cpu_model", "--model", "resnet18", "--batches", "2", "--size", "32",
               "--iters", "1", "--repeats", "1", "--out", str(tmp_path)], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     (path,) = tmp_path.glob("*cpu-model-resnet18.json")

@@ -1,4 +1,4 @@
-"""benchmarks/bench_memory.py: saved-activation accounting under FakeTensorMode (no kernel runs)."""
+"""benchmarks/memory.py: saved-activation accounting under FakeTensorMode (no kernel runs)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import resnet_fused as rf
-from benchmarks import bench_memory as bm
+from benchmarks import memory as bm
 from resnet_fused.models import reference
 from utils import INTERPRET
 

@@ -269,7 +269,7 @@ def test_plan_caps_steps_and_arguments(tmp_path):
     assert plan.steps == ["env", "precompile", "smoke", "models", "wrn", "peaks", "layers"]
     assert plan.parts.parent == tmp_path and plan.parts.name.endswith("_parts")
     argv = suite.bench_argv(plan, "wrn", None)
-    assert argv[1:3] == ["-m", "benchmarks.bench_wrn"] and "--quick" not in argv and argv[-2:] == ["--device", "cpu"]
+    assert argv[1:3] == ["-m", "benchmarks.wrn_fig4"] and "--quick" not in argv and argv[-2:] == ["--device", "cpu"]
     plan.peaks_file = tmp_path / "peaks.json"
     assert suite.bench_argv(plan, "layers", None)[-2:] == ["--peaks", str(tmp_path / "peaks.json")]
     # quick mode: caps cut to what is left of the deadline; benchmarks told their own deadline
@@ -321,7 +321,7 @@ def test_goal_lines_take_strings_lists_and_dicts():
     wrn = {"dtype": "fp16", "provider": "cuda", "target": 1.3, "met": 4, "of": 5, "worst_model": "resnet1001",
            "worst_speedup": 1.1}
     assert suite.goal_lines({"wrn": {"ratios": {"goal": [wrn], "thin_wide": []}}}) == \
-        ["wrn: fp16 cuda: 4 of 5 >= 1.3x; worst resnet1001 1.1x"]  # one level down, as bench_wrn writes it
+        ["wrn: fp16 cuda: 4 of 5 >= 1.3x; worst resnet1001 1.1x"]  # one level down, as wrn_fig4 writes it
 
 
 # --------------------------------------------------------------------------------------- a real run
