@@ -107,3 +107,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cuda_library():
+    """The compiled library built (or loaded) once per module of ``"cuda"``-backend GPU tests (they
+    name it in ``pytestmark``). Without its CUDA kernels the whole module skips with the loader's
+    exact reason, and says it as a warning too (shown without ``-rs``)."""
+    import warnings
+
+    from resnet_fused import _ext
+
+    err = _ext.cuda_error()
+    if err is not None:
+        reason = f"resnet_fused's cuda backend cannot run CUDA tensors here: {err}"
+        warnings.warn(reason, UserWarning, stacklevel=1)
+        pytest.skip(reason)
+    info = _ext.build_info()
+    assert info["cuda"] is True and info["torch"] == torch.__version__, info

@@ -30,11 +30,8 @@ the test ids, about 3 minutes of wall time on a 16-core machine (the Triton cach
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from dataclasses import dataclass
-from typing import Dict, List
 
 import pytest
 import torch
@@ -43,134 +40,15 @@ from torch import nn
 import resnet_fused as rf
 from resnet_fused.models import reference as R
 from resnet_fused.ops import bn_act, bn_act_reference, conv_bias_act, conv_bias_act_reference
-from utils import assert_close, assert_nonfinite_match, bn_modules, randomize_bn, rel_err
+from utils import (BF16, CL, DTYPE_PARAMS, FP16, FP32, GPU_DEV, NCHW, R50, assert_close, assert_nonfinite_match,
+                   calibrate, check_conv, compare_models, cudnn_tf32, is_cl, make_conv, randomize_bn, rel_err,
+                   spec_case, tf32, torch_side)
 
 pytestmark = pytest.mark.gpu
 
-DEV = "cuda"
-CL = torch.channels_last
-NCHW = torch.contiguous_format
-FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+DEV = GPU_DEV
 DT = {"fp16": FP16, "bf16": BF16, "fp32": FP32}
-DTYPES = [pytest.param(dt, id=name) for name, dt in DT.items()]
-
-
-# ------------------------------------------------------------------------------ ResNet-50's convs
-@dataclass(frozen=True)
-class ConvSpec:
-    """One distinct conv of ResNet-50 (eval, BN folded) at 224x224: named where it first occurs."""
-
-    name: str
-    cin: int
-    cout: int
-    k: int
-    stride: int
-    hw: int  # input height = width
-    res: bool  # the block's last conv: residual added in the epilogue
-    relu: bool  # False only for the downsample conv (+ BN)
-
-    @property
-    def padding(self) -> int:
-        return self.k // 2  # 7x7: 3, 3x3: 1, 1x1: 0, as torchvision
-
-    @property
-    def out_hw(self) -> int:
-        return (self.hw + 2 * self.padding - self.k) // self.stride + 1
-
-
-def resnet50_convs(size: int = 224) -> List[ConvSpec]:
-    """Every distinct (geometry, epilogue) of ResNet-50's convs, in the order the network meets them."""
-    seen: Dict[tuple, ConvSpec] = {}
-
-    def add(name, *geometry):
-        seen.setdefault(geometry, ConvSpec(name, *geometry))
-
-    add("conv1", 3, 64, 7, 2, size, False, True)
-    hw, inplanes = size // 4, 64  # after the stride-2 stem and the stride-2 max-pool
-    for layer, (planes, blocks, stride) in enumerate(((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)), 1):
-        for i in range(blocks):
-            s = stride if i == 0 else 1
-            out_hw = (hw - 1) // s + 1
-            p = f"layer{layer}.{i}"
-            if i == 0:
-                add(f"{p}.downsample", inplanes, planes * 4, 1, s, hw, False, False)
-            add(f"{p}.conv1", inplanes, planes, 1, 1, hw, False, True)
-            add(f"{p}.conv2", planes, planes, 3, s, hw, False, True)
-            add(f"{p}.conv3", planes, planes * 4, 1, 1, out_hw, True, True)
-            inplanes, hw = planes * 4, out_hw
-    return list(seen.values())
-
-
-R50 = {s.name: s for s in resnet50_convs()}
-assert len(R50) == 24  # stem + 5 in layer1 + 6 in each of layers 2-4 (pure Python: checked at collection)
-
-
-# ------------------------------------------------------------------------------------- helpers
-def is_cl(t: torch.Tensor) -> bool:
-    """channels_last and not also plain contiguous: the layout an op's output must then keep."""
-    return t.is_contiguous(memory_format=CL) and not t.is_contiguous()
-
-
-def tf32(t: torch.Tensor) -> torch.Tensor:
-    """float32 values truncated to TF32's 10-bit mantissa (the coarser of the GPUs' two roundings)."""
-    t32 = t.detach().float().contiguous()
-    return (t32.view(torch.int32) & -(1 << 13)).view(torch.float32)
-
-
-@contextlib.contextmanager
-def cudnn_tf32(enabled: bool):
-    """Set ``torch.backends.cudnn.allow_tf32`` (cuDNN's and our fp32 kernels' switch) for a block."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
-
-
-def make_conv(n, cin, hw, cout, k, stride=1, padding=0, dilation=1, *, dtype, fmt=CL, w_fmt=CL, bias=True,
-              residual=False, res_fmt=None, res_dtype=None):
-    """[x, weight, bias, residual] on the GPU and the conv keyword arguments.
-
-    weight ~ N(0, 1/fan_in) so outputs are O(1); bias a folded-BN shift in float32.
-    """
-    h, w = hw if isinstance(hw, tuple) else (hw, hw)
-    oh = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    ow = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    x = torch.randn(n, cin, h, w, device=DEV).to(dtype).contiguous(memory_format=fmt)
-    wt = (torch.randn(cout, cin, k, k, device=DEV) / math.sqrt(cin * k * k)).to(dtype).contiguous(memory_format=w_fmt)
-    b = 0.5 * torch.randn(cout, device=DEV) if bias else None
-    r = None
-    if residual:
-        r = torch.randn(n, cout, oh, ow, device=DEV).to(res_dtype or dtype).contiguous(memory_format=res_fmt or fmt)
-    return [x, wt, b, r], dict(stride=stride, padding=padding, dilation=dilation)
-
-
-def spec_case(spec: ConvSpec, dtype, batch=2, **kw):
-    """A ResNet-50 conv as the network runs it: ([x, w, b, r], conv kwargs, relu)."""
-    kw.setdefault("residual", spec.res)
-    tensors, conv = make_conv(batch, spec.cin, spec.hw, spec.cout, spec.k, spec.stride, spec.padding,
-                              dtype=dtype, **kw)
-    return tensors, conv, spec.relu
-
-
-def torch_side(x, w, b, r, relu, conv, ref64):
-    """PyTorch's own result in x's dtype; for TF32-allowed float32, the worse of cuDNN and TF32 emulation."""
-    same = conv_bias_act_reference(x, w, b, r, relu=relu, **conv)
-    if x.dtype == FP32 and torch.backends.cudnn.allow_tf32:
-        emu = conv_bias_act_reference(tf32(x), tf32(w), b, r, relu=relu, upcast=True, **conv)
-        if rel_err(emu, ref64) > rel_err(same, ref64):
-            return emu
-    return same
-
-
-def check_conv(out, x, w, b, r, relu, conv, name="out"):
-    """dtype, layout and values of a conv_bias_act output against float64 and PyTorch's same-dtype run."""
-    assert out.device == x.device
-    assert out.dtype == (x.dtype if r is None else torch.promote_types(x.dtype, r.dtype)), out.dtype
-    assert out.is_contiguous(memory_format=CL if is_cl(x) else NCHW), f"{name}: lost x's memory format"
-    ref64 = conv_bias_act_reference(x, w, b, r, relu=relu, upcast=True, **conv)
-    assert_close(out, ref64, torch_side(x, w, b, r, relu, conv, ref64), name=name, dtype=x.dtype)
+DTYPES = DTYPE_PARAMS
 
 
 def run_and_check(tensors, conv, relu, name="out"):
@@ -178,61 +56,6 @@ def run_and_check(tensors, conv, relu, name="out"):
     out = conv_bias_act(x, w, b, r, **conv, relu=relu, backend="triton")
     check_conv(out, x, w, b, r, relu, conv, name=name)
     return out
-
-
-# --------------------------------------------------------------------- model-level helpers
-def calibrate(model: nn.Module, size: int, batch: int = 2, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Random BN affine parameters and running statistics of one random train batch; the CPU state_dict.
-
-    Random running statistics in a deep network blow activations up (fp16 overflows); statistics
-    measured on data keep them O(1) while folding stays far from an identity.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    bns = bn_modules(model)
-    with torch.no_grad():
-        for m in bns:
-            m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.copy_(0.2 * torch.randn(m.num_features, generator=gen))
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 1.0
-    model.to(DEV).train()
-    with torch.no_grad():
-        model(torch.randn(batch, 3, size, size, generator=gen).to(DEV))
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
-    model.eval()
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def tf32_emulated(model64: nn.Module) -> nn.Module:
-    """A float64 copy whose convs see TF32-truncated weights and inputs (exact accumulation)."""
-    m = copy.deepcopy(model64)
-    for conv in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
-        with torch.no_grad():
-            conv.weight.copy_(tf32(conv.weight).double())
-        conv.register_forward_pre_hook(lambda _mod, args: (tf32(args[0]).double(),) + tuple(args[1:]))
-    return m
-
-
-def compare_models(ours: nn.Module, ref: nn.Module, x64: torch.Tensor, dtype, fmt=CL, name="logits"):
-    """ours (fused, ``dtype``) vs ref in float64 and ref in ``dtype`` (eager PyTorch), eval mode."""
-    ref64 = copy.deepcopy(ref).to(DEV, torch.float64).eval()
-    eager = copy.deepcopy(ref).to(DEV, dtype).to(memory_format=fmt).eval()
-    fused = ours.to(DEV, dtype).to(memory_format=fmt).eval()
-    x = x64.to(DEV, dtype).contiguous(memory_format=fmt)
-    with torch.no_grad():
-        y64 = ref64(x64.to(DEV))
-        y_eager = eager(x.clone())
-        y = fused(x.clone())
-        same = y_eager
-        if dtype == FP32 and torch.backends.cudnn.allow_tf32:
-            y_emu = tf32_emulated(ref64)(x64.to(DEV))
-            if rel_err(y_emu, y64) > rel_err(y_eager, y64):
-                same = y_emu
-    assert torch.isfinite(y64).all()
-    assert_close(y, y64, same, name=name)
-    return y
 
 
 # ================================================================ conv_bias_act, ResNet-50 shapes

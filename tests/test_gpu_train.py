@@ -28,12 +28,10 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import resnet_fused as rf
 from resnet_fused.models import reference as R
-from test_gpu import cudnn_tf32  # IEEE fp32 for cuDNN and our fp32 kernels alike
-from utils import assert_close, randomize_bn, rel_err
+from utils import assert_close, check_graph_capture, cudnn_tf32, downsample, randomize_bn, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -45,14 +43,10 @@ DTYPES = [pytest.param(FP16, id="fp16"), pytest.param(BF16, id="bf16"), pytest.p
 FORMATS = [pytest.param(CL, id="channels_last"), pytest.param(NCHW, id="nchw")]
 
 
-def _ds(cin, cout, stride):
-    return nn.Sequential(R.conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
-
-
 # name: (make(module namespace) -> block, input shape). Real ResNet-50 / ResNet-18 blocks, batch 8.
 BLOCKS = {
     "r50-layer1-bottleneck-256-64-56x56": (lambda m: m.Bottleneck(256, 64), (8, 256, 56, 56)),
-    "r50-layer4.0-bottleneck-1024-512-s2-ds-14x14": (lambda m: m.Bottleneck(1024, 512, 2, _ds(1024, 2048, 2)),
+    "r50-layer4.0-bottleneck-1024-512-s2-ds-14x14": (lambda m: m.Bottleneck(1024, 512, 2, downsample(1024, 2048, 2)),
                                                      (8, 1024, 14, 14)),
     "r18-layer1-basic-64-64-56x56": (lambda m: m.BasicBlock(64, 64), (8, 64, 56, 56)),
 }
@@ -147,79 +141,8 @@ def test_train_block_matches_eager_precision(block, dtype, fmt, fused_train_call
 def test_cuda_graph_capture_training_step(fused_train_calls):
     """Forward + backward of a fused Bottleneck (ResNet-50 layer1.0: 64 -> 256 with downsample,
     channels_last) captured once, replayed twice on new data; each replay equals the same step run
-    uncaptured from the same state (see :func:`check_graph_capture`)."""
+    uncaptured from the same state (see :func:`utils.check_graph_capture`)."""
     check_graph_capture("triton", fused_train_calls)
-
-
-def check_graph_capture(backend, fused_train_calls, dtype=torch.float32, tol=1e-5, after_capture=None):
-    """Capture one training step of a fused Bottleneck on ``backend`` in a CUDA graph, replay it
-    twice on new data, and compare each replay with the same step run uncaptured from the same
-    state: outputs, x.grad, every parameter gradient, running statistics, ``num_batches_tracked``
-    advancing by one per replay. ``after_capture()`` runs right after the capture (for checks of
-    what was captured). Shared with tests/test_gpu_ext.py."""
-    torch.manual_seed(0)
-    ours = randomize_bn(rf.Bottleneck(64, 64, downsample=_ds(64, 256, 1)))
-    ours = ours.to(DEV, dtype).to(memory_format=CL).train()
-    ours.backend = backend
-    twin = copy.deepcopy(ours)  # the uncaptured run
-    state0 = {k: v.detach().clone() for k, v in ours.state_dict().items()}
-    shape, out_shape = (4, 64, 56, 56), (4, 256, 56, 56)
-    static_x = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=CL).requires_grad_()
-    static_g = torch.randn(out_shape, device=DEV).to(dtype).contiguous(memory_format=CL)
-    with cudnn_tf32(False):
-        # warm up on a side stream (compiles and autotunes every kernel), as PyTorch's docs say
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                ours.zero_grad(set_to_none=True)
-                static_x.grad = None
-                ours(static_x).backward(static_g)
-        torch.cuda.current_stream().wait_stream(side)
-        ours.zero_grad(set_to_none=True)
-        static_x.grad = None  # gradients allocated inside the graph's pool, overwritten on replay
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = ours(static_x)
-            static_out.backward(static_g)
-        n_traced = len(fused_train_calls)
-        if after_capture is not None:
-            after_capture()
-        # back to the initial state, in place: the graph reads and writes these very tensors
-        with torch.no_grad():
-            for k, v in ours.state_dict().items():
-                v.copy_(state0[k])
-        gen = torch.Generator(device=DEV).manual_seed(5)
-        for step in range(2):
-            x = torch.randn(shape, device=DEV, generator=gen).to(dtype).contiguous(memory_format=CL)
-            g = torch.randn(out_shape, device=DEV, generator=gen).to(dtype).contiguous(memory_format=CL)
-            with torch.no_grad():
-                static_x.copy_(x)
-                static_g.copy_(g)
-            graph.replay()
-            twin.zero_grad(set_to_none=True)
-            xt = x.clone().requires_grad_()
-            out_t = twin(xt)
-            out_t.backward(g)
-            torch.cuda.synchronize()
-            t = f"replay {step}: "
-            pairs = [("output", static_out, out_t), ("x.grad", static_x.grad, xt.grad)]
-            pt = dict(twin.named_parameters())
-            pairs += [(f"{n}.grad", p.grad, pt[n].grad) for n, p in ours.named_parameters()]
-            bt = dict(twin.named_buffers())
-            for n, b in ours.named_buffers():
-                if n.endswith("num_batches_tracked"):
-                    assert int(b) == int(bt[n]) == step + 1, f"{t}{n} = {int(b)}, uncaptured {int(bt[n])}"
-                else:
-                    pairs.append((n, b, bt[n]))
-            for what, a, b in pairs:
-                assert a is not None, f"{t}{what} missing after replay"
-                # the same kernels on the same data; cuDNN's weight-gradient algorithm may sum in
-                # another order, so to rounding (tol) rather than bitwise
-                assert torch.isfinite(a).all(), f"{t}{what} not finite"
-                assert rel_err(a, b) <= tol, f"{t}{what}: captured vs uncaptured differ by {rel_err(a, b):.3e}"
-    # the capture itself went through the fused path; replays add no Python-level calls
-    assert n_traced == 4 and len(fused_train_calls) == 4 + 2, fused_train_calls
 
 
 # ============================================================================= peak memory
