@@ -1,0 +1,727 @@
+"""Every layer of ResNet-50 and WRN-28-10 against the machine's own measured ceilings.
+
+    python -m benchmarks.layers [--out DIR] [--device cuda|cpu] [--quick] [--deadline S] [--peaks FILE]
+                                [--models ...] [--convs NAME ...] [--acts CxH ...] [--ops ...]
+
+Question: layer by layer, how close do our fused ops get to what the GPU can do? Is the fused
+conv epilogue free (fused conv + BN (+ add) + ReLU no slower than cuDNN's conv alone)? How close to
+a copy do the memory-bound BatchNorm / ReLU passes run?
+
+Shapes are traced from the models (forward hooks on the meta device, :func:`trace_layers`):
+ResNet-50 at 224x224 gives 23 conv geometries (53 convs), WRN-28-10 at 32x32 gives 10 (28); a
+geometry is named by its first module, ``note`` lists every module that has it. The memory-bound
+ops run at the distinct BatchNorm input shapes (12 and 4).
+
+Conv rows (``mode`` infer, BN eval), each geometry without and with a residual (``variant``
+``conv_bn_relu`` / ``conv_bn_add_relu``): ``eager`` ``conv_alone`` (``F.conv2d`` alone: cuDNN, the
+yardstick, once per geometry and dtype), ``eager`` (conv, batch_norm, add, relu as separate ops),
+and on the BN folded into the weight + a float32 bias: ``cuda`` (``resnet_fused_C.conv_bias_act``;
+``note`` names the kernel), ``cudnn_fused`` (the dispatch's cuDNN candidate, CUDA only), ``triton``,
+``auto`` (``ops.conv_bias_act(backend="auto")``: the measured dispatch, forgotten before each case,
+its decision in ``note`` and the JSON's ``"dispatch"``), ``compile`` (torch.compile of eager).
+Memory rows (``variant`` = the op of :mod:`benchmarks.memops`): ``cuda``, ``triton``, ``eager``,
+``auto`` (bn_relu, bn_add_relu); ``mode`` infer for the three BN-apply forwards, else train_step.
+
+Roofline (:func:`benchmarks.peaks.measure` in the same run, or ``--peaks FILE``): conv ``tflops``
+= 2 N Ho Wo K C R S / median, ``frac_of_peak`` against the dtype's matmul peak (fp32: TF32);
+memory ``gbps`` = the op's bytes / median, ``frac_of_copy`` against the copy bandwidth (``note``
+adds a same-size copy's rate). ``floor_ms`` = max(flops / peak, least bytes / copy bandwidth).
+The conv table gives ``<provider>/conv`` (fused / conv alone: <= 1 means the epilogue is free).
+
+Every output is checked against float64 before timing (:func:`benchmarks.common.check_output`); a
+wrong or failing provider gets ``correct=false``, no time and ``wrong: not timed`` / ``failed: ...``
+in ``note`` (exit code 1); one that cannot run here is skipped with its reason (JSON ``"skipped"``).
+Timing: CUDA-graph replay over input copies larger than twice the L2, median and p20/p80. Phases run
+headline first (conv alone, eager, cuda, cudnn_fused; memory ops; triton; auto; compile); past
+``--deadline`` (``--quick``: 75 s) nothing starts and it is listed in ``"not_run"``.
+
+GPU: batch 256 / 128, fp16, bf16 and fp32, channels_last, everything. ``--quick``: batch 64 / 128,
+fp16, 6 + 4 geometries, 3 ops at 3 shapes. CPU (CI): the quick subset at tiny sizes, batch 2, fp32
+(``cuda`` = the C++ kernels, ``triton`` only under ``TRITON_INTERPRET=1``, compile left out unless
+asked for with ``--providers``): it proves the script, its numbers say nothing.
+
+Writes ``<date>_<device>_<commit>_layers.{json,csv,md}`` under ``--out``: rows of :data:`KEYS`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import common, memops, peaks as peaks_mod
+
+BENCH = "layers"
+KEYS = common.row_keys("variant", "layout", "tflops", "frac_of_peak", "gbps", "frac_of_copy", "floor_ms", "note")
+PROVIDERS = ("eager", "cuda", "cudnn_fused", "triton", "auto", "compile")
+CONV_VARIANTS = ("conv_alone", "conv_bn_relu", "conv_bn_add_relu")
+LAYOUT = "channels_last"
+BN_EPS = 1e-5
+QUICK_DEADLINE_S = 75.0
+COMPILE_MARGIN_S = 15.0  # no torch.compile case starts later than this before the deadline
+# a run cut short keeps the first phases; auto after triton finds Triton's kernels tuned
+PHASES = (("conv", ("eager", "cuda", "cudnn_fused")), ("memory", ("eager", "cuda")), ("memory", ("triton",)),
+          ("conv", ("triton",)), ("conv", ("auto",)), ("memory", ("auto",)), ("conv", ("compile",)))
+QUICK_OPS = ("bn_add_relu", "bwd_reduce", "bwd_apply")  # a forward apply, a backward reduction and apply
+INFER_OPS = ("bn_relu", "bn_add_relu", "dual_bn_add_relu")
+EPILOGUE_GOAL, COPY_GOAL = 1.0, 0.85  # fused <= conv alone; cuda >= 85% of the copy bandwidth
+_T0 = time.monotonic()
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A conv geometry and the modules that have it (the first names it)."""
+
+    cin: int
+    cout: int
+    k: int
+    stride: int
+    hw: int
+    modules: Tuple[str, ...]
+
+    name = property(lambda self: self.modules[0])
+    uses = property(lambda self: len(self.modules))
+    padding = property(lambda self: self.k // 2)
+    out_hw = property(lambda self: (self.hw + 2 * self.padding - self.k) // self.stride + 1)
+
+    @property
+    def shape(self) -> str:
+        return f"{self.cin}x{self.hw}x{self.hw}->{self.cout}x{self.out_hw}x{self.out_hw} k{self.k}s{self.stride}"
+
+    def flops(self, batch: int) -> int:
+        return 2 * batch * self.out_hw ** 2 * self.cout * self.cin * self.k * self.k
+
+
+@dataclass(frozen=True)
+class Act:
+    """A BatchNorm input shape (C, H = W) and the BatchNorms that see it."""
+
+    c: int
+    hw: int
+    modules: Tuple[str, ...]
+
+    shape = property(lambda self: f"{self.c}x{self.hw}x{self.hw}")
+
+
+@dataclass(frozen=True)
+class Model:
+    build: str  # reference.<build>(*args)
+    args: tuple
+    input_hw: int
+    batch: int
+    quick_batch: int
+    quick_convs: Tuple[str, ...]
+    quick_acts: Tuple[Tuple[int, int], ...]  # (C, H) of BN inputs
+
+
+MODELS = {
+    # stem, a 3x3 and the 1x1 expansion at 56, a stride-2 3x3, a 1x1 reduction at 14, the last 1x1
+    "resnet50": Model("resnet50", (), 224, 256, 64, ("conv1", "layer1.0.conv2", "layer1.0.conv3", "layer2.0.conv2",
+                                                      "layer3.1.conv1", "layer4.0.conv3"), ((256, 56), (1024, 14))),
+    # the widest 3x3 at 32, the stride-2 3x3 into group 2, the 640-wide 3x3, the stride-2 1x1 shortcut
+    "wrn28-10": Model("ref_wrn", (28, 10), 32, 128, 128, ("layer1.0.conv2", "layer2.0.conv1", "layer3.0.conv2",
+                                                          "layer3.0.shortcut"), ((160, 32),)),
+}
+
+
+# ----------------------------------------------------------------------------- shapes from models
+def trace_layers(model: nn.Module, input_hw: int) -> Tuple[List[ConvSpec], List[Act]]:
+    """The distinct conv geometries and BN input shapes of one forward of a [1, 3, hw, hw] input
+    (on the model's device: meta works), in ``named_modules`` order of first use."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    convs: Dict[tuple, List[str]] = {}
+    bns: Dict[tuple, List[str]] = {}
+
+    def hook(mod, inp, _out, name: str) -> None:
+        _, c, h, w = inp[0].shape
+        if isinstance(mod, nn.BatchNorm2d) and h == w:
+            bns.setdefault((int(c), int(h)), []).append(name)
+            return
+        k, s, p = getattr(mod, "kernel_size", 0), getattr(mod, "stride", 0), getattr(mod, "padding", 0)
+        if h != w or k[0] != k[1] or s[0] != s[1] or p != (k[0] // 2,) * 2 or mod.groups != 1 or mod.dilation != (1, 1):
+            raise ValueError(f"{name}: not a square conv / BN input this benchmark describes ({h}x{w}, {mod})")
+        convs.setdefault((mod.in_channels, mod.out_channels, k[0], s[0], int(h)), []).append(name)
+
+    handles = [m.register_forward_hook(functools.partial(hook, name=name)) for name, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    param = next(model.parameters(), None)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_hw, input_hw, device=param.device if param is not None else "cpu"))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+    def ordered(d):
+        items = [(key, tuple(sorted(names, key=order.__getitem__))) for key, names in d.items()]
+        return sorted(items, key=lambda kv: order[kv[1][0]])
+
+    return ([ConvSpec(*key, names) for key, names in ordered(convs)],
+            [Act(*key, names) for key, names in ordered(bns)])
+
+
+@functools.lru_cache(maxsize=None)
+def model_layers(name: str) -> Tuple[List[ConvSpec], List[Act]]:
+    """:func:`trace_layers` of model ``name`` built on the meta device."""
+    from resnet_fused.models import reference
+
+    info = MODELS[name]
+    with torch.device("meta"):
+        model = getattr(reference, info.build)(*info.args)
+    return trace_layers(model, info.input_hw)
+
+
+def tiny_conv(s: ConvSpec) -> ConvSpec:
+    """CPU size: channels / 16 (the stem keeps C = 3), spatial 224 -> 16, 56 -> 8, 32 -> 4, else 4."""
+    return replace(s, cin=s.cin if s.cin == 3 else max(1, s.cin // 16), cout=max(1, s.cout // 16),
+                   hw=16 if s.hw == 224 else max(4, s.hw // 7))
+
+
+def tiny_act(a: Act) -> Act:
+    """CPU size: channels / 16, spatial / 4 (at least 4)."""
+    return replace(a, c=max(1, a.c // 16), hw=max(4, a.hw // 4))
+
+
+# -------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class ConvJob:
+    model: str
+    spec: ConvSpec
+    batch: int
+    dtype: str
+    residual: bool
+
+    variant = property(lambda self: "conv_bn_add_relu" if self.residual else "conv_bn_relu")
+    key = property(lambda self: (self.model, self.spec.shape, self.batch, self.dtype))  # conv alone's too
+
+    def label(self) -> str:
+        return f"{self.model} {self.spec.name} ({self.spec.shape}) b{self.batch} {self.dtype}" + \
+            (" +res" if self.residual else "")
+
+
+@dataclass(frozen=True)
+class MemJob:
+    model: str
+    act: Act
+    batch: int
+    dtype: str
+
+    key = property(lambda self: (self.model, self.act.shape, self.batch, self.dtype))
+
+    def label(self) -> str:
+        return f"{self.model} {self.act.shape} b{self.batch} {self.dtype}"
+
+
+@dataclass
+class Config:
+    device: torch.device
+    conv_jobs: List[ConvJob]
+    mem_jobs: List[MemJob]
+    ops: List[memops.Op]
+    providers: List[str]
+    timing: dict
+    deadline: Optional[float]
+    peaks: Optional[peaks_mod.Peaks] = None
+    skipped: Dict[str, str] = field(default_factory=dict)
+    not_run: List[str] = field(default_factory=list)
+    dispatch: List[dict] = field(default_factory=list)  # one entry per auto row
+    copies: Dict[int, Tuple[float, common.Timing]] = field(default_factory=dict)  # same-size copy, per bytes
+
+    cuda_graph = property(lambda self: self.device.type == "cuda")
+
+
+def past_deadline(cfg: Config, what: str, margin_s: float = 0.0) -> bool:
+    if cfg.deadline is not None and time.monotonic() > cfg.deadline - margin_s:
+        print(f"  SKIPPED {what}: past the deadline", file=sys.stderr)
+        cfg.not_run.append(what)
+        return True
+    return False
+
+
+def measure(build: Callable[[], Callable], inputs, judge, cfg: Config, prov: str, label: str,
+            mem: bool) -> common.Measured:
+    return common.check_then_time(build, inputs, judge, cfg.device, cuda_graph=cfg.cuda_graph, label=label,
+                                  timing=common.provider_timing(cfg.device, prov, cfg.timing), measure_mem=mem)
+
+
+def row(cfg: Config, job, provider: str, variant: str, m: common.Measured, flops: int, nbytes: int,
+        note: Sequence[str], mode: str = "infer") -> dict:
+    """A result row: TFLOP/s against the matmul peak (convs), GB/s against the copy bandwidth
+    (memory ops, ``flops`` 0), and the roofline floor."""
+    pk, t = cfg.peaks, m.timing
+    sec = None if t is None else t.median_ms * 1e-3
+    tflops = None if sec is None or not flops else flops / sec / 1e12
+    gbps = None if sec is None or flops else nbytes / sec / 1e9
+    extra = dict(variant=variant, layout=LAYOUT, tflops=tflops,
+                 frac_of_peak=None if tflops is None else tflops / pk.matmul_tflops[job.dtype], gbps=gbps,
+                 frac_of_copy=None if gbps is None else gbps / pk.copy_gbps,
+                 floor_ms=peaks_mod.roofline_floor_ms(flops, nbytes, pk, job.dtype),
+                 note="; ".join(x for x in (m.note, *note) if x))
+    shape = job.spec.shape if isinstance(job, ConvJob) else job.act.shape
+    return common.make_row(bench=BENCH, model=job.model, shape=shape, batch=job.batch, dtype=job.dtype, mode=mode,
+                           provider=provider, timing=t, peak_mem_mb=m.peak_mb, correct=m.ok, extra=extra)
+
+
+def record_auto(cfg: Config, prov: str, r: dict) -> str:
+    """After an auto run (also a failed one): its decisions into the JSON, a note for the row."""
+    if prov != "auto":
+        return ""
+    rec = common.dispatch_record()
+    cfg.dispatch.append(common.dispatch_entry(r, rec))
+    return common.auto_note(rec["decisions"])
+
+
+# ------------------------------------------------------------------------------------ conv rows
+@dataclass
+class ConvCase:
+    inputs: List[tuple]               # (x, r) copies to rotate over
+    w: torch.Tensor                   # the conv's weight
+    bn: Tuple[torch.Tensor, ...]      # running_mean, running_var, weight, bias
+    w_f: torch.Tensor                 # the BN folded into the weight, and its float32 bias
+    b32: torch.Tensor
+    conv64: torch.Tensor              # float64 conv, and conv + BN (+ r) + ReLU
+    ref64: torch.Tensor
+    eager_out: Optional[torch.Tensor] = None
+
+
+def conv_bytes(job: ConvJob, fused: bool) -> int:
+    """Least bytes: input, weight, output in the dtype; fused also the residual and float32 bias."""
+    s, esize = job.spec, common.DTYPES[job.dtype].itemsize
+    out = job.batch * s.cout * s.out_hw ** 2
+    n = (job.batch * s.cin * s.hw ** 2 + s.cout * s.cin * s.k * s.k + out) * esize
+    return n + ((out * esize if job.residual else 0) + s.cout * 4 if fused else 0)
+
+
+def make_conv_case(job: ConvJob, dev: torch.device) -> ConvCase:
+    from resnet_fused.ops.fold import bn_scale_shift, fold_conv_bn
+
+    s, dt, cl = job.spec, common.DTYPES[job.dtype], torch.channels_last
+    gen = torch.Generator(device=dev).manual_seed(1000 * s.cin + s.cout + 7 * s.k + s.stride + s.hw)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, device=dev) * scale
+
+    # He-scaled weights keep the output O(1) (variance about 2) whatever the fan-in
+    w = rnd(s.cout, s.cin, s.k, s.k, scale=math.sqrt(2.0 / (s.cin * s.k * s.k))).to(dt).contiguous(memory_format=cl)
+    out_shape = (job.batch, s.cout, s.out_hw, s.out_hw)
+    per = (job.batch * s.cin * s.hw ** 2 + (math.prod(out_shape) if job.residual else 0)) * w.element_size()
+    k = common.rotation_copies(per, common.cache_bytes(dev), max_copies=8 if dev.type == "cuda" else 2)
+    inputs = [(rnd(job.batch, s.cin, s.hw, s.hw).to(dt).contiguous(memory_format=cl),
+               rnd(*out_shape).to(dt).contiguous(memory_format=cl) if job.residual else None) for _ in range(k)]
+    bn = nn.BatchNorm2d(s.cout, eps=BN_EPS).to(dev).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(0.1 * rnd(s.cout))
+        bn.running_var.copy_(2.0 * (0.5 + torch.rand(s.cout, generator=gen, device=dev)))
+        bn.weight.copy_(0.5 + torch.rand(s.cout, generator=gen, device=dev))
+        bn.bias.copy_(0.3 * rnd(s.cout))
+        w_f, b_f = fold_conv_bn(w, *bn_scale_shift(bn), dtype=dt)
+        # float64 reference from the BN's parameters (not from the float32 fold) and the dtype's inputs
+        x, r = inputs[0]
+        conv64 = F.conv2d(x.double().contiguous(), w.double().contiguous(), None, s.stride, s.padding)
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + BN_EPS)
+        ref = conv64 * scale.view(1, -1, 1, 1) + (bn.bias.double() - bn.running_mean.double() * scale).view(1, -1, 1, 1)
+        ref = torch.relu(ref if r is None else ref + r.double())
+    params = tuple(t.detach() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias))
+    return ConvCase(inputs, w, params, w_f.contiguous(memory_format=cl), b_f.float(), conv64, ref)
+
+
+def conv_fn(provider: str, variant: str, job: ConvJob, case: ConvCase, allow_tf32: bool) -> Callable:
+    """``fn(x, r)`` of (provider, variant) on one conv case."""
+    s = job.spec
+    st, pd = [s.stride] * 2, [s.padding] * 2
+    w, (rm, rv, g, b), w_f, b32 = case.w, case.bn, case.w_f, case.b32
+
+    def eager(x, r):
+        y = F.batch_norm(F.conv2d(x, w, None, st, pd), rm, rv, g, b, False, 0.0, BN_EPS)
+        return (y if r is None else y.add_(r)).relu_()
+
+    if variant == "conv_alone":
+        return lambda x, r: F.conv2d(x, w, None, st, pd)
+    if provider == "eager":
+        return eager
+    if provider == "cuda":
+        op = torch.ops.resnet_fused_C.conv_bias_act
+        return lambda x, r: op(x, w_f, b32, r, st, pd, [1, 1], True, allow_tf32)
+    if provider in ("triton", "auto"):
+        from resnet_fused.ops import conv_bias_act
+
+        return lambda x, r: conv_bias_act(x, w_f, b32, r, stride=s.stride, padding=s.padding, relu=True,
+                                          backend=provider)
+    if provider == "cudnn_fused":
+        from resnet_fused.dispatch.candidates import _cudnn_fused
+
+        return lambda x, r: _cudnn_fused(x, w_f, b32, r, st, pd, (1, 1), True, torch.channels_last)
+    if provider == "compile":
+        torch._dynamo.reset()  # a fresh compile per case (the recompile limit would fall back to eager)
+        return torch.compile(eager, dynamic=False)
+    raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
+
+
+def run_conv_job(job: ConvJob, pairs: Sequence[Tuple[str, str]], cfg: Config, rows: List[dict]) -> None:
+    """Check, then time, each (provider, variant) of ``pairs`` on one conv case; a row each."""
+    from resnet_fused.ops._common import conv_uses_tf32
+
+    dev, s = cfg.device, job.spec
+    if past_deadline(cfg, f"{job.label()} {[p for p, _ in pairs]}"):
+        return
+    allow_tf32 = dev.type == "cuda" and conv_uses_tf32()
+    case = make_conv_case(job, dev)
+    with torch.no_grad():
+        case.eager_out = conv_fn("eager", job.variant, job, case, allow_tf32)(*case.inputs[0])
+    for prov, variant in pairs:
+        what = f"{job.label()} {prov} {variant}"
+        if past_deadline(cfg, what, COMPILE_MARGIN_S if prov == "compile" else 0.0):
+            continue
+        if prov == "auto":
+            common.dispatch_fresh()  # the checked first call (the timed shapes) measures this case
+        alone = variant == "conv_alone"
+        ref, eager_out = (case.conv64, None) if alone else (case.ref64, case.eager_out)
+        # conv alone (eager_out None) is judged against its own error: shape and finiteness
+        m = measure(lambda p=prov, v=variant: conv_fn(p, v, job, case, allow_tf32), case.inputs,
+                    lambda out: common.check_output(out, ref, out if eager_out is None else eager_out, job.dtype,
+                                                    factor=memops.FACTOR), cfg, prov, what, mem=True)
+        kernel = ""
+        if prov == "cuda":
+            x, r = case.inputs[0]
+            try:
+                kernel = "kernel: " + torch.ops.resnet_fused_C.conv_kernel_name(
+                    x, case.w_f, r, [s.stride] * 2, [s.padding] * 2, [1, 1], allow_tf32)
+            except Exception as exc:  # the row says why it has no kernel name
+                kernel = f"kernel: unknown ({type(exc).__name__})"
+        note = [f"modules: {' '.join(s.modules)}", kernel]
+        rows.append(row(cfg, job, prov, variant, m, s.flops(job.batch), conv_bytes(job, not alone), note))
+        rows[-1]["note"] = "; ".join(x for x in (rows[-1]["note"], record_auto(cfg, prov, rows[-1])) if x)
+        r = rows[-1]
+        if r["median_ms"] is not None:
+            print(f"  {what:<70} {r['median_ms']:.4f} ms  {r['tflops']:.3g} TFLOP/s  {r['frac_of_peak']:.2f} of "
+                  f"peak  floor {r['floor_ms']:.4f} ms", flush=True)
+        if prov == "compile":
+            torch._dynamo.reset()
+    del case
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------- memory rows
+def copy_gbps(nbytes: int, cfg: Config) -> float:
+    """GB/s of ``dst.copy_(src)`` moving ``nbytes`` in all (read + write), once per size."""
+    if nbytes not in cfg.copies:
+        half, dev = max(1, nbytes // 2), cfg.device
+        k = common.rotation_copies(nbytes, common.cache_bytes(dev), max_copies=8 if dev.type == "cuda" else 2)
+        pairs = [(torch.empty(half, dtype=torch.uint8, device=dev).random_(0, 256),
+                  torch.empty(half, dtype=torch.uint8, device=dev)) for _ in range(k)]
+        t, _ = common.benchmark_graph_or_plain(lambda src, dst: dst.copy_(src), pairs, dev, cfg.cuda_graph,
+                                               f"copy {nbytes} B", **cfg.timing)
+        cfg.copies[nbytes] = (2 * half / (t.median_ms * 1e-3) / 1e9, t)
+    return cfg.copies[nbytes][0]
+
+
+def run_mem_job(job: MemJob, providers: Sequence[str], cfg: Config, rows: List[dict]) -> None:
+    """Each op of ``cfg.ops`` at one activation shape: check, then time, each provider; a row each."""
+    if past_deadline(cfg, f"{job.label()} memory ops {list(providers)}"):
+        return
+    dev, dt, a = cfg.device, common.DTYPES[job.dtype], job.act
+    gen = torch.Generator(device=dev).manual_seed(a.c * 1000 + a.hw * 10 + 100000 * list(common.DTYPES).index(job.dtype))
+    try:
+        base = memops.make_inputs(job.batch, a.c, a.hw, dt, dev, gen)
+        # copies to rotate over, sized for the op that reads least (channel_stats: one activation)
+        k = common.rotation_copies(base.y.numel() * base.y.element_size(), common.cache_bytes(dev),
+                                   max_copies=8 if dev.type == "cuda" else 2)
+        sets = [(base,)] + [(memops.make_inputs(job.batch, a.c, a.hw, dt, dev, gen),) for _ in range(k - 1)]
+    except Exception as exc:  # nothing of this case can run
+        print(f"  FAILED {job.label()} memory ops: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return
+    for op in cfg.ops:
+        provs = [p for p in providers if p in op.providers]
+        if not provs:
+            continue
+        nbytes = op.traffic(base.y.numel(), a.c, base.y.element_size())
+        copy = copy_gbps(nbytes, cfg)
+        ref = memops.run_eager(op, base, up=True)
+        try:
+            eager = memops.run_eager(op, base)
+        except Exception as exc:  # eager is the yardstick of the bounds; without it the floors bound
+            eager = None
+            print(f"  FAILED {op.name} {job.label()} eager: {type(exc).__name__}: {exc}", file=sys.stderr)
+        for prov in provs:
+            label = f"{op.name} {job.label()} {prov}"
+            if prov == "auto":
+                common.dispatch_fresh()
+            m = measure(lambda p=prov, o=op: (lambda d: memops.RUNNERS[p](o, d)), sets,
+                        lambda outs, o=op: memops.judge(o, outs, ref, eager, job.dtype, base), cfg, prov, label,
+                        mem=False)
+            same = "" if m.timing is None else f", {nbytes / (m.timing.median_ms * 1e-3) / 1e9 / copy:.2f} of it"
+            note = [f"bn inputs: {' '.join(a.modules)}", f"same-size copy {copy:.4g} GB/s{same}"]
+            rows.append(row(cfg, job, prov, op.name, m, 0, nbytes, note, "infer" if op.name in INFER_OPS else
+                            "train_step"))
+            rows[-1]["note"] = "; ".join(x for x in (rows[-1]["note"], record_auto(cfg, prov, rows[-1])) if x)
+            r = rows[-1]
+            if r["gbps"] is not None:
+                print(f"  {label:<60} {r['median_ms']:.4f} ms  {r['gbps']:8.1f} GB/s  {r['frac_of_copy']:.2f} of "
+                      f"copy", flush=True)
+    del sets, base
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------- tables
+def _cell(r: Optional[dict]) -> str:
+    if not r:
+        return ""
+    if not r["correct"]:
+        return "WRONG" if r["note"].startswith("wrong") else "FAILED"
+    return common.fmt_ms(r["median_ms"])
+
+
+def _ratio(a: Optional[dict], b: Optional[dict]) -> Optional[float]:
+    if not a or not b or a["median_ms"] is None or not b["median_ms"]:
+        return None
+    return a["median_ms"] / b["median_ms"]
+
+
+def _fmt(v: Optional[float], digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _group(rows: List[dict], mem: bool, key: Callable[[dict], tuple]) -> Dict[tuple, Dict[str, dict]]:
+    out: Dict[tuple, Dict[str, dict]] = {}
+    for r in rows:
+        if (r["variant"] in memops.OP_NAMES) == mem:
+            out.setdefault(key(r), {})[r["provider"]] = r
+    return out
+
+
+def conv_table(rows: List[dict], providers: Sequence[str], info: Dict[tuple, Tuple[str, str]]
+               ) -> Tuple[List[str], List[list]]:
+    """Per (model, geometry, dtype, variant): conv alone, eager and each fused provider in ms; fused /
+    conv alone (the epilogue question); eager / the faster of cuda and triton; the best fraction of
+    the matmul peak; the roofline floor and which ceiling sets it. ``info``: a job's key -> (its
+    geometry's first module, "math" | "memory")."""
+    fused = [p for p in ("cuda", "cudnn_fused", "triton", "auto", "compile") if p in providers]
+    headers = ["model", "conv", "shape", "batch", "dtype", "variant", "conv ms", "eager ms"]
+    headers += [f"{p} ms" for p in fused] + [f"{p}/conv" for p in fused if p != "compile"]
+    headers += ["eager/fused", "best of peak", "floor ms", "bound"]
+    groups = _group(rows, False, lambda r: (r["model"], r["shape"], r["batch"], r["dtype"], r["variant"]))
+    out = []
+    for key, by in groups.items():
+        if key[4] == "conv_alone":
+            continue
+        c = groups.get(key[:4] + ("conv_alone",), {}).get("eager")
+        any_row = next(iter(by.values()))
+        name, bound = info.get(key[:4], ("", ""))
+        line = [key[0], name, *key[1:], _cell(c), _cell(by.get("eager"))]
+        line += [_cell(by.get(p)) for p in fused] + [_fmt(_ratio(by.get(p), c)) for p in fused if p != "compile"]
+        timed = [by[p] for p in ("cuda", "triton") if p in by and by[p]["median_ms"] is not None]
+        line.append(_fmt(_ratio(by.get("eager"), min(timed, key=lambda r: r["median_ms"]) if timed else None)))
+        cands = [r for r in list(by.values()) + ([c] if c else []) if r["frac_of_peak"] is not None]
+        top = max(cands, key=lambda r: r["frac_of_peak"]) if cands else None
+        who = "" if top is None else "conv alone" if top["variant"] == "conv_alone" else top["provider"]
+        line += ["-" if top is None else f"{top['frac_of_peak']:.2f} ({who})", f"{any_row['floor_ms']:.4g}", bound]
+        out.append(line)
+    return headers, out
+
+
+def conv_bound(job: ConvJob, pk: peaks_mod.Peaks) -> str:
+    """Which measured ceiling sets the fused op's roofline floor."""
+    t_math = job.spec.flops(job.batch) / (pk.matmul_tflops[job.dtype] * 1e12)
+    return "math" if t_math >= conv_bytes(job, fused=True) / (pk.copy_gbps * 1e9) else "memory"
+
+
+def mem_table(rows: List[dict], providers: Sequence[str]) -> Tuple[List[str], List[list]]:
+    """Per (model, op, shape, dtype): each provider's GB/s and fraction of the copy bandwidth."""
+    provs = [p for p in ("cuda", "triton", "auto", "eager") if p in providers]
+    headers = ["model", "op", "shape", "batch", "dtype", "mode", "floor ms"]
+    headers += [h for p in provs for h in (f"{p} GB/s", f"{p}/copy")]
+    out = []
+    for key, by in _group(rows, True, lambda r: (r["model"], r["variant"], r["shape"], r["batch"], r["dtype"],
+                                                 r["mode"])).items():
+        line = [*key, f"{next(iter(by.values()))['floor_ms']:.4g}"]
+        for p in provs:
+            r = by.get(p)
+            line += ["n/a", ""] if r is None else [_cell(r), ""] if not r["correct"] else \
+                [f"{r['gbps']:.4g}", f"{r['frac_of_copy']:.2f}"]
+        out.append(line)
+    return headers, out
+
+
+def goal_lines(rows: List[dict], device: torch.device) -> List[str]:
+    """The two goals: cuda's fused conv no slower than conv alone; cuda's memory ops >= 85% of copy."""
+    where = "" if device.type == "cuda" else " (CPU run: says nothing about the GPU goal)"
+    alone = {(r["model"], r["shape"], r["batch"], r["dtype"]): r for r in rows if r["variant"] == "conv_alone"}
+    out = []
+    for v in ("conv_bn_relu", "conv_bn_add_relu"):
+        vs = [(_ratio(r, alone.get((r["model"], r["shape"], r["batch"], r["dtype"]))), r) for r in rows
+              if r["provider"] == "cuda" and r["variant"] == v]
+        vs = [(x, r) for x, r in vs if x is not None]
+        if vs:
+            x, w = max(vs, key=lambda p: p[0])
+            met = sum(x <= EPILOGUE_GOAL for x, _ in vs)
+            out.append(f"goal (cuda {v} <= conv alone): met in {met} of {len(vs)} cases; worst {x:.3f}x "
+                       f"({w['model']} {w['shape']} {w['dtype']}){where}")
+    timed = [r for r in rows if r["provider"] == "cuda" and r["frac_of_copy"] is not None]
+    if timed:
+        w = min(timed, key=lambda r: r["frac_of_copy"])
+        met = sum(r["frac_of_copy"] >= COPY_GOAL for r in timed)
+        out.append(f"goal (cuda memory ops >= {COPY_GOAL:.0%} of copy bandwidth): met in {met} of {len(timed)} "
+                   f"cases; worst {w['frac_of_copy']:.2f} ({w['variant']} {w['shape']} {w['dtype']}){where}")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = common.base_parser("python -m benchmarks.layers", __doc__, providers=PROVIDERS,
+                           quick_help="GPU: batch 64 / 128, fp16, 6 + 4 conv geometries, 3 memory ops at 3 "
+                                      f"shapes, nothing started after {QUICK_DEADLINE_S:.0f} s")
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=None, help="default: both")
+    p.add_argument("--convs", nargs="+", default=None, help="only the conv geometries named by these modules")
+    p.add_argument("--acts", nargs="+", default=None, help="only these BN input shapes, full-size CxH (256x56)")
+    p.add_argument("--ops", nargs="+", choices=memops.OP_NAMES, default=None,
+                   help=f"memory ops (default: all; --quick and CPU: {' '.join(QUICK_OPS)})")
+    p.add_argument("--peaks", default=None, metavar="FILE", help="a JSON of peaks.measure(...).as_dict() to use")
+    p.add_argument("--deadline", type=float, default=None,
+                   help=f"seconds after start past which nothing starts (--quick: {QUICK_DEADLINE_S:.0f})")
+    return p.parse_args(argv)
+
+
+def make_config(args) -> Config:
+    dev = common.pick_device(args.device)
+    gpu = dev.type == "cuda"
+    small = args.quick or not gpu
+    dtypes = args.dtypes or (["fp16"] if args.quick and gpu else (["fp16", "bf16", "fp32"] if gpu else ["fp32"]))
+    skipped: Dict[str, str] = {}
+    providers = common.order_providers(args.providers, PROVIDERS, "eager")
+    if not gpu and not args.providers:
+        providers.remove("compile")
+        skipped["compile"] = "CPU: torch.compile's C++ code generation takes tens of seconds per case (--providers)"
+    providers = common.drop_unavailable(providers, dev, skipped)
+    models = args.models or list(MODELS)
+    layers = {name: model_layers(name) for name in models}
+    known_convs = {s.name for convs, _ in layers.values() for s in convs}
+    known_acts = {f"{a.c}x{a.hw}" for _, acts in layers.values() for a in acts}
+    bad = sorted(set(args.convs or ()) - known_convs) + sorted(set(args.acts or ()) - known_acts)
+    if bad:  # a name that matches nothing is a typo, not an empty run
+        raise SystemExit(f"--convs / --acts: {bad} match no layer of {models} "
+                         f"(convs: {sorted(known_convs)}; acts: {sorted(known_acts)})")
+    conv_jobs: List[ConvJob] = []
+    mem_jobs: List[MemJob] = []
+    for name in models:
+        info, (convs, acts) = MODELS[name], layers[name]
+        batch = 2 if not gpu else (info.quick_batch if args.quick else info.batch)
+        want = args.convs or (info.quick_convs if small else None)
+        specs = [s if gpu else tiny_conv(s) for s in convs if want is None or s.name in want]
+        if args.acts:
+            acts = [a for a in acts if f"{a.c}x{a.hw}" in args.acts]
+        elif small:
+            acts = [a for a in acts if (a.c, a.hw) in info.quick_acts]
+        conv_jobs += [ConvJob(name, s, batch, d, res) for d in dtypes for s in specs for res in (False, True)]
+        mem_jobs += [MemJob(name, a if gpu else tiny_act(a), batch, d) for d in dtypes for a in acts]
+    op_names = args.ops or (QUICK_OPS if small else memops.OP_NAMES)
+    deadline_s = args.deadline if args.deadline is not None else (QUICK_DEADLINE_S if args.quick else None)
+    return Config(dev, conv_jobs, mem_jobs, [o for o in memops.OPS if o.name in op_names], providers,
+                  timing=common.op_timing(dev, args.quick), deadline=None if deadline_s is None else _T0 + deadline_s,
+                  skipped=skipped)
+
+
+def load_peaks(path: str, dtypes: Sequence[str], dev: torch.device) -> peaks_mod.Peaks:
+    """A ``peaks.measure(...).as_dict()`` JSON (or a result file's ``"peaks"``) covering ``dtypes``."""
+    with open(path) as f:
+        d = json.load(f)
+    pk = peaks_mod.Peaks.from_dict(d["peaks"] if "peaks" in d and "copy_gbps" not in d else d)
+    missing = [x for x in dtypes if x not in pk.matmul_tflops]
+    if missing:
+        raise SystemExit(f"--peaks {path}: no matmul peak for {missing} (it has {sorted(pk.matmul_tflops)})")
+    if pk.device != common.device_name(dev):
+        print(f"note: --peaks {path} was measured on {pk.device!r}, this run is on {common.device_name(dev)!r}",
+              file=sys.stderr)
+    return pk
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from resnet_fused.ops._common import conv_uses_tf32
+
+    args = parse_args(argv)
+    cfg = make_config(args)
+    dev = cfg.device
+    env = common.env_info(dev)
+    print(common.banner("layers", env))
+    dtypes = sorted({j.dtype for j in cfg.conv_jobs + cfg.mem_jobs}, key=list(common.DTYPES).index)
+    if args.peaks:
+        cfg.peaks, source = load_peaks(args.peaks, dtypes, dev), f"file: {args.peaks}"
+    else:
+        cfg.peaks = peaks_mod.measure(dev, dtypes or ["fp32"], quick=args.quick or dev.type != "cuda")
+        source = "measured in this run"
+    print(f"ceilings ({source}): {peaks_mod.describe(cfg.peaks)}")
+    print(f"providers {cfg.providers}; {len(cfg.conv_jobs)} conv cases, {len(cfg.mem_jobs)} activation shapes x "
+          f"{len(cfg.ops)} memory ops" + common.settings_suffix(dev, True, cfg.deadline, _T0), flush=True)
+    common.print_skipped(cfg.skipped)
+    rows: List[dict] = []
+    extra = {"peaks": cfg.peaks.as_dict(), "peaks_source": source,
+             "timing": "CUDA-graph replay" if cfg.cuda_graph else "perf_counter (CPU)",
+             "tf32": dev.type == "cuda" and conv_uses_tf32(), "cudnn_benchmark": dev.type == "cuda",
+             "not_run": cfg.not_run, "dispatch": cfg.dispatch}
+    baselines = set()
+    with common.dispatch_isolated(), common.cudnn_benchmark(dev, True):
+        for section, phase in PHASES:
+            provs = [p for p in cfg.providers if p in phase]
+            for job in (cfg.conv_jobs if section == "conv" else cfg.mem_jobs) if provs else ():
+                if section == "conv":
+                    pairs = [("eager", "conv_alone")] if "eager" in provs and job.key not in baselines else []
+                    baselines.update([job.key] if pairs else [])
+                    run_conv_job(job, pairs + [(p, job.variant) for p in provs], cfg, rows)
+                else:
+                    run_mem_job(job, provs, cfg, rows)
+                if not args.no_write and rows:  # after every case: a run cut short keeps what it measured
+                    common.write_results(args.out, BENCH, env, rows, keys=KEYS, extra={"skipped": cfg.skipped, **extra})
+    rows = _sorted(rows, cfg)
+    info = {j.key: (j.spec.name, conv_bound(j, cfg.peaks)) for j in cfg.conv_jobs}
+    tables = [(f"layers: convolutions vs cuDNN's conv alone, {env['gpu']}", *conv_table(rows, cfg.providers, info)),
+              (f"layers: memory-bound ops vs copy bandwidth, {env['gpu']}", *mem_table(rows, cfg.providers))]
+    tables = [t for t in tables if t[2]]
+    for title, h, lines in tables:
+        print(common.format_table(h, lines, title=title))
+    notes = [f"ceilings ({source}): {peaks_mod.describe(cfg.peaks)}",
+             "fused = conv with the BN folded + bias (+ residual) + ReLU in one op; conv = F.conv2d alone; eager = "
+             "conv, batch_norm, add, relu as separate ops; floor = max(flops / matmul peak, bytes / copy bandwidth)"]
+    extra["goal"] = goal_lines(rows, dev)
+    notes += extra["goal"]
+    if cfg.not_run:
+        notes.append(f"past the deadline, not run: {len(cfg.not_run)} case(s)/provider(s) (JSON: not_run)")
+    print("\n".join(notes))
+    common.print_skipped(cfg.skipped)
+    write = not args.no_write and bool(rows)
+    rc = common.finish(rows, args.out, BENCH, env, write=write, keys=KEYS, skipped=cfg.skipped, extra=extra,
+                       markdown=tables[0] if tables and write else None, notes=notes)
+    if write and len(tables) > 1:  # finish() writes one table: the memory table goes under it
+        title, h, lines = tables[1]
+        with open(Path(args.out) / f"{common.result_stem(env, BENCH)}.md", "a") as f:
+            f.write(f"\n## {title}\n\n{common.markdown_table(h, lines)}\n")
+    return rc
+
+
+def _sorted(rows: List[dict], cfg: Config) -> List[dict]:
+    """Rows in case order (convs, then memory ops), not in the order the phases ran them."""
+    idx: Dict[tuple, int] = {}
+    for j in cfg.conv_jobs + cfg.mem_jobs:
+        idx.setdefault(j.key, len(idx))
+    variants = CONV_VARIANTS + memops.OP_NAMES
+
+    def key(r: dict) -> tuple:
+        k = (r["model"], r["shape"], r["batch"], r["dtype"])
+        return (idx.get(k, 1 << 30), variants.index(r["variant"]), PROVIDERS.index(r["provider"]))
+
+    return sorted(rows, key=key)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
