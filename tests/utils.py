@@ -182,6 +182,31 @@ def check_stats(x, count, anchor, off, m2, name="x"):
     assert_close(m2 / count, var64, xf.var(dim=DIMS, unbiased=False), name=f"{name} var")
 
 
+BN_SHAPE = (2, 37, 9, 9)  # 162 pixels: two pixel blocks; 37 channels: two channel blocks
+
+
+def make_bn_case(res, dtype=torch.float32, fmt=torch.contiguous_format, shape=BN_SHAPE, r_dtype=None, center=(3.0, -2.0),
+                 spread=(2.0, 3.0)):
+    """For the fused BN training ops: y with its batch (mean, scale, shift), and the residual with its own BN for res == 2
+    (``center``/``spread``: of y and r)."""
+    c = shape[1]
+
+    def bn_of(t):
+        mean, var = vec_stats(t)
+        gamma = torch.randn(c, device=DEVICE)  # mixed signs
+        return mean.float(), (gamma / (var + 1e-5).sqrt()).float(), 0.5 * torch.randn(c, device=DEVICE)
+
+    y = (center[0] + spread[0] * torch.randn(shape, device=DEVICE)).to(dtype).contiguous(memory_format=fmt)
+    vecs = bn_of(y)
+    r, rvecs = None, (None, None, None)
+    if res:
+        r = (center[1] + spread[1] * torch.randn(shape, device=DEVICE)).to(r_dtype or dtype)
+        r = r.contiguous(memory_format=fmt)
+        if res == 2:
+            rvecs = bn_of(r)
+    return y, vecs, r, rvecs
+
+
 def downsample(cin, cout, stride):
     """torchvision's downsample branch: 1x1 conv (no bias) + BatchNorm."""
     return nn.Sequential(R.conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
