@@ -1,470 +1,396 @@
-"""The model zoo end to end: inference and a training step of torchvision's ResNets, fused vs eager vs torch.compile.
+"""Whole ResNets: images/s and memory of inference and of a training step, fused vs eager vs torch.compile.
 
-    python -m benchmarks.bench_models [--out DIR] [--quick] [--device cuda|cpu] [--models ...]
-                                      [--modes infer train] [--batches N ...] [--dtypes fp16 fp32]
-                                      [--layouts channels_last nchw] [--deadline S] [--reps N]
-                                      [--no-compile] [--no-max-autotune] [--no-graph] [--compile]
+    python -m benchmarks.models [--out DIR] [--quick] [--device cuda|cpu] [--models ...]
+                                [--modes infer train] [--batches N ...] [--dtypes fp16 fp32] [--deadline S]
 
-Question: how many images per second do whole torchvision ResNets process, and how much memory do
-they take, with the fused modules of :mod:`resnet_fused.models` (Triton kernels, or the compiled
-C++/CUDA library) compared with the same network in eager PyTorch (cuDNN convs, BN, ReLU, add as
-separate kernels) and with ``torch.compile`` of the eager network: in inference (eval mode,
-``torch.no_grad``) and for one training step (forward + backward + SGD update)? The issue's goals
-(H100): ResNet-50 inference at batch 256, fp16, channels_last: fused >= 1.5x eager and >= 1.1x
-torch.compile max-autotune with freezing; ResNet-50 training step at batch 256, AMP,
-channels_last: fused >= 1.3x eager and >= torch.compile. "Fused" is the better of triton and cuda;
-each is also judged alone, and so is auto (what users get). A number that misses is reported as it
-is (log, markdown, JSON ``"goals"``).
+Question: how fast and how big are torchvision's ResNets (18, 34, 50, 101, 152, wide_resnet50_2 at
+3x224x224) with our fused modules (``triton``; ``cuda``: the compiled library; ``auto``: the measured
+dispatch, what users get; "fused" = the faster of triton and cuda) against the same network in eager
+PyTorch and under ``torch.compile``, in inference (eval, no_grad) and for one training step (forward,
+backward, SGD momentum 0.9)? Goals (H100, ResNet-50, batch 256, channels_last): inference fp16 fused
+>= 1.5x eager and >= 1.1x compile max-autotune+freezing; training step AMP fused >= 1.3x eager and
+>= 1.0x compile. A miss is reported as it is (log, markdown, JSON "goals").
 
-Models: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``resnet152``,
-``wide_resnet50_2``; 3x224x224 input (GPU), 1000 classes. Eager and compile run the plain network
-of :mod:`resnet_fused.models.reference`; triton, cuda and auto run ours
-(``resnet_fused.models.<name>(backend=...)``, the same state_dict loaded strictly). Inference: the
-BN running statistics are measured on one random train-mode batch with random affine parameters
-(:func:`benchmarks.bench_blocks.calibrate_bn`: random statistics blow a 50-layer network up in
-fp16); training: random BN state (as bench_train).
+Method. Eager and compile run :mod:`resnet_fused.models.reference`; ours loads the same state_dict;
+everything channels_last. Inference: BN statistics calibrated on a random batch (random ones
+overflow fp16 in a deep net); fp16 = fp16 weights and input; fp32 = TF32 convs on both sides.
+Training: random BN state; fp16 = autocast, fp32 master weights, static loss scale 1024 (lr / 1024,
+no GradScaler). Correctness before timing (:func:`run_case`, the harness :mod:`benchmarks.wrn_fig4`
+shares): every provider's first call on the same batch is judged against a reference (inference: a
+float64 forward; training: a float64 step, float32 with TF32 off for AMP on a GPU: output, loss,
+probed gradients, BN running statistics), error <= max(dtype floor, 4 x eager's error; for a
+training step the larger of a channels_last and an NCHW eager step). Wrong or failing providers:
+``correct=false``, no time, exit code 1. Timing: CUDA events; inference at batch <= 32 as CUDA-graph
+replays; training: 7 untimed and 20 timed steps (``--reps``); ``cudnn.benchmark`` on;
+``peak_mem_mb``: the most allocated over what was allocated before (a forward; the timed steps). A
+training batch is halved while the reference step's estimated activations exceed 75% of the GPU,
+and after an out-of-memory error (noted). ``auto`` measures its candidates in its untimed first
+call on the timed shape, starting clean per case, with no decision file. Order: eager/triton/cuda/
+auto of every case, then compile, then max-autotune+freezing; results rewritten after every case;
+no provider starts after ``--deadline`` (``--quick``: 120 s; resnet50 only, the goal rows first).
 
-Modes and precision:
+CPU (CI, ~15 s on 2 cores): resnet18 and resnet50 inference at 3x32x32, batch 1 and 2; a resnet18
+training step at 3x64x64, batch 4 (resnet50's random-init gradients are too ill-conditioned at CPU
+sizes for the 4 x eager bound); fp32; eager, cuda (C++ kernels), auto (resnet18 inference unless
+named). triton (the interpreter: minutes per network) and compile only when named
+(``--providers triton``: resnet18 only; ``--compile``).
 
-- ``infer``: batch 1, 32, 256; ``fp16`` = fp16 weights and input, ``fp32`` = fp32 with
-  PyTorch's default TF32 convolutions (both sides); channels_last (``--layouts nchw`` adds
-  NCHW). Providers ``eager``, ``triton``, ``cuda``, ``auto``, then ``compile`` twice: ``variant="default"``
-  (``torch.compile(model)``) and ``variant="max-autotune+freezing"`` (``torch.compile(model,
-  mode="max-autotune")`` with ``torch._inductor.config.freezing = True`` while it compiles and
-  runs, restored after; it brings Inductor's own CUDA graphs). A fresh ``torch._dynamo.reset()``
-  before and after every compile.
-- ``train_step``: batch 256 (or less where memory says, below); ``fp16`` = AMP
-  (``torch.autocast`` float16, fp32 master weights, static loss scale 1024 with the learning rate
-  divided by it, no GradScaler), ``fp32`` = TF32 convolutions; SGD momentum 0.9; channels_last
-  only. Providers ``eager``, ``triton``, ``cuda``, ``auto``, ``compile`` (default mode). This is
-  :func:`benchmarks.bench_train.run_job` (its step, its checks, its timing) with this script's
-  model cases. The batch: 256 unless the estimated memory of the reference step (activations of
-  every leaf module on the meta device x batch x the reference dtype's bytes: float32 for AMP runs,
-  float64 for fp32 runs) exceeds 75% of the GPU's memory, halved until it fits (ResNet-152 AMP on
-  an 80 GB H100: 128); an out-of-memory error in a job (the allocator's ``num_ooms`` grew) drops
-  its rows and re-runs it at half the batch. The batch used is the row's ``batch``, and a note
-  says why.
-- ``auto``: our network with ``backend="auto"``, the measured dispatch (:mod:`resnet_fused.dispatch`):
-  at its first call with a new key each conv site (inference) or block (training step) runs every
-  candidate on the real inputs, checks and times it, and keeps the fastest correct one. That first
-  call is this script's untimed warm-up, made with exactly the timed inputs' shape, dtype and layout
-  (inference: the checked call; training: the checked step), so no timed call measures; a key first
-  met later would be named in ``"notes"``. The dispatch forgets its decisions before each case's
-  auto run (``resnet_fused.dispatch.forget``: every case measures its own keys, as a fresh process
-  would, and its record is complete) and reads and writes no decision file while the script runs
-  (``RESNET_FUSED_CACHE_DIR=""`` in this process). The JSON's ``"dispatch"`` holds each auto case's
-  decisions (below); the log line says what was chosen.
-- Order: eager, triton, cuda and auto of every case first; then ``compile`` (default) of every case;
-  then ``max-autotune+freezing`` last (it autotunes for minutes). A run cut short keeps the
-  fused-vs-eager answers; results are rewritten after every case; ``--deadline`` seconds after
-  the start no provider starts (skips are listed in the JSON's ``"notes"``).
-- ``--quick`` (a step of the benchmark suite, meant for ~120 s on an H100; an estimate): resnet50
-  only, headline rows first: inference batch 256 fp16 (eager, triton, cuda, auto), training step
-  batch 256 AMP (eager, triton, cuda, auto), inference batch 1 fp16 (eager, triton, cuda, auto), then compile
-  (default) of the batch-256 inference and training step, then max-autotune+freezing of the
-  batch-256 inference if time allows; no provider starts after 120 s (``--deadline``; the suite
-  passes its own).
-
-Correctness before timing. Inference: every provider's output on the same batch against a
-float64 run of the same network on the device (as bench_blocks), relative error within
-max(dtype floor, 4 x eager's error in the same dtype) (:func:`benchmarks.common.check_output`);
-the log gives the fused convolutions per forward (20 for resnet18, 53 for resnet50: 0 would mean
-the fused path did not run). Training: bench_train's rule: one step of each provider from the same
-state on the same batch against a reference step (float64 on CPU and for fp32 runs, float32 with
-TF32 off for AMP runs on the GPU): output, loss, six parameter gradients, three BN running
-statistics, each within max(dtype floor, 4 x eager's error). A wrong or failing provider is
-recorded ``correct=false`` with no time (exit code 1).
-
-Timing. Inference: CUDA events, warm-up, at least ``--reps`` (20) samples, median with 20th /
-80th percentiles, rotating over input copies that together exceed twice the L2 cache; at batch 1
-and 32 (where launch gaps would dominate) each sample is a CUDA-graph replay
-(``--no-graph``: plain launches; max-autotune has Inductor's own graphs and is never captured
-again; at batch 256 plain launches). Training: CUDA events per step, 7 untimed steps, 20 timed
-(``--reps``), no CUDA graphs. ``cudnn.benchmark`` is on for every provider
-(``--no-cudnn-benchmark``). ``compile_s``: wall seconds of compile's first call (compile + one
-call: cold on a fresh machine, shorter where Inductor's caches are warm); null for other rows.
-``peak_mem_mb``: inference: the most memory one warmed-up forward allocates over what was
-allocated before it (activations, workspace, output; weights and inputs excluded; for
-max-autotune, whose graph pool is allocated before the call, it reads low); training: the most
-allocated during the timed steps over what was allocated before them (activations, gradients,
-workspaces; not parameters, momentum buffers or inputs). Null on CPU.
-
-CPU (the default without CUDA; CI, ``tests/test_bench_models.py``): tiny sizes that prove the
-script: inference of ``resnet18`` and ``resnet50`` at 3x32x32, batch 1 and 2; a training step of
-``resnet18`` at 3x64x64, batch 4; fp32; providers ``eager``, ``cuda`` (the compiled library's
-C++ kernels, where it loads) and ``auto`` (on CPU tensors it measures ``torch`` against the C++
-kernels; the Triton interpreter is never a candidate), auto on resnet18's inference only unless
-``--providers`` names it (it has every kind of conv key; measuring resnet50's 53 convs or the
-training step's blocks as well would only add CI time, and bench_wrn's CPU mode runs auto's
-training path through the same harness; a note says so). Not resnet50's training step, nor
-smaller images or batch 2: the probed gradients of a randomly initialised ResNet-50 are
-ill-conditioned (eager fp32's own relative error against float64 is 1e-2 to 1e-1 at every size tried, 32x32 to 224x224, batch 2 to
-8, and moves by more than 4x between NCHW and channels_last or one and two threads; resnet18's
-too at 32x32 or 64x64 with batch 2), so the 4 x eager bound passes or fails a correct provider by
-luck (seen: cuda, resnet50 at 32x32, batch 8: 7.9e-3 against a bound of 1.3e-3; torch.compile,
-resnet18 at 64x64, batch 2: 4.7e-3 against 3.5e-5); resnet18 at 64x64, batch 4 stays under 1e-5
-in every variant. ``triton`` runs on CPU only through Triton's interpreter
-(``TRITON_INTERPRET=1`` set before Python starts), which is far too slow for whole torchvision
-networks (their 256-512-channel convs dominate whatever the input size; measured on 2 cores:
-resnet18 at 16x16, batch 2, about 30 s per forward and 50 s per training step; resnet50 at 32x32
-about 90 s and 200 s): it is left out of the CPU mode (recorded under ``"skipped"``) unless
-``--providers`` names it, and then runs on resnet18 only. ``compile`` is left out on CPU unless
-``--compile``. About 15 s on 2 cores.
-
-Outputs (``--out``, default ``benchmarks/results``): ``<date>_<device>_<commit>_models.{json,csv,md}``
-via :mod:`benchmarks.common`. Rows: :func:`benchmarks.common.row_keys` ``("variant", "layout",
-"compile_s")``, ``bench="models"``, ``model`` the torchvision name, ``shape`` what ran
-(``3x224x224``), ``mode`` infer | train_step, ``provider`` eager | triton | cuda | auto | compile,
-``variant`` "" (compile: "default" | "max-autotune+freezing"), ``layout`` channels_last | nchw.
-JSON: ``env``, ``skipped`` (provider -> why it cannot run here), ``goals`` (:func:`goals`: per goal
-and baseline, fused / triton / cuda / auto ratio, target, verdict met | missed | not measured, and a
-sentence), ``notes`` (deadline skips, batch reductions), ``dispatch`` (one entry per auto row:
-:func:`benchmarks.common.dispatch_entry`, the row's ``model shape batch dtype mode layout variant``,
-the dispatch's ``env`` and its ``decisions``, each with ``op case chosen candidates source sites
-margin measure_ms``), ``rows``. Markdown and stdout: one line
-per (model, mode, batch, dtype): eager ms and images/s, each provider's ms, speedup over eager and
-peak MiB, compile seconds; the goal verdicts under it.
-
-Pending: nothing has run on a GPU yet. The ``--quick`` time is an estimate, and so is the memory
-rule for the training batch; a cold max-autotune compile of ResNet-50 may take minutes, so in
-``--quick`` the deadline will usually leave it out. The ill-conditioning of ResNet-50's training
-gradients (CPU paragraph) holds at 224x224 too: on the GPU the training check may call a correct
-provider wrong (or pass a slightly wrong one); a WRONG training row there needs a second look.
+Output: ``<date>_<device>_<commit>_models.{json,csv,md}``; rows ``common.row_keys("variant",
+"layout", "compile_s")``; JSON ``skipped``, ``goals``, ``notes``, ``dispatch`` (per auto row,
+:func:`benchmarks.common.dispatch_entry`). Pending: nothing has run on a GPU yet.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import functools
 import gc
+import math
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import resnet_fused
 from resnet_fused.models import reference
 
-from . import bench_train, common
-from .bench_blocks import calibrate_bn, randomize_bn
+from . import common
 
 BENCH = "models"
 KEYS = common.row_keys("variant", "layout", "compile_s")
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
-# blocks per stage (torchvision); BasicBlock networks end a block with bn2/conv2, Bottlenecks with bn3/conv3
-LAYERS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3),
-          "resnet152": (3, 8, 36, 3), "wide_resnet50_2": (3, 4, 6, 3)}
-BASIC = ("resnet18", "resnet34")
-MODEL_PROVIDERS = ("eager", "triton", "cuda", "auto", "compile", "torch")
-LATE = ("compile",)
-DEFAULT = "default"
-MAX_AUTOTUNE = "max-autotune+freezing"
-CL, NCHW = "channels_last", "nchw"
-FORMATS = {CL: torch.channels_last, NCHW: torch.contiguous_format}
-GPU_SIZE, CPU_SIZE = 224, 32
-GPU_INFER_BATCHES, CPU_INFER_BATCHES = (256, 32, 1), (1, 2)
-GPU_TRAIN_BATCH, CPU_TRAIN_BATCH = 256, 4
-CPU_MODELS = ("resnet18", "resnet50")
-# CPU training: resnet18 at 64x64, batch 4, where its probed gradients are well conditioned (fp32's own
-# error under 1e-5 whatever the layout and thread count); resnet50's are not at any size tried
-# (module docstring), so the 4 x eager bound would pass or fail a correct provider by luck
-CPU_TRAIN_MODELS, CPU_TRAIN_SIZE = ("resnet18",), 64
-CPU_TRITON_MODELS = ("resnet18",)  # the interpreter, if asked for at all
-# auto's CPU default (CI): resnet18's inference, which has every kind of conv key (3x3 + ReLU,
-# + add + ReLU, the 1x1 downsample without ReLU). Measuring resnet50's 53 convs, or the training
-# step's blocks (bench_wrn's CPU mode runs auto's training path through the same harness), would
-# only add CI time. --providers naming auto runs it on every case.
-CPU_AUTO_CASES = (("infer", "resnet18"),)
-GRAPH_MAX_BATCH = 32  # CUDA-graph replays at and below this inference batch
-MEM_FRACTION = 0.75  # a training batch is halved while its reference step's estimate exceeds this share
-MIN_TRAIN_BATCH = 8
-QUICK_DEADLINE_S = 120.0
-DEFAULT_REPS = 20
-SEED = 100
+STAGE_DEPTHS = {"resnet18": (2, 2), "resnet34": (6, 3), "resnet101": (23, 3), "resnet152": (36, 3)}  # (3, 4): (6, 3)
+PROVIDERS = ("eager", "triton", "cuda", "auto", "compile", "torch")
+OURS = ("triton", "cuda", "torch", "auto")
+DEFAULT, MAX_AUTOTUNE = "default", "max-autotune+freezing"
+CL = "channels_last"
+GRAPH_MAX_BATCH, MEM_FRACTION, MIN_TRAIN_BATCH = 32, 0.75, 8
+QUICK_DEADLINE_S, DEFAULT_REPS, SEED = 120.0, 20, 100
+MOMENTUM, LR, FP16_LOSS_SCALE, FACTOR = 0.9, 1e-2, 1024.0, 4.0
+CPU_AUTO_CASES = (("infer", "resnet18"),)  # auto's CPU default: every kind of conv key, little CI time
+CPU_TRITON_REASON = ("whole networks through Triton's interpreter are too slow for the CPU mode (2 cores: resnet18 "
+                     "at 16x16 ~30 s per forward); name triton in --providers to run it (resnet18 only)")
+CPU_COMPILE_REASON = "left out on CPU (pass --compile to include it)"
+# (title, model, mode, batch, dtype, ((baseline provider, variant, target), ...)): channels_last, 3x224x224
+GOALS = (("ResNet-50 inference, batch 256, fp16, channels_last", "resnet50", "infer", 256, "fp16",
+          (("eager", "", 1.5), ("compile", MAX_AUTOTUNE, 1.1))),
+         ("ResNet-50 training step, batch 256, AMP, channels_last", "resnet50", "train_step", 256, "fp16",
+          (("eager", "", 1.3), ("compile", DEFAULT, 1.0))))
+FUSED, JUDGED = ("triton", "cuda"), ("triton", "cuda", "auto")
 _T0 = time.monotonic()
 
-CPU_TRITON_REASON = ("whole torchvision networks through Triton's interpreter are too slow for the CPU mode "
-                     "(2 cores: resnet18 at 16x16 ~30 s per forward, ~50 s per training step); name triton in "
-                     "--providers to run it (resnet18 only)")
-CPU_COMPILE_REASON = "left out on CPU (pass --compile to include it)"
 
-# The issue's goals: (title, model, mode, batch, dtype, layout, ((baseline provider, variant, target), ...))
-GOALS = (
-    ("ResNet-50 inference, batch 256, fp16, channels_last", "resnet50", "infer", 256, "fp16", CL,
-     (("eager", "", 1.5), ("compile", MAX_AUTOTUNE, 1.1))),
-    ("ResNet-50 training step, batch 256, AMP, channels_last", "resnet50", "train_step", 256, "fp16", CL,
-     (("eager", "", 1.3), ("compile", DEFAULT, 1.0))),
-)
-GOAL_SHAPE = "3x224x224"
-FUSED = ("triton", "cuda")
-JUDGED = FUSED + ("auto",)  # each judged alone in the goals; "fused" is the faster of FUSED
-
-
-# ------------------------------------------------------------------------------------------ plan
+# ------------------------------------------------------------------------------------------ cases
 @dataclass(frozen=True)
-class Task:
-    """One case and the provider runs ((provider, variant), ...) it gets in one pass."""
+class Case:
+    """A network: ``build_ref()`` the seeded reference with random BN state (float32, CPU),
+    ``build_ours(backend)`` ours (the caller loads the state); ``probes`` / ``buffers``: the
+    parameters whose gradients and the BN buffers a training step is judged by."""
 
-    mode: str  # "infer" | "train_step"
-    model: str
-    size: int
-    batch: int
-    dtype: str
-    layout: str
-    runs: Tuple[Tuple[str, str], ...]
-
-    @property
-    def key(self) -> tuple:
-        return (self.mode, self.model, self.size, self.batch, self.dtype, self.layout)
-
-    def label(self, batch: Optional[int] = None) -> str:
-        lay = "" if self.layout == CL else f" {self.layout}"
-        return f"{self.model} {self.mode} b{self.batch if batch is None else batch} {self.dtype}{lay}"
+    name: str
+    chw: Tuple[int, int, int]
+    build_ref: Callable[[], nn.Module]
+    build_ours: Callable[[str], nn.Module]
+    probes: Tuple[str, ...]
+    buffers: Tuple[str, ...]
+    num_classes: int
 
 
-def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, models: Optional[Sequence[str]] = None,
-               modes: Sequence[str] = ("infer", "train"), batches: Optional[Sequence[int]] = None,
-               dtypes: Optional[Sequence[str]] = None, layouts: Sequence[str] = (CL,), size: Optional[int] = None,
-               max_autotune: bool = True, cpu_auto_cases: Optional[Sequence[Tuple[str, str]]] = CPU_AUTO_CASES
-               ) -> List[Task]:
-    """Every task in the order it runs: eager / triton / cuda (/ torch) of every case, then compile
-    (default) of every case, then compile max-autotune+freezing of the inference cases.
-
-    ``providers``: those that can run (eager first). GPU full: every model of ``models`` (default
-    all six), inference at ``batches`` (256, 32, 1) in ``dtypes`` (fp16, fp32) and ``layouts``,
-    training at 256 channels_last. GPU ``quick``: resnet50 unless ``models``; inference at the
-    first batch (256) with every provider and at the last (1) without compile; training at 256;
-    fp16. CPU: inference of resnet18 and resnet50 at 32x32, batch 1 and 2; training of resnet18
-    at 64x64, batch 4 (``models`` / ``batches`` / ``size`` replace these); fp32; triton (if asked
-    for) on resnet18 only; auto on the (mode, model) pairs of ``cpu_auto_cases`` (None: every
-    case)."""
-    train_size = size or (GPU_SIZE if gpu else CPU_TRAIN_SIZE)
-    size = size or (GPU_SIZE if gpu else CPU_SIZE)
-    if gpu:
-        models = list(models or (("resnet50",) if quick else MODELS))
-        train_models = models
-        dtypes = list(dtypes or (("fp16",) if quick else ("fp16", "fp32")))
-        if quick:
-            infer_b = list(batches or (256, 1))
-            compile_b = infer_b[:1]
-        else:
-            infer_b = list(batches or GPU_INFER_BATCHES)
-            compile_b = infer_b
-        train_b = list(batches or (GPU_TRAIN_BATCH,))
-    else:
-        train_models = list(models or CPU_TRAIN_MODELS)
-        models = list(models or CPU_MODELS)
-        dtypes = list(dtypes or ("fp32",))
-        infer_b = list(batches or CPU_INFER_BATCHES)
-        compile_b = infer_b
-        train_b = list(batches or (CPU_TRAIN_BATCH,))
-    early = [p for p in providers if p not in LATE]
-    do_compile = "compile" in providers
-
-    def early_runs(model: str, mode: str = "infer") -> Tuple[Tuple[str, str], ...]:
-        cpu_ok = {"triton": model in CPU_TRITON_MODELS,
-                  "auto": cpu_auto_cases is None or (mode, model) in cpu_auto_cases}
-        keep = [p for p in early if gpu or cpu_ok.get(p, True)]
-        return tuple((p, "") for p in keep)
-
-    infer = [(m, b, d, lay) for m in models for d in dtypes for lay in layouts for b in infer_b] \
-        if "infer" in modes else []
-    train = [(m, b, d) for m in train_models for d in dtypes for b in train_b] if "train" in modes else []
-    tasks: List[Task] = []
-    if gpu and quick:  # headline rows first: each model's biggest inference batch, its training step, the rest
-        for m in models:
-            head = [x for x in infer if x[0] == m and x[1] == infer_b[0]]
-            rest = [x for x in infer if x[0] == m and x[1] != infer_b[0]]
-            tasks += [Task("infer", m, size, b, d, lay, early_runs(m)) for _, b, d, lay in head]
-            tasks += [Task("train_step", m, train_size, b, d, CL, early_runs(m, "train_step"))
-                      for mm, b, d in train if mm == m]
-            tasks += [Task("infer", m, size, b, d, lay, early_runs(m)) for _, b, d, lay in rest]
-    else:
-        for m in models:
-            tasks += [Task("infer", m, size, b, d, lay, early_runs(m)) for mm, b, d, lay in infer if mm == m]
-            tasks += [Task("train_step", m, train_size, b, d, CL, early_runs(m, "train_step"))
-                      for mm, b, d in train if mm == m]
-    tasks = [t for t in tasks if t.runs]
-    if do_compile:
-        for m in models:
-            tasks += [Task("infer", m, size, b, d, lay, (("compile", DEFAULT),))
-                      for mm, b, d, lay in infer if mm == m and b in compile_b]
-            tasks += [Task("train_step", m, train_size, b, d, CL, (("compile", DEFAULT),))
-                      for mm, b, d in train if mm == m]
-        if max_autotune:
-            tasks += [Task("infer", m, size, b, d, lay, (("compile", MAX_AUTOTUNE),))
-                      for m, b, d, lay in infer if b in compile_b]
-    return tasks
-
-
-# ------------------------------------------------------------------------------------ the models
-@functools.lru_cache(maxsize=None)
-def activation_elems(model: str, size: int) -> int:
-    """Elements the leaf modules of ``model`` output for one 3 x size x size image (meta device,
-    no arithmetic): an estimate of what a training step keeps for backward, per image."""
-    with torch.device("meta"):
-        net = getattr(reference, model)()
-    total = [0]
-    for m in net.modules():
-        if not list(m.children()):
-            m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + out.numel()))
+def randomize_bn(module: nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial BN affine parameters and running statistics (so folding is not an identity)."""
     with torch.no_grad():
-        net(torch.zeros(1, 3, size, size, device="meta"))
-    return total[0]
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=gen) * 0.5 + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
 
 
-def train_batch(model: str, size: int, dtype: str, want: int, total_bytes: Optional[int],
-                fraction: float = MEM_FRACTION, min_batch: int = MIN_TRAIN_BATCH) -> int:
-    """``want``, halved (not below ``min_batch``) while the reference step's estimated memory,
-    :func:`activation_elems` x batch x bytes of the reference dtype (GPU: float32 for AMP runs,
-    float64 for fp32), exceeds ``fraction`` of ``total_bytes`` (None: no limit, CPU)."""
-    if total_bytes is None:
-        return want
-    per_image = activation_elems(model, size) * bench_train.ref_dtype(torch.device("cuda"), dtype).itemsize
-    b = want
-    while b > min_batch and per_image * b > fraction * total_bytes:
-        b //= 2
-    return max(b, min(want, min_batch))
+def calibrate_bn(model: nn.Module, chw: Tuple[int, ...], gen: torch.Generator, batch: int = 4) -> nn.Module:
+    """BN running statistics from one train-mode batch of random data (O(1) activations in a deep
+    net, still far from the identity); returns the model in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(torch.randn(batch, *chw, generator=gen))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    return model.eval()
 
 
-@functools.lru_cache(maxsize=2)
-def _calibrated(model: str, size: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    net = getattr(reference, model)()
-    calibrate_bn(net, (3, size, size), torch.Generator().manual_seed(seed))
-    return net.eval()
-
-
-def infer_base(model: str, size: int, seed: int = SEED) -> nn.Module:
-    """The plain reference network, float32 on CPU, eval mode, BN statistics calibrated on random
-    data (a copy of the same network on every call)."""
-    return copy.deepcopy(_calibrated(model, size, seed))
-
-
-def train_case(model: str, size: int, seed: int = SEED) -> bench_train.Case:
-    """bench_train's whole-model case for any of :data:`MODELS` (its ``resnet50_case``,
-    generalised): reference vs ours with the same state_dict, six probed gradients (stem, first
-    block, a projection shortcut, last block of stage 3 and 4, fc) and three BN buffers."""
-    _, _, n3, n4 = LAYERS[model]
-    last = 2 if model in BASIC else 3
-
+def make_case(name: str, size: int, ref: Callable[[], nn.Module], ours: Callable[[str], nn.Module],
+              probes: Sequence[str], buffers: Sequence[str], num_classes: int, seed: int = SEED) -> Case:
     def build_ref() -> nn.Module:
         torch.manual_seed(seed)
-        net = getattr(reference, model)()
+        net = ref()
         randomize_bn(net, torch.Generator().manual_seed(seed))
         return net
 
-    def build_ours(backend: str) -> nn.Module:
-        return getattr(resnet_fused.models, model)(backend=backend)
+    return Case(name, (3, size, size), build_ref, ours, tuple(probes), tuple(buffers), num_classes)
 
-    probes = ("conv1.weight", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
-              f"layer3.{n3 - 1}.bn{last}.weight", f"layer4.{n4 - 1}.conv{last}.weight", "fc.weight")
-    buffers = ("bn1.running_mean", "layer1.0.bn2.running_var", f"layer4.{n4 - 1}.bn{last}.running_var")
-    return bench_train.Case(model, "model", (3, size, size), build_ref, build_ours, probes, buffers, num_classes=1000)
+
+@functools.lru_cache(maxsize=None)
+def model_case(model: str, size: int) -> Case:
+    """A torchvision ResNet: six probed gradients (stem, first block, a projection shortcut, the
+    last block of stages 3 and 4, fc) and three BN buffers."""
+    n3, n4 = STAGE_DEPTHS.get(model, (6, 3))
+    last = 2 if model in ("resnet18", "resnet34") else 3
+    return make_case(model, size, getattr(reference, model), lambda b: getattr(resnet_fused.models, model)(backend=b),
+                     ("conv1.weight", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
+                      f"layer3.{n3 - 1}.bn{last}.weight", f"layer4.{n4 - 1}.conv{last}.weight", "fc.weight"),
+                     ("bn1.running_mean", "layer1.0.bn2.running_var", f"layer4.{n4 - 1}.bn{last}.running_var"), 1000)
+
+
+# -------------------------------------------------------------------------------------- numerics
+@contextlib.contextmanager
+def strict_fp32():
+    """TF32 off for cuDNN convs and cuBLAS matmuls (the float32 reference), restored after: the
+    legacy switches, or the per-operator ones where the legacy ones cannot be read."""
+    switches = [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
+    try:
+        old = [getattr(o, a) for o, a, _ in switches]
+    except RuntimeError:
+        switches = [(torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+                    (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+        old = [getattr(o, a) for o, a, _ in switches]
+    changed = [(o, a, was) for (o, a, off), was in zip(switches, old) if was != off]
+    try:
+        for (o, a, off), was in zip(switches, old):
+            if was != off:
+                setattr(o, a, off)
+        yield
+    finally:
+        for o, a, was in reversed(changed):
+            setattr(o, a, was)
+
+
+def ref_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """The training reference: float64, except float32 (TF32 off) for AMP runs on a GPU."""
+    return torch.float32 if device.type == "cuda" and dtype != "fp32" else torch.float64
+
+
+def loss_scale(dtype: str) -> float:
+    return FP16_LOSS_SCALE if dtype == "fp16" else 1.0
+
+
+@dataclass
+class Verdict:
+    checks: Dict[str, common.Check]
+    ok: bool
+    worst_key: str
+
+
+def judge(q: Dict[str, Optional[torch.Tensor]], ref: Dict[str, torch.Tensor], eager, dtype: str) -> Verdict:
+    """Each quantity of ``q`` against ``ref`` within max(floor, FACTOR x eager's error); ``eager``:
+    eager's quantities, or a list of eager samples (the largest error counts); None: the floor."""
+    samples = [] if eager is None else ([eager] if isinstance(eager, dict) else list(eager))
+    checks = {k: (common.Check(math.inf, math.nan, common.FLOOR[dtype], False) if q.get(k) is None else
+                  common.check_output(q[k], r, [s.get(k) for s in samples] or None, dtype, factor=FACTOR))
+              for k, r in ref.items()}
+    ratio = {k: c.err / c.bound if c.bound > 0 else math.inf for k, c in checks.items()}
+    return Verdict(checks, all(c.ok for c in checks.values()), max(ratio, key=ratio.get) if ratio else "")
+
+
+def collect(case: Case, module: nn.Module, out, loss) -> Dict[str, Optional[torch.Tensor]]:
+    """A training step's judged quantities: output, loss, probed gradients and BN buffers (None where missing)."""
+    params, bufs = dict(module.named_parameters()), dict(module.named_buffers())
+    grads = {f"grad {n}": params[n].grad if n in params else None for n in case.probes}
+    q = {"out": out, "loss": loss, **grads, **{n: bufs.get(n) for n in case.buffers}}
+    return {k: None if v is None else v.detach().clone() for k, v in q.items()}
+
+
+@contextlib.contextmanager
+def count_fused(mode: str):
+    """Inference: the backend of every fused conv (``FusedBlockMixin._conv``); training: one entry
+    per fused training block (``run_block_train``) run while the context is open."""
+    from resnet_fused.modules import _base
+
+    seen: List[str] = []
+    owner, name = (_base.FusedBlockMixin, "_conv") if mode == "infer" else (_base, "run_block_train")
+    real = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        seen.append(args[2] if mode == "infer" else "block")  # _conv(self, key, impl, ...)
+        return real(*args, **kwargs)
+
+    setattr(owner, name, spy)
+    try:
+        yield seen
+    finally:
+        setattr(owner, name, real)
 
 
 @contextlib.contextmanager
 def inductor_freezing(on: bool):
     """``torch._inductor.config.freezing = True`` inside (when ``on``), restored after."""
-    if not on:
-        yield
-        return
     import torch._inductor.config as inductor_config
 
     old = inductor_config.freezing
-    inductor_config.freezing = True
+    inductor_config.freezing = on or old
     try:
         yield
     finally:
         inductor_config.freezing = old
 
 
-@contextlib.contextmanager
-def count_fused_convs():
-    """The backends of the fused convolutions (``FusedBlockMixin._conv``: every block's and the
-    stem's conv + folded BN (+ residual) (+ ReLU)) run while the context is open."""
-    from resnet_fused.modules import _base
-
-    impls: List[str] = []
-    real = _base.FusedBlockMixin._conv
-
-    def spy(self, key, impl, *args, **kwargs):
-        impls.append(impl)
-        return real(self, key, impl, *args, **kwargs)
-
-    _base.FusedBlockMixin._conv = spy
-    try:
-        yield impls
-    finally:
-        _base.FusedBlockMixin._conv = real
-
-
-def make_infer_provider(prov: str, variant: str, eager: nn.Module, model: str, size: int, device: torch.device,
-                        dtype: torch.dtype, fmt: torch.memory_format) -> nn.Module:
-    """What ``prov`` runs: eager itself; our network (same state) pinned to a backend; or
-    torch.compile of a copy of eager (``variant`` default or max-autotune+freezing: the caller holds
-    the freezing flag while it compiles)."""
-    if prov == "eager":
-        return eager
-    if prov in ("triton", "cuda", "torch", "auto"):
-        net = getattr(resnet_fused.models, model)(backend=prov)
-        net.load_state_dict(_calibrated(model, size, SEED).state_dict(), strict=True)
-        return net.to(device, dtype).to(memory_format=fmt).eval()
-    if prov == "compile":
-        src = copy.deepcopy(eager)
-        return torch.compile(src, mode="max-autotune") if variant == MAX_AUTOTUNE else torch.compile(src)
-    raise ValueError(f"provider: expected one of {MODEL_PROVIDERS}, got {prov!r}")
-
-
-# ----------------------------------------------------------------------------------------- state
+# ------------------------------------------------------------------------------------ the harness
 @dataclass
-class Config:
-    device: torch.device
-    tasks: List[Task]
-    providers: List[str]
-    reps: int
-    deadline: Optional[float]  # time.monotonic() after which no provider starts
-    cuda_graph: bool
-    timing: dict  # benchmark() options for inference
-    notes: List[str] = field(default_factory=list)
-    skipped: Dict[str, str] = field(default_factory=dict)
+class Info:
+    """What a row cannot hold: the verdict, first call seconds, fused convs / blocks, the error;
+    auto: its dispatch record."""
 
-
-@dataclass
-class InferInfo:
-    check: Optional[common.Check] = None
+    verdict: Optional[Verdict] = None
     first_s: Optional[float] = None
     fused: Optional[int] = None
     impls: Tuple[str, ...] = ()
-    graph: Optional[bool] = None
+    graph: bool = False
     error: Optional[str] = None
-    dispatch: Optional[dict] = None  # auto: common.dispatch_record() after the run
+    dispatch: Optional[dict] = None
+    timing: Optional[common.Timing] = None
+    peak: Optional[float] = None
 
 
 @dataclass
-class State:
-    """What the passes share: float64 reference and eager outputs per inference case (the late
-    compile pass reuses them), training batches actually used, why rows are not correct."""
+class Bench:
+    """One run: device, providers, limits, and the rows and infos measured so far."""
 
-    refs: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    train_batches: Dict[tuple, int] = field(default_factory=dict)
-    train_cases: Dict[tuple, bench_train.Case] = field(default_factory=dict)
-    train_infos: Dict = field(default_factory=dict)
-    status: Dict[tuple, str] = field(default_factory=dict)  # row key -> "WRONG" | "FAILED"
-    dispatch: Dict[tuple, dict] = field(default_factory=dict)  # auto row key -> its dispatch record
+    device: torch.device
+    providers: List[str]
+    bench: str = BENCH
+    keys: Tuple[str, ...] = KEYS
+    reps: int = DEFAULT_REPS
+    deadline: Optional[float] = None  # time.monotonic() after which no provider starts
+    timing: dict = field(default_factory=dict)  # inference benchmark() options
+    cuda_graph: bool = False
+    paper_ms: Callable[[str], Optional[float]] = lambda model: None
+    notes: List[str] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)
+    rows: List[dict] = field(default_factory=list)
+    infos: Dict[tuple, Info] = field(default_factory=dict)
+
+    def late(self, label: str) -> bool:
+        """Past the deadline: say so (log, notes) and return True."""
+        if self.deadline is None or time.monotonic() <= self.deadline:
+            return False
+        print(f"  SKIPPED {label}: past the deadline", file=sys.stderr)
+        self.notes.append(f"{label}: skipped (deadline)")
+        return True
+
+    def dispatch(self) -> List[dict]:
+        """The JSON's "dispatch": per auto row, its case fields and the decisions of its run."""
+        return [common.dispatch_entry(r, self.infos[row_key(r)].dispatch) for r in self.rows
+                if self.infos[row_key(r)].dispatch is not None]
+
+    def add(self, case: Case, batch: int, dtype: str, mode: str, prov: str, variant: str, info: Info) -> None:
+        extra = {"variant": variant, "layout": CL, "compile_s": info.first_s if prov == "compile" else None,
+                 "paper_ms": self.paper_ms(case.name)}
+        row = common.make_row(bench=self.bench, model=case.name, shape="x".join(map(str, case.chw)), batch=batch,
+                              dtype=dtype, mode=mode, provider=prov, timing=info.timing, peak_mem_mb=info.peak,
+                              correct=info.verdict is not None and info.verdict.ok,
+                              extra={k: v for k, v in extra.items() if k in self.keys})
+        self.rows.append(row)
+        self.infos[row_key(row)] = info
+        print("  " + log_line(f"{case.name} {mode} b{batch} {dtype} {label_of(prov, variant)}", row, info), flush=True)
+
+    def trial(self, label: str, prov: str, mode: str, build: Callable, inputs: Sequence[tuple], opts: dict,
+              timed: bool = True, graph: bool = False) -> Info:
+        """Every provider run's rule: ``fn, check = build()``; one counted first call
+        ``fn(*inputs[0])`` (auto measures its dispatch keys here); ``check(out)`` judges it; only if
+        correct (and ``timed``) time ``fn`` over ``inputs``. Failures are recorded, never raised."""
+        info, dev, fn, check = Info(), self.device, None, None
+        try:
+            if prov == "compile":
+                torch._dynamo.reset()
+            if prov == "auto":
+                common.dispatch_fresh()  # the first call below measures every key of the case
+            fn, check = build()
+            _sync(dev)
+            with count_fused(mode) as seen:
+                tic = time.perf_counter()
+                out = fn(*inputs[0])
+                _sync(dev)
+                info.first_s = time.perf_counter() - tic
+            if prov in OURS and not (prov == "auto" and mode != "infer"):  # auto's trials run blocks on copies
+                info.fused, info.impls = len(seen), tuple(sorted(set(seen)))
+            if prov == "auto":
+                info.dispatch = common.dispatch_record()
+            info.verdict = check(out)
+            del out
+            if not info.verdict.ok:
+                c = info.verdict.checks[info.verdict.worst_key]
+                print(f"  WRONG {label}: {info.verdict.worst_key} rel err {c.err:.3e} > bound {c.bound:.3e} "
+                      f"(eager {c.eager_err:.1e}); not timed", file=sys.stderr)
+            elif timed and mode == "infer":
+                info.timing, info.graph = common.benchmark_graph_or_plain(fn, inputs, dev, graph, label, **opts)
+                info.peak = common.peak_mem_mb(fn, inputs[0], dev)
+            elif timed:  # the most allocated during the timed steps over what was allocated before them
+                _free(dev)
+                base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                info.timing = common.benchmark(fn, inputs, dev, cuda_graph=False, **opts)
+                if dev.type == "cuda":
+                    _sync(dev)
+                    info.peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+            if prov == "auto" and info.timing is not None:
+                warm, info.dispatch = info.dispatch, common.dispatch_record()
+                late = common.dispatch_late(warm, info.dispatch)
+                if late is not None:
+                    print(f"  note: {label} {late}", file=sys.stderr)
+                    self.notes.append(f"{label}: {late}")
+        except Exception as exc:
+            info.verdict = info.timing = info.peak = None
+            info.error = f"{type(exc).__name__}: {exc}"
+            print(f"  FAILED {label}: {info.error}", file=sys.stderr)
+            traceback.print_exc(limit=3)
+            if prov == "auto":  # what the dispatch decided before it failed
+                info.dispatch = common.dispatch_record()
+        finally:
+            fn = check = None
+            if prov == "compile":
+                torch._dynamo.reset()
+            _free(dev)
+        return info
 
 
 def row_key(row: dict) -> tuple:
-    return (row["model"], row["mode"], row["batch"], row["dtype"], row["layout"], row["provider"], row["variant"])
+    return (row["model"], row["mode"], row["batch"], row["dtype"], row["provider"], row.get("variant") or "")
 
 
-def _past_deadline(cfg: Config) -> bool:
-    return cfg.deadline is not None and time.monotonic() > cfg.deadline
+def label_of(prov: str, variant: str = "") -> str:
+    return "compile-max" if prov == "compile" and variant == MAX_AUTOTUNE else prov
+
+
+def log_line(label: str, row: dict, info: Info) -> str:
+    v, parts = info.verdict, [label]
+    if v is not None:
+        c = v.checks[v.worst_key]
+        parts.append(f"{'ok' if v.ok else 'WRONG'} (worst {v.worst_key}: err {c.err:.1e}, bound {c.bound:.1e})")
+    else:
+        parts.append(f"FAILED ({info.error})")
+    if info.fused is not None:
+        parts.append(f"fused convs/forward {info.fused} ({'/'.join(info.impls) or '-'})" if row["mode"] == "infer"
+                     else f"fused blocks/step {info.fused}")
+    if info.first_s is not None:
+        parts.append(f"first call {info.first_s:.2f} s")
+    if info.dispatch is not None:
+        parts.append(common.auto_note(info.dispatch["decisions"]))
+    if row["median_ms"] is not None:
+        parts.append(f"{row['median_ms']:.3f} ms (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}), "
+                     f"{row['images_per_s']:.1f} img/s{', CUDA graph' if info.graph else ''}")
+    if row["peak_mem_mb"] is not None:
+        parts.append(f"peak +{row['peak_mem_mb']:.0f} MiB")
+    return "; ".join(parts)
 
 
 def _sync(dev: torch.device) -> None:
@@ -478,426 +404,355 @@ def _free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def extra_cols(prov: str, variant: str, layout: str, first_s: Optional[float]) -> dict:
-    return {"variant": variant, "layout": layout, "compile_s": first_s if prov == "compile" else None}
-
-
-def label_of(prov: str, variant: str) -> str:
-    """The table's name for a provider run: compile's default mode is "compile", max-autotune with
-    freezing "compile-max"."""
-    if prov == "compile":
-        return "compile-max" if variant == MAX_AUTOTUNE else "compile"
-    return prov
-
-
-# ------------------------------------------------------------------------------------- inference
-def run_infer(task: Task, cfg: Config, state: State, rows: List[dict]) -> None:
-    """Check, then time, each of ``task.runs`` on one inference case; append one row per run."""
-    dev, dt, fmt = cfg.device, common.DTYPES[task.dtype], FORMATS[task.layout]
-    if _past_deadline(cfg):
-        for prov, variant in task.runs:
-            print(f"  SKIPPED {task.label()} {label_of(prov, variant)}: past the deadline", file=sys.stderr)
-            cfg.notes.append(f"{task.label()} {label_of(prov, variant)}: skipped (deadline)")
-        return
-    shape = f"3x{task.size}x{task.size}"
-    gen = torch.Generator().manual_seed(1234 + task.batch)
-    x64 = torch.randn(task.batch, 3, task.size, task.size, generator=gen, dtype=torch.float64)
-    eager = infer_base(task.model, task.size).to(dev, dt).to(memory_format=fmt)
-    x = x64.to(dev, dt).contiguous(memory_format=fmt)
-    if task.key not in state.refs:
-        with torch.no_grad():
-            ref = infer_base(task.model, task.size).to(dev).double()
-            ref64 = ref(x64.to(dev)).cpu()
-            del ref
-            eager_out = eager(x.clone()).float().cpu()
-        state.refs[task.key] = (ref64, eager_out)
-        _free(dev)
-    ref64, eager_out = state.refs[task.key]
-    n_copies = common.rotation_copies(x.numel() * x.element_size(), common.cache_bytes(dev),
-                                      max_copies=32 if dev.type == "cuda" else 2)
-    dgen = torch.Generator(device=dev).manual_seed(4321 + task.batch)
-    inputs = [(torch.randn(x.shape, generator=dgen, device=dev).to(dt).contiguous(memory_format=fmt),)
-              for _ in range(n_copies)]
-    for prov, variant in task.runs:
-        name = label_of(prov, variant)
-        if _past_deadline(cfg):
-            print(f"  SKIPPED {task.label()} {name}: past the deadline", file=sys.stderr)
-            cfg.notes.append(f"{task.label()} {name}: skipped (deadline)")
-            continue
-        info = InferInfo()
-        timing, peak, ok = None, None, False
-        mod = None
-        max_mode = prov == "compile" and variant == MAX_AUTOTUNE
-        try:
-            with inductor_freezing(max_mode):
-                if prov == "compile":
-                    torch._dynamo.reset()
-                if prov == "auto":
-                    common.dispatch_fresh()  # the warm-up call below measures every conv of the case
-                mod = make_infer_provider(prov, variant, eager, task.model, task.size, dev, dt, fmt)
-                _sync(dev)
-                with count_fused_convs() as impls, torch.no_grad():
-                    tic = time.perf_counter()
-                    out = mod(x.clone())  # the timed inputs' shape, dtype and layout: auto decides here
-                    _sync(dev)
-                    info.first_s = time.perf_counter() - tic
-                if prov in ("triton", "cuda", "torch", "auto"):
-                    info.fused, info.impls = len(impls), tuple(sorted(set(impls)))
-                if prov == "auto":
-                    info.dispatch = common.dispatch_record()
-                info.check = common.check_output(out, ref64, eager_out, task.dtype)
-                ok = info.check.ok
-                del out
-                if ok:
-                    def fn(inp, _m=mod):
-                        with torch.no_grad():
-                            return _m(inp)
-
-                    opts = common.provider_timing(dev, prov, cfg.timing)
-                    graph = cfg.cuda_graph and task.batch <= GRAPH_MAX_BATCH and not max_mode
-                    timing, info.graph = common.benchmark_graph_or_plain(fn, inputs, dev, graph,
-                                                                         f"{task.label()} {name}", **opts)
-                    peak = common.peak_mem_mb(fn, inputs[0], dev)
-                    if prov == "auto":
-                        warm, info.dispatch = info.dispatch, common.dispatch_record()
-                        late = common.dispatch_late(warm, info.dispatch)
-                        if late is not None:
-                            print(f"  note: {task.label()} {late}", file=sys.stderr)
-                            cfg.notes.append(f"{task.label()}: {late}")
-                else:
-                    c = info.check
-                    print(f"  WRONG {task.label()} {name}: rel err {c.err:.3e} > bound {c.bound:.3e} "
-                          f"(eager {c.eager_err:.1e}); not timed", file=sys.stderr)
-        except Exception as exc:
-            ok, timing, peak = False, None, None
-            info.error = f"{type(exc).__name__}: {exc}"
-            print(f"  FAILED {task.label()} {name}: {info.error}", file=sys.stderr)
-            traceback.print_exc(limit=3)
-            if prov == "auto":  # what the dispatch decided before it failed
-                info.dispatch = common.dispatch_record()
-        finally:
-            mod = None
-            if prov == "compile":
-                torch._dynamo.reset()
-            _free(dev)
-        rows.append(common.make_row(bench=BENCH, model=task.model, shape=shape, batch=task.batch, dtype=task.dtype,
-                                    mode="infer", provider=prov, timing=timing, peak_mem_mb=peak, correct=ok,
-                                    extra=extra_cols(prov, variant, task.layout, info.first_s)))
-        if not ok:
-            state.status[row_key(rows[-1])] = "WRONG" if info.check is not None else "FAILED"
-        if info.dispatch is not None:
-            state.dispatch[row_key(rows[-1])] = info.dispatch
-        print("  " + infer_line(task, name, rows[-1], info), flush=True)
-    del eager, inputs
-    _free(dev)
-
-
-def infer_line(task: Task, name: str, row: dict, info: InferInfo) -> str:
-    """One log line per provider run: verdict and error, fused convs, first call, time, memory."""
-    parts = [f"{task.label()} {name:<11}"]
-    if info.check is not None:
-        c = info.check
-        parts.append(f"{'ok' if c.ok else 'WRONG'} (err {c.err:.1e}, bound {c.bound:.1e})")
+# ------------------------------------------------------------------------------------------ a case
+def build_provider(prov: str, variant: str, case: Case, base: nn.Module, dev: torch.device, dtype: str, train: bool,
+                   fmt: torch.memory_format = torch.channels_last):
+    """(module, fn) of ``prov`` from ``base``'s state. Inference: ``fn(x)`` a no_grad forward in
+    ``dtype``. Training: ``fn(x, target) -> (out, loss)`` one step: zero grads, forward (autocast
+    unless fp32), cross-entropy times the loss scale, backward, SGD (lr / the loss scale)."""
+    if prov in OURS:
+        module = case.build_ours(prov)
+        module.load_state_dict(base.state_dict(), strict=True)
     else:
-        parts.append(f"FAILED ({info.error})")
-    if info.fused is not None:
-        parts.append(f"fused convs/forward {info.fused} ({'/'.join(info.impls) or '-'})")
-    if info.first_s is not None:
-        parts.append(f"first call {info.first_s:.2f} s{' (dispatch measuring included)' if name == 'auto' else ''}")
-    if info.dispatch is not None:
-        parts.append(common.auto_note(info.dispatch["decisions"]))
-    if row["median_ms"] is not None:
-        parts.append(f"{row['median_ms']:.3f} ms (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}), "
-                     f"{row['images_per_s']:.1f} img/s{', CUDA graph' if info.graph else ''}")
-    if row["peak_mem_mb"] is not None:
-        parts.append(f"peak +{row['peak_mem_mb']:.0f} MiB")
-    return "; ".join(parts)
+        module = copy.deepcopy(base)
+    module = module.to(dev, torch.float32 if train else common.DTYPES[dtype]).to(memory_format=fmt).train(train)
+    fwd = module
+    if prov == "compile":
+        fwd = torch.compile(module, **({"mode": "max-autotune"} if variant == MAX_AUTOTUNE else {}))
+    if not train:
+        return module, torch.no_grad()(lambda x: fwd(x))
+    opt, scale = torch.optim.SGD(module.parameters(), lr=LR / loss_scale(dtype), momentum=MOMENTUM), loss_scale(dtype)
+
+    def step(x: torch.Tensor, target: torch.Tensor):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=common.DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext():
+            out = fwd(x)
+            loss = F.cross_entropy(out, target)
+        (loss * scale if scale != 1.0 else loss).backward()
+        opt.step()
+        return out, loss
+
+    return module, step
 
 
-# -------------------------------------------------------------------------------------- training
-def _num_ooms(dev: torch.device) -> int:
-    return int(torch.cuda.memory_stats(dev).get("num_ooms", 0)) if dev.type == "cuda" else 0
+def step_opts(b: Bench, prov: str, reps: int) -> dict:
+    if b.device.type == "cuda":  # first call, 5 estimate calls, 1 warm-up untimed; then exactly reps
+        return dict(warmup_ms=0.0, rep_ms=0.0, min_reps=reps, max_reps=reps)
+    if prov == "triton":  # the interpreter: the first step warmed it up, two steps say enough
+        return dict(warmup=0, min_reps=2, max_reps=2, budget_s=0.0)
+    return dict(warmup=2, min_reps=10, max_reps=50, budget_s=0.2)
 
 
-def run_train(task: Task, cfg: Config, state: State, rows: List[dict]) -> None:
-    """One training case through :func:`benchmarks.bench_train.run_job` at the batch memory allows;
-    an out-of-memory error drops the job's rows and re-runs it at half the batch."""
-    dev = cfg.device
-    case_key = (task.model, task.size)
-    if case_key not in state.train_cases:
-        state.train_cases[case_key] = train_case(task.model, task.size)
-    case = state.train_cases[case_key]
-    bkey = (task.model, task.size, task.dtype, task.batch)
-    if bkey not in state.train_batches:
-        total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
-        b = train_batch(task.model, task.size, task.dtype, task.batch, total)
-        if b != task.batch:
-            note = (f"{task.label()}: batch {b} (the reference step's estimated memory at batch {task.batch} exceeds "
-                    f"{MEM_FRACTION:.0%} of the GPU's {total / 2**30:.0f} GiB)")
-            print(f"note: {note}")
-            cfg.notes.append(note)
-        state.train_batches[bkey] = b
-    providers = [p for p, _ in task.runs]
+@functools.lru_cache(maxsize=2)
+def _calibrated(case: Case) -> nn.Module:
+    return calibrate_bn(case.build_ref(), case.chw, torch.Generator().manual_seed(SEED))
 
-    def row_extra(job: bench_train.Job, prov: str, info: bench_train.Info) -> dict:
-        return extra_cols(prov, DEFAULT if prov == "compile" else "", CL, info.first_s)
 
-    tcfg = bench_train.Config(dev, [], providers, cfg.reps, cfg.deadline, cfg.notes, cfg.skipped)
-    while True:
-        batch = state.train_batches[bkey]
-        job = bench_train.Job(case, batch, task.dtype)
-        n0, ooms0 = len(rows), _num_ooms(dev)
-        bench_train.run_job(job, providers, tcfg, rows, state.train_infos, bench=BENCH, row_extra=row_extra)
-        if _num_ooms(dev) > ooms0 and batch // 2 >= MIN_TRAIN_BATCH:
-            del rows[n0:]
-            state.train_batches[bkey] = batch // 2
-            if "eager" not in providers:  # the retried batch gets its own eager time
-                providers = ["eager"] + providers
-            note = f"{task.label(batch)}: out of memory; re-run at batch {batch // 2}"
-            print(f"note: {note}")
-            cfg.notes.append(note)
-            _free(dev)
+def run_case(b: Bench, case: Case, mode: str, batch: int, dtype: str, runs: Sequence[Tuple[str, str]],
+             reps: Optional[int] = None) -> None:
+    """Reference, eager's check (always first: it sets the bounds), then check and time each of
+    ``runs`` ((provider, variant), ...); one row per run."""
+    dev, train = b.device, mode == "train_step"
+    label = f"{case.name} {mode} b{batch} {dtype}"
+    if any([b.late(f"{label} {label_of(*r)}") for r in runs]):
+        return
+    base = case.build_ref() if train else _calibrated(case)
+    in_dt = torch.float32 if train else common.DTYPES[dtype]  # training: fp32 images (autocast)
+    gen = torch.Generator(device=dev).manual_seed(1000 + batch)
+    n = common.rotation_copies(batch * math.prod(case.chw) * in_dt.itemsize, common.cache_bytes(dev),
+                               max_copies=(4 if train else 32) if dev.type == "cuda" else 2)
+    inputs = [(torch.randn(batch, *case.chw, generator=gen, device=dev).to(in_dt).contiguous(
+        memory_format=torch.channels_last),) + ((torch.randint(0, case.num_classes, (batch,), generator=gen,
+                                                               device=dev),) if train else ()) for _ in range(n)]
+    rdt, ref_q, eager_q = ref_dtype(dev, dtype) if train else torch.float64, None, None
+    try:  # the reference: a float64 forward, or a step without optimizer (the update is lr x the gradient)
+        ref = copy.deepcopy(base).to(dev, rdt).to(memory_format=torch.channels_last).train(train)
+        with strict_fp32() if rdt == torch.float32 else contextlib.nullcontext(), torch.set_grad_enabled(train):
+            out = ref(inputs[0][0].to(rdt))
+            loss = F.cross_entropy(out, inputs[0][1]) if train else None
+            if train:
+                (loss * loss_scale(dtype)).backward()
+        ref_q = collect(case, ref, out, loss) if train else {"out": out}
+        del ref, out, loss
+    except Exception as exc:
+        print(f"  FAILED {label} reference ({rdt}): {type(exc).__name__}: {exc}", file=sys.stderr)
+    _free(dev)
+    for prov, variant in ([("eager", "")] if ("eager", "") not in runs else []) + list(runs):
+        timed = (prov, variant) in runs
+        if timed and b.late(f"{label} {label_of(prov, variant)}"):
             continue
-        break
-    for r in rows[n0:]:
-        info = state.train_infos.get(job.key + (r["provider"],))
-        if not r["correct"]:
-            state.status[row_key(r)] = "WRONG" if info is not None and info.verdict is not None else "FAILED"
-        if info is not None and info.dispatch is not None:
-            state.dispatch[row_key(r)] = info.dispatch
+
+        def build(prov=prov, variant=variant):
+            if ref_q is None:
+                raise RuntimeError("no reference to check against")
+            module, fn = build_provider(prov, variant, case, base, dev, dtype, train)
+
+            def check(out):
+                nonlocal eager_q
+                q = collect(case, module, *out) if train else {"out": out}
+                if prov == "eager":  # a deep net's gradient error hangs on a few ReLU inputs near 0:
+                    eager_q = [q]    # an NCHW step (other summation orders) measures eager's spread
+                    if train:
+                        m2, s2 = build_provider("eager", "", case, base, dev, dtype, True, torch.contiguous_format)
+                        eager_q.append(collect(case, m2, *s2(inputs[0][0].contiguous(), inputs[0][1])))
+                for p in module.parameters():
+                    p.grad = None
+                return judge(q, ref_q, eager_q, dtype)
+
+            return fn, check
+
+        opts = step_opts(b, prov, reps or b.reps) if train else common.provider_timing(dev, prov, b.timing)
+        with inductor_freezing(variant == MAX_AUTOTUNE):  # max-autotune compiles and runs with freezing on
+            info = b.trial(f"{label} {label_of(prov, variant)}", prov, "train" if train else "infer", build, inputs,
+                           opts, timed, graph=b.cuda_graph and not train and batch <= GRAPH_MAX_BATCH
+                           and variant != MAX_AUTOTUNE)
+        if timed:
+            b.add(case, batch, dtype, mode, prov, variant, info)
+    del base, inputs
+    _free(dev)
+# ------------------------------------------------------------------------------------------ plan
+@dataclass(frozen=True)
+class Task:
+    """One case and the provider runs ((provider, variant), ...) it gets in one pass."""
+
+    mode: str  # "infer" | "train_step"
+    model: str
+    size: int
+    batch: int
+    dtype: str
+    runs: Tuple[Tuple[str, str], ...]
+
+
+def plan_tasks(gpu: bool, providers: Sequence[str], *, quick: bool = False, models: Optional[Sequence[str]] = None,
+               modes: Sequence[str] = ("infer", "train"), batches: Optional[Sequence[int]] = None,
+               dtypes: Optional[Sequence[str]] = None, max_autotune: bool = True,
+               cpu_auto_cases: Optional[Sequence[Tuple[str, str]]] = CPU_AUTO_CASES) -> List[Task]:
+    """Every task in run order: eager/triton/cuda/auto (/torch) of every case, then compile (default),
+    then max-autotune+freezing of the inference cases. GPU: ``models`` (default all six; quick:
+    resnet50) at 224, inference batch 256, 32, 1 (quick: 256 and 1, compile at 256 only, the goal
+    rows first), training 256, fp16 and fp32 (quick: fp16). CPU: resnet18 and resnet50 inference at
+    32 (batch 1, 2), training at 64 (batch 4) but not resnet50's, fp32; triton on resnet18 only;
+    auto on ``cpu_auto_cases`` (None: everywhere)."""
+    models = list(models or ((("resnet50",) if quick else MODELS) if gpu else ("resnet18", "resnet50")))
+    dtypes = list(dtypes or ((("fp16",) if quick else ("fp16", "fp32")) if gpu else ("fp32",)))
+    infer_b = list(batches or (((256, 1) if quick else (256, 32, 1)) if gpu else (1, 2)))
+    compile_b = infer_b[:1] if gpu and quick else infer_b
+    ok = lambda p, m, mode: gpu or {"triton": m == "resnet18", "auto": cpu_auto_cases is None
+                                    or (mode, m) in cpu_auto_cases}.get(p, True)
+    early = lambda m, mode: tuple((p, "") for p in providers if p != "compile" and ok(p, m, mode))
+    order = []
+    for m in models:
+        mi = [Task("infer", m, 224 if gpu else 32, b, d, early(m, "infer")) for d in dtypes for b in infer_b] \
+            if "infer" in modes else []
+        mt = [Task("train_step", m, 224 if gpu else 64, b, d, early(m, "train_step")) for d in dtypes
+              for b in (batches or ((256,) if gpu else (4,)))] if "train" in modes and (gpu or m != "resnet50") else []
+        if gpu and quick:  # the goal rows first: the biggest inference batch, the training step, the rest
+            mi, mt = [t for t in mi if t.batch == infer_b[0]], mt + [t for t in mi if t.batch != infer_b[0]]
+        order += mi + mt
+    again = lambda ts, run: [Task(t.mode, t.model, t.size, t.batch, t.dtype, (run,)) for t in ts]
+    tasks = [t for t in order if t.runs]
+    if "compile" in providers:
+        tasks += again([t for t in order if t.mode == "train_step" or t.batch in compile_b], ("compile", DEFAULT))
+        if max_autotune:
+            tasks += again([t for t in order if t.mode == "infer" and t.batch in compile_b], ("compile", MAX_AUTOTUNE))
+    return tasks
+
+
+# ------------------------------------------------------------------------------ training's batch
+@functools.lru_cache(maxsize=None)
+def activation_elems(model: str, size: int) -> int:
+    """Elements the leaf modules output for one 3 x size x size image (meta device): an estimate of
+    what a training step keeps for backward, per image."""
+    with torch.device("meta"):
+        net = getattr(reference, model)()
+    total = [0]
+    for m in net.modules():
+        if not list(m.children()):
+            m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + out.numel()))
+    with torch.no_grad():
+        net(torch.zeros(1, 3, size, size, device="meta"))
+    return total[0]
+
+
+def train_batch(model: str, size: int, dtype: str, want: int, total_bytes: Optional[int]) -> int:
+    """``want``, halved (not below MIN_TRAIN_BATCH) while the reference step's activations (float32
+    for AMP, float64 for fp32) exceed MEM_FRACTION of ``total_bytes`` (None: CPU, no limit)."""
+    per_image = activation_elems(model, size) * ref_dtype(torch.device("cuda"), dtype).itemsize
+    b = want
+    while total_bytes is not None and b > MIN_TRAIN_BATCH and per_image * b > MEM_FRACTION * total_bytes:
+        b //= 2
+    return max(b, min(want, MIN_TRAIN_BATCH))
+
+
+def run_train(b: Bench, task: Task, batches: Dict[tuple, int]) -> None:
+    """:func:`run_case` at the batch memory allows; an out-of-memory error drops the case's rows and
+    re-runs it at half the batch (``batches`` keeps the batch for the compile pass)."""
+    dev, key = b.device, (task.model, task.dtype, task.batch)
+    ooms = lambda: int(torch.cuda.memory_stats(dev).get("num_ooms", 0)) if dev.type == "cuda" else 0
+    if key not in batches:
+        total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+        batches[key] = train_batch(task.model, task.size, task.dtype, task.batch, total)
+        if batches[key] != task.batch:
+            b.notes.append(f"{task.model} train_step b{task.batch} {task.dtype}: batch {batches[key]} (the reference "
+                           f"step's estimated memory exceeds {MEM_FRACTION:.0%} of the GPU's {total / 2**30:.0f} GiB)")
+            print(f"note: {b.notes[-1]}")
+    runs = list(task.runs)
+    while True:
+        batch, n0, ooms0 = batches[key], len(b.rows), ooms()
+        run_case(b, model_case(task.model, task.size), "train_step", batch, task.dtype, runs)
+        if ooms() == ooms0 or batch // 2 < MIN_TRAIN_BATCH:
+            return
+        del b.rows[n0:]
+        batches[key], runs = batch // 2, list(dict.fromkeys([("eager", "")] + runs))  # with its own eager time
+        b.notes.append(f"{task.model} train_step b{batch} {task.dtype}: out of memory; re-run at batch {batch // 2}")
+        print(f"note: {b.notes[-1]}")
+        _free(dev)
 
 
 # ----------------------------------------------------------------------------------------- goals
-def _find(rows: Sequence[dict], model: str, mode: str, batch: int, dtype: str, layout: str, prov: str,
-          variant: str) -> Optional[dict]:
-    """The first correct, timed row of this case and provider run (None if there is none)."""
-    for r in rows:
-        if (r["model"], r["mode"], r["batch"], r["dtype"], r.get("layout"), r["provider"], r.get("variant") or "",
-                r["shape"]) == (model, mode, batch, dtype, layout, prov, variant, GOAL_SHAPE) \
-                and r["correct"] and r["median_ms"]:
-            return r
-    return None
-
-
 def goals(rows: Sequence[dict]) -> List[dict]:
-    """The issue's ResNet-50 goals judged on ``rows`` (a pure function): one entry per (goal,
-    baseline) with the baseline's time, and for ``fused`` (the faster of triton and cuda),
-    ``triton``, ``cuda`` and ``auto`` (the measured dispatch: what users get): provider, ms, ratio
-    (baseline ms / provider ms), verdict ("met", "missed" or "not measured": no correct timed row
-    at 3x224x224 for it or the baseline); ``met`` is fused's verdict as a bool (None when not
-    measured); ``text`` says it in a sentence."""
+    """The goals judged on ``rows``: per (goal, baseline) the baseline's ms; for ``fused`` (the
+    faster of triton and cuda), triton, cuda and auto: ms, ratio (baseline / it) and verdict (met |
+    missed | not measured: no correct timed 3x224x224 row); ``met`` (fused's; None: not measured); ``text``."""
+    def find(model, mode, batch, dtype, prov, variant):
+        return next((r for r in rows if (r["model"], r["mode"], r["batch"], r["dtype"], r["provider"],
+                                          r.get("variant") or "", r["shape"]) ==
+                     (model, mode, batch, dtype, prov, variant, "3x224x224") and r["correct"] and r["median_ms"]), None)
+
     out = []
-    for title, model, mode, batch, dtype, layout, targets in GOALS:
-        timed = {p: _find(rows, model, mode, batch, dtype, layout, p, "") for p in JUDGED}
+    for title, model, mode, batch, dtype, targets in GOALS:
+        timed = {p: find(model, mode, batch, dtype, p, "") for p in JUDGED}
+        have = [(p, r) for p, r in timed.items() if r is not None and p in FUSED]
+        best = min(have, key=lambda pr: pr[1]["median_ms"]) if have else (None, None)
         for base_p, base_v, target in targets:
-            base = _find(rows, model, mode, batch, dtype, layout, base_p, base_v)
-            base_name = label_of(base_p, base_v) + (f" ({base_v})" if base_p == "compile" else "")
-            entry = {"goal": f"{title}: fused >= {target:.1f}x {base_name}", "model": model, "mode": mode,
-                     "batch": batch, "dtype": dtype, "layout": layout, "baseline": base_p,
-                     "baseline_variant": base_v, "target": target,
-                     "baseline_ms": None if base is None else base["median_ms"]}
+            base = find(model, mode, batch, dtype, base_p, base_v)
 
             def verdict(r: Optional[dict], prov: Optional[str]) -> dict:
-                if r is None or base is None:
-                    return {"provider": prov, "ms": None if r is None else r["median_ms"], "ratio": None,
-                            "verdict": "not measured"}
-                ratio = base["median_ms"] / r["median_ms"]
-                return {"provider": prov, "ms": r["median_ms"], "ratio": round(ratio, 4),
-                        "verdict": "met" if ratio >= target else "missed"}
+                ratio = None if r is None or base is None else base["median_ms"] / r["median_ms"]
+                return {"provider": prov, "ms": None if r is None else r["median_ms"],
+                        "ratio": None if ratio is None else round(ratio, 4),
+                        "verdict": "not measured" if ratio is None else ("met" if ratio >= target else "missed")}
 
-            have = [(p, r) for p, r in timed.items() if r is not None and p in FUSED]
-            best = min(have, key=lambda pr: pr[1]["median_ms"]) if have else (None, None)
-            entry["fused"] = verdict(best[1], best[0])
-            for p in JUDGED:
-                entry[p] = verdict(timed[p], p)
-            v = entry["fused"]["verdict"]
-            entry["met"] = None if v == "not measured" else v == "met"
-            entry["text"] = goal_text(entry)
-            out.append(entry)
+            e = {"goal": f"{title}: fused >= {target:.1f}x {base_p}" + (f" ({base_v})" if base_p == "compile" else ""),
+                 "model": model, "mode": mode, "batch": batch, "dtype": dtype, "layout": CL, "baseline": base_p,
+                 "baseline_variant": base_v, "target": target, "baseline_ms": None if base is None else base["median_ms"],
+                 "fused": verdict(best[1], best[0]), **{p: verdict(timed[p], p) for p in JUDGED}}
+            e["met"] = None if e["fused"]["ratio"] is None else e["fused"]["verdict"] == "met"
+            say = lambda n, d: f"{n} not measured" if d["ratio"] is None else f"{n} {d['ratio']:.2f}x: {d['verdict']}"
+            e["text"] = (f"{e['goal']}: {say('fused' + (f' ({best[0]})' if best[0] else ''), e['fused'])} "
+                         f"({'; '.join(say(p, e[p]) for p in JUDGED)})")
+            out.append(e)
     return out
 
 
-def goal_text(entry: dict) -> str:
-    def one(name: str, d: dict) -> str:
-        if d["verdict"] == "not measured":
-            return f"{name} not measured"
-        return f"{name} {d['ratio']:.2f}x: {d['verdict']}"
-
-    f = entry["fused"]
-    head = one(f"fused ({f['provider']})" if f["provider"] else "fused", f)
-    return f"{entry['goal']}: {head} ({'; '.join(one(p, entry[p]) for p in JUDGED)})"
-
-
 # ------------------------------------------------------------------------------------------ table
-def summary_table(rows: Sequence[dict], status: Dict[tuple, str]) -> Tuple[List[str], List[list]]:
-    """(headers, lines), one line per (model, mode, batch, dtype[, layout]): eager ms, images/s and
-    peak MiB; each other provider run's ms, speedup over eager and peak MiB; compile seconds."""
-    order = ["eager", "triton", "cuda", "auto", "torch", "compile", "compile-max"]
-    present = {label_of(r["provider"], r["variant"]) for r in rows}
-    others = [p for p in order[1:] if p in present]
-    layouts = len({r["layout"] for r in rows}) > 1
-    headers = ["model", "mode", "shape", "batch", "dtype"] + (["layout"] if layouts else [])
-    headers += ["eager ms", "eager img/s", "eager MiB"]
-    for p in others:
-        headers += [f"{p} ms", f"eager/{p}", f"{p} MiB"]
-    compiles = [p for p in ("compile", "compile-max") if p in others]
-    headers += [f"{p} s" for p in compiles]
+def summary_table(rows: Sequence[dict], infos: Dict[tuple, Info],
+                  group: Sequence[str] = ("model", "mode", "shape", "batch", "dtype"),
+                  lead: Sequence[Tuple[str, Callable[[List[dict]], str]]] = ()) -> Tuple[List[str], List[list]]:
+    """(headers, lines), one line per ``group``: ``lead`` columns; eager ms, images/s and MiB; each
+    other provider run's ms, eager / it and MiB (WRONG or FAILED without a time); compile seconds."""
+    name = lambda r: label_of(r["provider"], r.get("variant") or "")
+    others = [p for p in dict.fromkeys(map(name, rows)) if p != "eager"]
+    compiles = [p for p in others if p.startswith("compile")]
+    headers = list(group) + [h for h, _ in lead] + ["eager ms", "eager img/s", "eager MiB"]
+    headers += [h for p in others for h in (f"{p} ms", f"eager/{p}", f"{p} MiB")] + [f"{p} s" for p in compiles]
     groups: Dict[tuple, Dict[str, dict]] = {}
     for r in rows:
-        key = (r["model"], r["mode"], r["shape"], r["batch"], r["dtype"], r["layout"])
-        groups.setdefault(key, {})[label_of(r["provider"], r["variant"])] = r
+        groups.setdefault(tuple(r[k] for k in group), {})[name(r)] = r
+    mb = lambda v: "-" if v is None else f"{v:.0f}"
+    bad = lambda r: "WRONG" if infos.get(row_key(r), Info()).verdict is not None else "FAILED"
     lines = []
-    for (model, mode, shape, batch, dtype, layout), by in groups.items():
-        line: list = [model, mode, shape, batch, dtype] + ([layout] if layouts else [])
+    for key, by in groups.items():
         e = by.get("eager")
         e_ms = e["median_ms"] if e is not None and e["correct"] else None
-        if e is None:
-            line += ["", "", ""]
-        elif not e["correct"]:
-            line += [status.get(row_key(e), "WRONG"), "-", "-"]
-        else:
-            line += [common.fmt_ms(e_ms), _num(e["images_per_s"]), _mb(e["peak_mem_mb"])]
+        line = list(key) + [fn(list(by.values())) for _, fn in lead]
+        line += ["", "", ""] if e is None else [bad(e), "-", "-"] if not e["correct"] else \
+            [common.fmt_ms(e_ms), f"{e['images_per_s']:.1f}", mb(e["peak_mem_mb"])]
         for p in others:
             r = by.get(p)
-            if r is None:
-                line += ["", "", ""]
-            elif not r["correct"]:
-                line += ["-", status.get(row_key(r), "WRONG"), "-"]
-            else:
-                ratio = e_ms / r["median_ms"] if e_ms and r["median_ms"] else None
-                line += [common.fmt_ms(r["median_ms"]), "" if ratio is None else f"{ratio:.2f}x", _mb(r["peak_mem_mb"])]
-        for p in compiles:
-            r = by.get(p)
-            line.append("" if r is None else ("-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"))
+            ratio = f"{e_ms / r['median_ms']:.2f}x" if r is not None and e_ms and r["median_ms"] else ""
+            line += ["", "", ""] if r is None else ["-", bad(r), "-"] if not r["correct"] else \
+                [common.fmt_ms(r["median_ms"]), ratio, mb(r["peak_mem_mb"])]
+        line += ["" if p not in by else "-" if by[p]["compile_s"] is None else f"{by[p]['compile_s']:.1f}"
+                 for p in compiles]
         lines.append(line)
     return headers, lines
 
 
-def _mb(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.0f}"
-
-
-def _num(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.1f}"
-
-
 # ------------------------------------------------------------------------------------------- CLI
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = common.base_parser("python -m benchmarks.bench_models", __doc__, providers=MODEL_PROVIDERS,
-                           dtypes=("fp16", "fp32"),
-                           quick_help="GPU: resnet50 only; inference batch 256 and 1 and a training step at 256, "
-                                      "fp16; compile for batch 256; deadline 120 s")
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = common.base_parser("python -m benchmarks.models", __doc__, providers=PROVIDERS, dtypes=("fp16", "fp32"),
+                           quick_help="GPU: resnet50 only, inference at 256 and 1 and a training step at 256, "
+                                      "fp16, compile at 256; deadline 120 s")
     p.add_argument("--models", nargs="+", choices=MODELS, default=None, help="override the models")
-    p.add_argument("--modes", nargs="+", choices=("infer", "train"), default=("infer", "train"),
-                   help="inference, training step, or both (default)")
-    p.add_argument("--batches", type=int, nargs="+", default=None,
-                   help="override the batch sizes (inference and training; training may still be halved for memory)")
-    p.add_argument("--layouts", nargs="+", choices=(CL, NCHW), default=(CL,),
-                   help="inference memory layouts (training is channels_last only)")
-    p.add_argument("--size", type=int, default=None, help=f"image size (default {GPU_SIZE} on GPU, {CPU_SIZE} on CPU)")
-    p.add_argument("--deadline", type=float, default=None,
-                   help=f"seconds after start past which no provider starts (--quick: {QUICK_DEADLINE_S:.0f})")
-    p.add_argument("--reps", type=int, default=DEFAULT_REPS,
-                   help="GPU: timed training steps; the fewest timed inference calls / graph replays")
+    p.add_argument("--modes", nargs="+", choices=("infer", "train"), default=("infer", "train"))
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="override the batch sizes")
+    p.add_argument("--deadline", type=float, default=None, help="seconds after start past which no provider starts")
+    p.add_argument("--reps", type=int, default=DEFAULT_REPS, help="GPU: timed training steps; fewest timed calls")
     p.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     p.add_argument("--no-max-autotune", action="store_true", help="leave out compile max-autotune+freezing")
-    p.add_argument("--compile", action="store_true", help="CPU: include torch.compile (left out by default)")
-    p.add_argument("--no-graph", action="store_true", help="GPU inference: plain launches, no CUDA-graph replays")
-    p.add_argument("--no-cudnn-benchmark", action="store_true", help="GPU: leave torch.backends.cudnn.benchmark off")
+    p.add_argument("--compile", action="store_true", help="CPU: include torch.compile")
     return p.parse_args(argv)
 
 
-def make_config(args: argparse.Namespace) -> Config:
+def make_config(args) -> Tuple[Bench, List[Task]]:
     dev = common.pick_device(args.device)
     gpu = dev.type == "cuda"
-    if args.reps < 1:
-        raise SystemExit(f"--reps: expected at least 1, got {args.reps}")
-    if args.batches and min(args.batches) < 1:
-        raise SystemExit(f"--batches: expected positive sizes, got {args.batches}")
-    skipped: Dict[str, str] = {}
+    if args.reps < 1 or min(args.batches or [1]) < 1:
+        raise SystemExit(f"--reps / --batches: expected positive numbers, got {args.reps} / {args.batches}")
     providers = common.order_providers(args.providers, ["eager", "triton", "cuda", "auto", "compile"], "eager")
-    if args.compile and "compile" not in providers:
-        providers.append("compile")
-    if args.no_compile and "compile" in providers:
-        providers.remove("compile")
-    providers = common.drop_unavailable(providers, dev, skipped)
-    if not gpu:
-        if "compile" in providers and not args.compile:
-            providers.remove("compile")
-            skipped["compile"] = CPU_COMPILE_REASON
-        if "triton" in providers and not (args.providers and "triton" in args.providers):
-            providers.remove("triton")
-            skipped["triton"] = CPU_TRITON_REASON
-    modes = tuple(args.modes)
-    auto_named = bool(args.providers and "auto" in args.providers)
-    tasks = plan_tasks(gpu, providers, quick=args.quick, models=args.models, modes=modes, batches=args.batches,
-                       dtypes=args.dtypes, layouts=tuple(dict.fromkeys(args.layouts)), size=args.size,
-                       max_autotune=not args.no_max_autotune, cpu_auto_cases=None if auto_named else CPU_AUTO_CASES)
-    notes: List[str] = []
-    if not gpu and "triton" in providers:
-        notes.append(f"triton on CPU (the interpreter): {', '.join(CPU_TRITON_MODELS)} only")
-    if not gpu and "auto" in providers and not auto_named:
-        notes.append("auto on CPU: " + ", ".join(f"{model} {mode}" for mode, model in CPU_AUTO_CASES)
-                     + " only (name auto in --providers for every case)")
-    if gpu:
-        timing = dict(warmup_ms=10.0, rep_ms=50.0) if args.quick else dict(warmup_ms=25.0, rep_ms=100.0)
-        timing["min_reps"] = args.reps
-    else:
-        timing = dict(warmup=2, min_reps=10, max_reps=200, budget_s=0.1)
-    deadline_s = args.deadline if args.deadline is not None else (QUICK_DEADLINE_S if args.quick else None)
-    deadline = None if deadline_s is None else _T0 + deadline_s
-    return Config(dev, tasks, providers, args.reps, deadline, cuda_graph=gpu and not args.no_graph, timing=timing,
-                  notes=notes, skipped=skipped)
+    providers += ["compile"] if args.compile and "compile" not in providers else []
+    skipped: Dict[str, str] = {}
+    providers = common.drop_unavailable([p for p in providers if not (args.no_compile and p == "compile")], dev,
+                                        skipped)
+    for p, why, named in (("compile", CPU_COMPILE_REASON, args.compile),
+                          ("triton", CPU_TRITON_REASON, "triton" in (args.providers or ()))):
+        if not gpu and p in providers and not named:
+            providers.remove(p)
+            skipped[p] = why
+    auto_named = "auto" in (args.providers or ())
+    tasks = plan_tasks(gpu, providers, quick=args.quick, models=args.models, modes=args.modes, batches=args.batches,
+                       dtypes=args.dtypes, max_autotune=not args.no_max_autotune,
+                       cpu_auto_cases=None if auto_named else CPU_AUTO_CASES)
+    notes = ["auto on CPU: resnet18 infer only (name auto in --providers for every case)"] \
+        if not gpu and "auto" in providers and not auto_named else []
+    timing = dict(warmup_ms=10.0 if args.quick else 25.0, rep_ms=50.0 if args.quick else 100.0,
+                  min_reps=args.reps) if gpu else dict(warmup=2, min_reps=10, max_reps=200, budget_s=0.1)
+    deadline = args.deadline if args.deadline is not None else (QUICK_DEADLINE_S if args.quick else None)
+    return Bench(dev, providers, reps=args.reps, deadline=None if deadline is None else _T0 + deadline,
+                 timing=timing, cuda_graph=gpu, notes=notes, skipped=skipped), tasks
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    cfg = make_config(args)
-    dev = cfg.device
-    env = common.env_info(dev)
-    print(common.banner("bench_models", env))
-    print(f"providers {cfg.providers}; {len(cfg.tasks)} tasks; inference: float64 check, "
-          f"{'CUDA graphs at batch <= ' + str(GRAPH_MAX_BATCH) if cfg.cuda_graph else 'no graphs'}; training: "
-          f"bench_train's step (fp16 = autocast + static loss scale {bench_train.FP16_LOSS_SCALE:g}), "
-          f"SGD momentum {bench_train.MOMENTUM}"
-          + common.settings_suffix(dev, not args.no_cudnn_benchmark, cfg.deadline, _T0), flush=True)
-    for t in cfg.tasks:
-        print(f"  task: {t.label()} [{', '.join(label_of(p, v) for p, v in t.runs)}]")
-    common.print_skipped(cfg.skipped)
-    for note in cfg.notes:
-        print(f"note: {note}")
-    rows: List[dict] = []
-    state = State()
-
-    def extras() -> dict:
-        return {"goals": goals(rows), "notes": list(cfg.notes),
-                "dispatch": [common.dispatch_entry(r, state.dispatch[row_key(r)]) for r in rows
-                             if row_key(r) in state.dispatch]}
-
-    def save() -> None:
-        if not args.no_write and rows:
-            common.write_results(args.out, BENCH, env, rows, keys=KEYS, extra={"skipped": cfg.skipped, **extras()})
-
-    with common.dispatch_isolated(), common.cudnn_benchmark(dev, not args.no_cudnn_benchmark):
-        for task in cfg.tasks:
-            if task.mode == "infer":
-                run_infer(task, cfg, state, rows)
+    b, tasks = make_config(args)
+    env = common.env_info(b.device)
+    print(common.banner(BENCH, env))
+    print(f"providers {b.providers}; {len(tasks)} tasks; training: fp16 = autocast + loss scale {FP16_LOSS_SCALE:g}"
+          f", SGD momentum {MOMENTUM}" + common.settings_suffix(b.device, True, b.deadline, _T0), flush=True)
+    for t in tasks:
+        print(f"  task: {t.model} {t.mode} b{t.batch} {t.dtype} [{', '.join(label_of(*r) for r in t.runs)}]")
+    common.print_skipped(b.skipped)
+    print("".join(f"note: {n}\n" for n in b.notes), end="")
+    batches: Dict[tuple, int] = {}
+    extras = lambda: {"goals": goals(b.rows), "notes": list(b.notes), "dispatch": b.dispatch()}
+    with common.dispatch_isolated(), common.cudnn_benchmark(b.device, True):
+        for t in tasks:
+            if t.mode == "infer":
+                run_case(b, model_case(t.model, t.size), "infer", t.batch, t.dtype, t.runs)
             else:
-                run_train(task, cfg, state, rows)
-            save()  # after every case: a run cut short keeps what it measured
-    headers, lines = summary_table(rows, state.status)
-    print(common.format_table(headers, lines))
-    goal_entries = goals(rows)
-    for g in goal_entries:
-        print(f"goal: {g['text']}")
-    for note in cfg.notes:
-        print(f"note: {note}")
-    title = f"bench_models: images/s of whole ResNets (inference and training step), {env['gpu']}"
-    legend = ("compile: torch.compile, default mode; compile-max: mode max-autotune with Inductor freezing "
-              "(inference only); compile s: the first call's wall time (compile included)")
-    return common.finish(rows, args.out, BENCH, env, write=not args.no_write and bool(rows), keys=KEYS,
-                         skipped=cfg.skipped, extra=extras(), markdown=(title, headers, lines),
-                         notes=[legend] + [f"goal: {g['text']}" for g in goal_entries] + list(cfg.notes))
+                run_train(b, t, batches)
+            if not args.no_write and b.rows:  # after every case: a run cut short keeps what it measured
+                common.write_results(args.out, BENCH, env, b.rows, keys=KEYS, extra={"skipped": b.skipped, **extras()})
+    headers, lines = summary_table(b.rows, b.infos)
+    goal_lines = [f"goal: {g['text']}" for g in goals(b.rows)]
+    print("\n".join([common.format_table(headers, lines)] + goal_lines + [f"note: {n}" for n in b.notes]))
+    legend = ("compile: torch.compile, default mode; compile-max: max-autotune with Inductor freezing (inference "
+              "only); compile s: the first call's wall time (compile included)")
+    return common.finish(b.rows, args.out, BENCH, env, write=not args.no_write and bool(b.rows), keys=KEYS,
+                         skipped=b.skipped, extra=extras(),
+                         markdown=(f"models: images/s of whole ResNets, {env['gpu']}", headers, lines),
+                         notes=[legend] + goal_lines + list(b.notes))
 
 
 if __name__ == "__main__":
