@@ -1,46 +1,33 @@
 """Every layer of ResNet-50 and WRN-28-10 against the machine's own measured ceilings.
 
     python -m benchmarks.layers [--out DIR] [--device cuda|cpu] [--quick] [--deadline S] [--peaks FILE]
-                                [--models ...] [--convs NAME ...] [--acts CxH ...] [--ops ...]
+                                [--models ...] [--convs MODULE ...] [--acts CxH ...] [--ops ...]
 
-Question: layer by layer, how close do our fused ops get to what the GPU can do? Is the fused
-conv epilogue free (fused conv + BN (+ add) + ReLU no slower than cuDNN's conv alone)? How close to
-a copy do the memory-bound BatchNorm / ReLU passes run?
+Question: layer by layer, how close do our fused ops get to what the GPU can do? Is the fused conv
+epilogue free (conv + BN (+ add) + ReLU no slower than cuDNN's conv alone: the ``<provider>/conv``
+columns and the goal lines)? How close to a copy do the memory-bound BN / ReLU passes run?
 
-Shapes are traced from the models (forward hooks on the meta device, :func:`trace_layers`):
-ResNet-50 at 224x224 gives 23 conv geometries (53 convs), WRN-28-10 at 32x32 gives 10 (28); a
-geometry is named by its first module, ``note`` lists every module that has it. The memory-bound
-ops run at the distinct BatchNorm input shapes (12 and 4).
+Shapes are traced from the models on the meta device (:func:`trace_layers`): ResNet-50 at 224
+gives 23 conv geometries (53 convs), WRN-28-10 at 32 gives 10 (28), each named by its first module
+(``note`` lists all); the memory ops (:mod:`benchmarks.memops`) run at the BN input shapes (12, 4).
+Conv rows (``variant`` conv_bn_relu / conv_bn_add_relu, BN eval): ``eager`` ``conv_alone``
+(F.conv2d: the yardstick), ``eager`` (separate ops), and on the BN folded into weight + float32
+bias ``cuda`` (``note`` names the kernel), ``cudnn_fused``, ``triton``, ``auto`` (the measured
+dispatch, its decision in ``note`` and the JSON's ``"dispatch"``), ``compile``. Memory rows
+(``variant`` = the op): ``cuda``, ``triton``, ``eager``, ``auto`` (bn_relu, bn_add_relu).
 
-Conv rows (``mode`` infer, BN eval), each geometry without and with a residual (``variant``
-``conv_bn_relu`` / ``conv_bn_add_relu``): ``eager`` ``conv_alone`` (``F.conv2d`` alone: cuDNN, the
-yardstick, once per geometry and dtype), ``eager`` (conv, batch_norm, add, relu as separate ops),
-and on the BN folded into the weight + a float32 bias: ``cuda`` (``resnet_fused_C.conv_bias_act``;
-``note`` names the kernel), ``cudnn_fused`` (the dispatch's cuDNN candidate, CUDA only), ``triton``,
-``auto`` (``ops.conv_bias_act(backend="auto")``: the measured dispatch, forgotten before each case,
-its decision in ``note`` and the JSON's ``"dispatch"``), ``compile`` (torch.compile of eager).
-Memory rows (``variant`` = the op of :mod:`benchmarks.memops`): ``cuda``, ``triton``, ``eager``,
-``auto`` (bn_relu, bn_add_relu); ``mode`` infer for the three BN-apply forwards, else train_step.
+Roofline (:func:`benchmarks.peaks.measure` in the same run, or ``--peaks FILE``): ``tflops`` =
+2 N Ho Wo K C R S / median against the dtype's matmul peak (``frac_of_peak``; fp32: TF32), ``gbps``
+= least bytes / median against the copy bandwidth (``frac_of_copy``; ``note`` adds a same-size
+copy's rate), ``floor_ms`` = max(flops / peak, bytes / copy bandwidth).
 
-Roofline (:func:`benchmarks.peaks.measure` in the same run, or ``--peaks FILE``): conv ``tflops``
-= 2 N Ho Wo K C R S / median, ``frac_of_peak`` against the dtype's matmul peak (fp32: TF32);
-memory ``gbps`` = the op's bytes / median, ``frac_of_copy`` against the copy bandwidth (``note``
-adds a same-size copy's rate). ``floor_ms`` = max(flops / peak, least bytes / copy bandwidth).
-The conv table gives ``<provider>/conv`` (fused / conv alone: <= 1 means the epilogue is free).
-
-Every output is checked against float64 before timing (:func:`benchmarks.common.check_output`); a
-wrong or failing provider gets ``correct=false``, no time and ``wrong: not timed`` / ``failed: ...``
-in ``note`` (exit code 1); one that cannot run here is skipped with its reason (JSON ``"skipped"``).
-Timing: CUDA-graph replay over input copies larger than twice the L2, median and p20/p80. Phases run
-headline first (conv alone, eager, cuda, cudnn_fused; memory ops; triton; auto; compile); past
-``--deadline`` (``--quick``: 75 s) nothing starts and it is listed in ``"not_run"``.
-
-GPU: batch 256 / 128, fp16, bf16 and fp32, channels_last, everything. ``--quick``: batch 64 / 128,
-fp16, 6 + 4 geometries, 3 ops at 3 shapes. CPU (CI): the quick subset at tiny sizes, batch 2, fp32
-(``cuda`` = the C++ kernels, ``triton`` only under ``TRITON_INTERPRET=1``, compile left out unless
-asked for with ``--providers``): it proves the script, its numbers say nothing.
-
-Writes ``<date>_<device>_<commit>_layers.{json,csv,md}`` under ``--out``: rows of :data:`KEYS`.
+Outputs are checked against float64 before timing; a wrong or failing provider gets
+``correct=false``, no time, ``wrong: not timed`` / ``failed: ...`` in ``note`` and exit code 1; one
+that cannot run here is skipped with its reason. CUDA-graph replay over input copies larger than
+twice the L2. Phases run headline first; past ``--deadline`` (``--quick``: 75 s) nothing starts
+(listed in ``"not_run"``). GPU: batch 256 / 128, fp16, bf16, fp32, channels_last; ``--quick``:
+batch 64 / 128, fp16, 6 + 4 geometries, 3 ops at 3 shapes. CPU (CI): the quick subset at tiny
+sizes, batch 2, fp32, compile only if asked for: it proves the script, nothing more.
 """
 from __future__ import annotations
 
@@ -49,9 +36,10 @@ import json
 import math
 import sys
 import time
+from collections import namedtuple
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -111,15 +99,8 @@ class Act:
     shape = property(lambda self: f"{self.c}x{self.hw}x{self.hw}")
 
 
-@dataclass(frozen=True)
-class Model:
-    build: str  # reference.<build>(*args)
-    args: tuple
-    input_hw: int
-    batch: int
-    quick_batch: int
-    quick_convs: Tuple[str, ...]
-    quick_acts: Tuple[Tuple[int, int], ...]  # (C, H) of BN inputs
+# build: reference.<build>(*args); quick_acts: (C, H) of BN inputs
+Model = namedtuple("Model", "build args input_hw batch quick_batch quick_convs quick_acts")
 
 
 MODELS = {
@@ -195,39 +176,29 @@ def tiny_act(a: Act) -> Act:
 
 # -------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
-class ConvJob:
+class Job:
+    """One case: a conv geometry (with or without a residual) or a BN input shape (memory ops)."""
+
     model: str
-    spec: ConvSpec
+    spec: Union[ConvSpec, Act]
     batch: int
     dtype: str
-    residual: bool
+    residual: bool = False
 
     variant = property(lambda self: "conv_bn_add_relu" if self.residual else "conv_bn_relu")
     key = property(lambda self: (self.model, self.spec.shape, self.batch, self.dtype))  # conv alone's too
 
     def label(self) -> str:
-        return f"{self.model} {self.spec.name} ({self.spec.shape}) b{self.batch} {self.dtype}" + \
-            (" +res" if self.residual else "")
-
-
-@dataclass(frozen=True)
-class MemJob:
-    model: str
-    act: Act
-    batch: int
-    dtype: str
-
-    key = property(lambda self: (self.model, self.act.shape, self.batch, self.dtype))
-
-    def label(self) -> str:
-        return f"{self.model} {self.act.shape} b{self.batch} {self.dtype}"
+        conv = isinstance(self.spec, ConvSpec)
+        return (f"{self.model} {f'{self.spec.name} ({self.spec.shape})' if conv else self.spec.shape} b{self.batch} "
+                f"{self.dtype}{' +res' if self.residual else ''}")
 
 
 @dataclass
 class Config:
     device: torch.device
-    conv_jobs: List[ConvJob]
-    mem_jobs: List[MemJob]
+    conv_jobs: List[Job]
+    mem_jobs: List[Job]
     ops: List[memops.Op]
     providers: List[str]
     timing: dict
@@ -249,16 +220,23 @@ def past_deadline(cfg: Config, what: str, margin_s: float = 0.0) -> bool:
     return False
 
 
+def rotation(nbytes: int, dev: torch.device) -> int:
+    """How many input copies of ``nbytes`` to rotate over (together more than twice the L2)."""
+    return common.rotation_copies(nbytes, common.cache_bytes(dev), max_copies=8 if dev.type == "cuda" else 2)
+
+
 def measure(build: Callable[[], Callable], inputs, judge, cfg: Config, prov: str, label: str,
             mem: bool) -> common.Measured:
+    if prov == "auto":
+        common.dispatch_fresh()  # the checked first call (the timed shapes) measures this case
     return common.check_then_time(build, inputs, judge, cfg.device, cuda_graph=cfg.cuda_graph, label=label,
                                   timing=common.provider_timing(cfg.device, prov, cfg.timing), measure_mem=mem)
 
 
-def row(cfg: Config, job, provider: str, variant: str, m: common.Measured, flops: int, nbytes: int,
-        note: Sequence[str], mode: str = "infer") -> dict:
+def add_row(rows: List[dict], cfg: Config, job: Job, provider: str, variant: str, m: common.Measured, flops: int,
+            nbytes: int, note: Sequence[str], label: str) -> None:
     """A result row: TFLOP/s against the matmul peak (convs), GB/s against the copy bandwidth
-    (memory ops, ``flops`` 0), and the roofline floor."""
+    (memory ops, ``flops`` 0), the roofline floor; auto's decisions (also when it failed)."""
     pk, t = cfg.peaks, m.timing
     sec = None if t is None else t.median_ms * 1e-3
     tflops = None if sec is None or not flops else flops / sec / 1e12
@@ -268,18 +246,18 @@ def row(cfg: Config, job, provider: str, variant: str, m: common.Measured, flops
                  frac_of_copy=None if gbps is None else gbps / pk.copy_gbps,
                  floor_ms=peaks_mod.roofline_floor_ms(flops, nbytes, pk, job.dtype),
                  note="; ".join(x for x in (m.note, *note) if x))
-    shape = job.spec.shape if isinstance(job, ConvJob) else job.act.shape
-    return common.make_row(bench=BENCH, model=job.model, shape=shape, batch=job.batch, dtype=job.dtype, mode=mode,
-                           provider=provider, timing=t, peak_mem_mb=m.peak_mb, correct=m.ok, extra=extra)
-
-
-def record_auto(cfg: Config, prov: str, r: dict) -> str:
-    """After an auto run (also a failed one): its decisions into the JSON, a note for the row."""
-    if prov != "auto":
-        return ""
-    rec = common.dispatch_record()
-    cfg.dispatch.append(common.dispatch_entry(r, rec))
-    return common.auto_note(rec["decisions"])
+    mode = "train_step" if variant in memops.OP_NAMES and variant not in INFER_OPS else "infer"
+    r = common.make_row(bench=BENCH, model=job.model, shape=job.spec.shape, batch=job.batch, dtype=job.dtype,
+                        mode=mode, provider=provider, timing=t, peak_mem_mb=m.peak_mb, correct=m.ok, extra=extra)
+    if provider == "auto":
+        rec = common.dispatch_record()
+        r["note"] = "; ".join(x for x in (r["note"], common.auto_note(rec["decisions"])) if x)
+        cfg.dispatch.append(common.dispatch_entry(r, rec))
+    rows.append(r)
+    if t is not None:
+        rate = (f"{r['tflops']:.3g} TFLOP/s  {r['frac_of_peak']:.2f} of peak" if flops else
+                f"{r['gbps']:.4g} GB/s  {r['frac_of_copy']:.2f} of copy")
+        print(f"  {label:<70} {r['median_ms']:.4f} ms  {rate}  floor {r['floor_ms']:.4f} ms", flush=True)
 
 
 # ------------------------------------------------------------------------------------ conv rows
@@ -295,7 +273,7 @@ class ConvCase:
     eager_out: Optional[torch.Tensor] = None
 
 
-def conv_bytes(job: ConvJob, fused: bool) -> int:
+def conv_bytes(job: Job, fused: bool) -> int:
     """Least bytes: input, weight, output in the dtype; fused also the residual and float32 bias."""
     s, esize = job.spec, common.DTYPES[job.dtype].itemsize
     out = job.batch * s.cout * s.out_hw ** 2
@@ -303,7 +281,7 @@ def conv_bytes(job: ConvJob, fused: bool) -> int:
     return n + ((out * esize if job.residual else 0) + s.cout * 4 if fused else 0)
 
 
-def make_conv_case(job: ConvJob, dev: torch.device) -> ConvCase:
+def make_conv_case(job: Job, dev: torch.device) -> ConvCase:
     from resnet_fused.ops.fold import bn_scale_shift, fold_conv_bn
 
     s, dt, cl = job.spec, common.DTYPES[job.dtype], torch.channels_last
@@ -316,7 +294,7 @@ def make_conv_case(job: ConvJob, dev: torch.device) -> ConvCase:
     w = rnd(s.cout, s.cin, s.k, s.k, scale=math.sqrt(2.0 / (s.cin * s.k * s.k))).to(dt).contiguous(memory_format=cl)
     out_shape = (job.batch, s.cout, s.out_hw, s.out_hw)
     per = (job.batch * s.cin * s.hw ** 2 + (math.prod(out_shape) if job.residual else 0)) * w.element_size()
-    k = common.rotation_copies(per, common.cache_bytes(dev), max_copies=8 if dev.type == "cuda" else 2)
+    k = rotation(per, dev)
     inputs = [(rnd(job.batch, s.cin, s.hw, s.hw).to(dt).contiguous(memory_format=cl),
                rnd(*out_shape).to(dt).contiguous(memory_format=cl) if job.residual else None) for _ in range(k)]
     bn = nn.BatchNorm2d(s.cout, eps=BN_EPS).to(dev).eval()
@@ -336,7 +314,7 @@ def make_conv_case(job: ConvJob, dev: torch.device) -> ConvCase:
     return ConvCase(inputs, w, params, w_f.contiguous(memory_format=cl), b_f.float(), conv64, ref)
 
 
-def conv_fn(provider: str, variant: str, job: ConvJob, case: ConvCase, allow_tf32: bool) -> Callable:
+def conv_fn(provider: str, variant: str, job: Job, case: ConvCase, allow_tf32: bool) -> Callable:
     """``fn(x, r)`` of (provider, variant) on one conv case."""
     s = job.spec
     st, pd = [s.stride] * 2, [s.padding] * 2
@@ -368,7 +346,7 @@ def conv_fn(provider: str, variant: str, job: ConvJob, case: ConvCase, allow_tf3
     raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
 
 
-def run_conv_job(job: ConvJob, pairs: Sequence[Tuple[str, str]], cfg: Config, rows: List[dict]) -> None:
+def run_conv_job(job: Job, pairs: Sequence[Tuple[str, str]], cfg: Config, rows: List[dict]) -> None:
     """Check, then time, each (provider, variant) of ``pairs`` on one conv case; a row each."""
     from resnet_fused.ops._common import conv_uses_tf32
 
@@ -383,8 +361,6 @@ def run_conv_job(job: ConvJob, pairs: Sequence[Tuple[str, str]], cfg: Config, ro
         what = f"{job.label()} {prov} {variant}"
         if past_deadline(cfg, what, COMPILE_MARGIN_S if prov == "compile" else 0.0):
             continue
-        if prov == "auto":
-            common.dispatch_fresh()  # the checked first call (the timed shapes) measures this case
         alone = variant == "conv_alone"
         ref, eager_out = (case.conv64, None) if alone else (case.ref64, case.eager_out)
         # conv alone (eager_out None) is judged against its own error: shape and finiteness
@@ -399,13 +375,8 @@ def run_conv_job(job: ConvJob, pairs: Sequence[Tuple[str, str]], cfg: Config, ro
                     x, case.w_f, r, [s.stride] * 2, [s.padding] * 2, [1, 1], allow_tf32)
             except Exception as exc:  # the row says why it has no kernel name
                 kernel = f"kernel: unknown ({type(exc).__name__})"
-        note = [f"modules: {' '.join(s.modules)}", kernel]
-        rows.append(row(cfg, job, prov, variant, m, s.flops(job.batch), conv_bytes(job, not alone), note))
-        rows[-1]["note"] = "; ".join(x for x in (rows[-1]["note"], record_auto(cfg, prov, rows[-1])) if x)
-        r = rows[-1]
-        if r["median_ms"] is not None:
-            print(f"  {what:<70} {r['median_ms']:.4f} ms  {r['tflops']:.3g} TFLOP/s  {r['frac_of_peak']:.2f} of "
-                  f"peak  floor {r['floor_ms']:.4f} ms", flush=True)
+        add_row(rows, cfg, job, prov, variant, m, s.flops(job.batch), conv_bytes(job, not alone),
+                [f"modules: {' '.join(s.modules)}", kernel], what)
         if prov == "compile":
             torch._dynamo.reset()
     del case
@@ -418,26 +389,24 @@ def copy_gbps(nbytes: int, cfg: Config) -> float:
     """GB/s of ``dst.copy_(src)`` moving ``nbytes`` in all (read + write), once per size."""
     if nbytes not in cfg.copies:
         half, dev = max(1, nbytes // 2), cfg.device
-        k = common.rotation_copies(nbytes, common.cache_bytes(dev), max_copies=8 if dev.type == "cuda" else 2)
         pairs = [(torch.empty(half, dtype=torch.uint8, device=dev).random_(0, 256),
-                  torch.empty(half, dtype=torch.uint8, device=dev)) for _ in range(k)]
+                  torch.empty(half, dtype=torch.uint8, device=dev)) for _ in range(rotation(nbytes, dev))]
         t, _ = common.benchmark_graph_or_plain(lambda src, dst: dst.copy_(src), pairs, dev, cfg.cuda_graph,
                                                f"copy {nbytes} B", **cfg.timing)
         cfg.copies[nbytes] = (2 * half / (t.median_ms * 1e-3) / 1e9, t)
     return cfg.copies[nbytes][0]
 
 
-def run_mem_job(job: MemJob, providers: Sequence[str], cfg: Config, rows: List[dict]) -> None:
+def run_mem_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict]) -> None:
     """Each op of ``cfg.ops`` at one activation shape: check, then time, each provider; a row each."""
     if past_deadline(cfg, f"{job.label()} memory ops {list(providers)}"):
         return
-    dev, dt, a = cfg.device, common.DTYPES[job.dtype], job.act
-    gen = torch.Generator(device=dev).manual_seed(a.c * 1000 + a.hw * 10 + 100000 * list(common.DTYPES).index(job.dtype))
+    dev, dt, a = cfg.device, common.DTYPES[job.dtype], job.spec
+    gen = torch.Generator(device=dev).manual_seed(a.c * 1000 + a.hw * 10 + 100000 * dt.itemsize)
     try:
         base = memops.make_inputs(job.batch, a.c, a.hw, dt, dev, gen)
         # copies to rotate over, sized for the op that reads least (channel_stats: one activation)
-        k = common.rotation_copies(base.y.numel() * base.y.element_size(), common.cache_bytes(dev),
-                                   max_copies=8 if dev.type == "cuda" else 2)
+        k = rotation(base.y.numel() * base.y.element_size(), dev)
         sets = [(base,)] + [(memops.make_inputs(job.batch, a.c, a.hw, dt, dev, gen),) for _ in range(k - 1)]
     except Exception as exc:  # nothing of this case can run
         print(f"  FAILED {job.label()} memory ops: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -456,20 +425,12 @@ def run_mem_job(job: MemJob, providers: Sequence[str], cfg: Config, rows: List[d
             print(f"  FAILED {op.name} {job.label()} eager: {type(exc).__name__}: {exc}", file=sys.stderr)
         for prov in provs:
             label = f"{op.name} {job.label()} {prov}"
-            if prov == "auto":
-                common.dispatch_fresh()
             m = measure(lambda p=prov, o=op: (lambda d: memops.RUNNERS[p](o, d)), sets,
                         lambda outs, o=op: memops.judge(o, outs, ref, eager, job.dtype, base), cfg, prov, label,
                         mem=False)
             same = "" if m.timing is None else f", {nbytes / (m.timing.median_ms * 1e-3) / 1e9 / copy:.2f} of it"
             note = [f"bn inputs: {' '.join(a.modules)}", f"same-size copy {copy:.4g} GB/s{same}"]
-            rows.append(row(cfg, job, prov, op.name, m, 0, nbytes, note, "infer" if op.name in INFER_OPS else
-                            "train_step"))
-            rows[-1]["note"] = "; ".join(x for x in (rows[-1]["note"], record_auto(cfg, prov, rows[-1])) if x)
-            r = rows[-1]
-            if r["gbps"] is not None:
-                print(f"  {label:<60} {r['median_ms']:.4f} ms  {r['gbps']:8.1f} GB/s  {r['frac_of_copy']:.2f} of "
-                      f"copy", flush=True)
+            add_row(rows, cfg, job, prov, op.name, m, 0, nbytes, note, label)
     del sets, base
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -532,7 +493,7 @@ def conv_table(rows: List[dict], providers: Sequence[str], info: Dict[tuple, Tup
     return headers, out
 
 
-def conv_bound(job: ConvJob, pk: peaks_mod.Peaks) -> str:
+def conv_bound(job: Job, pk: peaks_mod.Peaks) -> str:
     """Which measured ceiling sets the fused op's roofline floor."""
     t_math = job.spec.flops(job.batch) / (pk.matmul_tflops[job.dtype] * 1e12)
     return "math" if t_math >= conv_bytes(job, fused=True) / (pk.copy_gbps * 1e9) else "memory"
@@ -613,8 +574,8 @@ def make_config(args) -> Config:
     if bad:  # a name that matches nothing is a typo, not an empty run
         raise SystemExit(f"--convs / --acts: {bad} match no layer of {models} "
                          f"(convs: {sorted(known_convs)}; acts: {sorted(known_acts)})")
-    conv_jobs: List[ConvJob] = []
-    mem_jobs: List[MemJob] = []
+    conv_jobs: List[Job] = []
+    mem_jobs: List[Job] = []
     for name in models:
         info, (convs, acts) = MODELS[name], layers[name]
         batch = 2 if not gpu else (info.quick_batch if args.quick else info.batch)
@@ -624,8 +585,8 @@ def make_config(args) -> Config:
             acts = [a for a in acts if f"{a.c}x{a.hw}" in args.acts]
         elif small:
             acts = [a for a in acts if (a.c, a.hw) in info.quick_acts]
-        conv_jobs += [ConvJob(name, s, batch, d, res) for d in dtypes for s in specs for res in (False, True)]
-        mem_jobs += [MemJob(name, a if gpu else tiny_act(a), batch, d) for d in dtypes for a in acts]
+        conv_jobs += [Job(name, s, batch, d, res) for d in dtypes for s in specs for res in (False, True)]
+        mem_jobs += [Job(name, a if gpu else tiny_act(a), batch, d) for d in dtypes for a in acts]
     op_names = args.ops or (QUICK_OPS if small else memops.OP_NAMES)
     deadline_s = args.deadline if args.deadline is not None else (QUICK_DEADLINE_S if args.quick else None)
     return Config(dev, conv_jobs, mem_jobs, [o for o in memops.OPS if o.name in op_names], providers,

@@ -140,7 +140,7 @@ def test_gpu_modes_select_the_documented_cases(monkeypatch):
     assert {j.dtype for j in quick.conv_jobs} == {"fp16"} and len(quick.conv_jobs) == (6 + 4) * 2
     assert {j.spec.cin for j in quick.conv_jobs if j.spec.name == "layer1.0.conv2"} == {64, 160}  # full size
     assert [o.name for o in quick.ops] == list(layers.QUICK_OPS)
-    assert sorted((j.model, j.act.c, j.act.hw) for j in quick.mem_jobs) == [
+    assert sorted((j.model, j.spec.c, j.spec.hw) for j in quick.mem_jobs) == [
         ("resnet50", 256, 56), ("resnet50", 1024, 14), ("wrn28-10", 160, 32)]
     assert quick.deadline is not None and quick.cuda_graph and "compile" in quick.providers
     assert "auto" in quick.providers and ("cudnn_fused" in quick.providers) != ("cudnn_fused" in quick.skipped)
