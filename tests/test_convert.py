@@ -9,45 +9,17 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import resnet_fused as rf
 from resnet_fused.models import reference as R
 from resnet_fused.modules import StemBatchNorm, StemConv, _base
-from utils import INTERPRET, assert_close, copy_via, randomize_bn
+from utils import INTERPRET, MyBasic, assert_close, compare_outputs_and_grads, conv, copy_via, randomize_bn
 
 CL = torch.channels_last
 
 
 # --------------------------------------------------------------------- blocks users might have
-def conv(cin, cout, k, stride=1):
-    return nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
-
-
-class MyBasic(nn.Module):
-    """A user's own copy of torchvision's BasicBlock, under another name."""
-
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, norm=nn.BatchNorm2d):
-        super().__init__()
-        self.conv1, self.bn1 = conv(inplanes, planes, 3, stride), norm(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2, self.bn2 = conv(planes, planes, 3), norm(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
 class MyBottle(nn.Module):
     """A user's own copy of torchvision's Bottleneck (stride on the 3x3)."""
 
@@ -207,28 +179,6 @@ TINY_SKIPPED = {"layer3.1": "GELU", "layer3.2": "se", "layer3.3": "se"}
 # --------------------------------------------------------------------------------- helpers
 def tensors_of(model):
     return [(n, t) for n, t in model.named_parameters()] + [(n, t) for n, t in model.named_buffers()]
-
-
-def compare_outputs_and_grads(models, x, tag, grad=True):
-    xs = [x.detach().clone(), x.detach().clone(), x.detach().double()]
-    outs = []
-    with torch.set_grad_enabled(grad):
-        for m, xi in zip(models, xs):
-            outs.append(m(xi.requires_grad_(grad)))
-    assert_close(outs[0], outs[2], outs[1], name=tag + "output")
-    if grad:
-        g = torch.randn(outs[1].shape, generator=torch.Generator().manual_seed(3))
-        for o in outs:
-            (o * g.to(o.dtype)).sum().backward()
-        assert_close(xs[0].grad, xs[2].grad, xs[1].grad, name=tag + "x.grad")
-        for (n0, p0), (n1, p1), (n2, p2) in zip(*(m.named_parameters() for m in models)):
-            assert n0 == n1 == n2
-            if p1.grad is None:
-                assert p0.grad is None, n0
-                continue
-            assert p0.grad is not None, f"{tag}{n0} got no gradient"
-            assert_close(p0.grad, p2.grad, p1.grad, name=f"{tag}{n0}.grad")
-    return outs
 
 
 def compare_state(models, tag="", params=True):
@@ -496,116 +446,3 @@ def test_copy_and_pickle_converted_model_after_eval_forward(how):
     with torch.no_grad():
         assert torch.equal(model(x), y)
         assert not torch.equal(twin.eval()(x), y)
-
-
-# --------------------------------------------------------------------------------- the stem
-def stem_pair():
-    torch.manual_seed(0)
-    model = randomize_bn(R.resnet18(num_classes=10))
-    ref = copy.deepcopy(model)
-    rf.convert(model)
-    return model, ref
-
-
-def test_stem_eval_is_conv_bn_relu():
-    model, ref = stem_pair()
-    model.eval()
-    ref.eval()
-    ref64 = copy.deepcopy(ref).double()
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        y = model.conv1(x)
-        expect32 = F.relu(ref.bn1(ref.conv1(x)))
-        expect64 = F.relu(ref64.bn1(ref64.conv1(x.double())))
-        assert_close(y, expect64, expect32, name="StemConv eval output")
-        assert model.bn1(y) is y, "bn1 must pass its own conv's fused output through"
-        # a tensor that did not come from its conv is normalised as usual
-        other = torch.randn(2, 64, 5, 5)
-        assert_close(model.bn1(other), ref64.bn1(other.double()), ref.bn1(other), name="bn1(other) eval")
-        y64 = F.relu(ref64.bn1(ref64.conv1(x.double())))
-        assert_close(model.bn1(y.clone()), ref64.bn1(y64), ref.bn1(expect32), name="bn1(copy of fused output)")
-    # with autograd recording: the model-level stem (conv1 -> bn1 -> in-place relu) stays right
-    models = (Stem(model), Stem(ref), Stem(ref64))
-    compare_outputs_and_grads(models, x, "stem eval (autograd): ", grad=True)
-
-
-class Stem(nn.Module):
-    """The stem of a ResNet, as its forward runs it (the in-place ReLU included)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.conv1, self.bn1, self.relu = model.conv1, model.bn1, model.relu
-
-    def forward(self, x):
-        return self.relu(self.bn1(self.conv1(x)))
-
-
-def test_stem_train_is_plain_conv_then_batchnorm():
-    model, ref = stem_pair()
-    model.train()
-    ref.train()
-    ref64 = copy.deepcopy(ref).double()
-    for step in range(2):
-        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(step))
-        y = model.conv1(x)
-        assert_close(y, ref64.conv1(x.double()), ref.conv1(x), name="StemConv train output")
-        z = model.bn1(y)
-        assert z is not y
-        assert_close(z, ref64.bn1(ref64.conv1(x.double())), ref.bn1(ref.conv1(x)), name="stem bn train")
-        other = torch.randn(2, 64, 3, 3, generator=torch.Generator().manual_seed(10 + step))
-        assert_close(model.bn1(other), ref64.bn1(other.double()), ref.bn1(other), name="bn1(other) train")
-    for n in ("running_mean", "running_var"):
-        assert_close(getattr(model.bn1, n), getattr(ref64.bn1, n), getattr(ref.bn1, n), name="bn1." + n)
-    assert int(model.bn1.num_batches_tracked) == int(ref.bn1.num_batches_tracked) == 4
-
-
-def test_stem_left_alone_when_not_conv_bn():
-    class NoBN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-            self.bn1 = nn.GroupNorm(1, 4)
-            self.layer1 = nn.Sequential(MyBasic(4, 4))
-
-        def forward(self, x):
-            return self.layer1(self.bn1(self.conv1(x)))
-
-    m = rf.convert(NoBN())
-    assert type(m.conv1) is nn.Conv2d and type(m.bn1) is nn.GroupNorm
-    assert type(m.layer1[0]) is rf.BasicBlock
-
-
-def test_conv_bias_converts_and_odd_padding_is_skipped():
-    torch.manual_seed(0)
-    block = MyBasic(4, 4)
-    block.conv1, block.conv2 = (nn.Conv2d(4, 4, 3, 1, 1, bias=True) for _ in range(2))
-    randomize_bn(block)
-    ref = copy.deepcopy(block)
-    new = rf.convert(block)
-    assert type(new) is rf.BasicBlock
-    models = (new.eval(), ref.eval(), copy.deepcopy(ref).double().eval())
-    for backend in ("torch", "triton") if INTERPRET else ("torch",):
-        with rf.use_backend(backend):
-            compare_outputs_and_grads(models, torch.randn(2, 4, 5, 5), f"conv bias ({backend}): ")
-    for odd in (dict(padding=1, padding_mode="reflect"), dict(padding="same")):
-        block = MyBasic(4, 4)
-        block.conv1 = nn.Conv2d(4, 4, 3, 1, bias=False, **odd)
-        out = rf.convert(block)
-        assert out is block
-        assert out.resnet_fused_report.skipped == [("", "conv1 is not a zero-padded nn.Conv2d")]
-
-
-def test_stem_rebind_shares_tensors_and_hooks_but_not_registries():
-    from resnet_fused.modules.stem import rebind
-
-    conv = nn.Conv2d(3, 4, 3, bias=False)
-    seen = []
-    conv.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
-    new = rebind(type("Sub", (nn.Conv2d,), {}), conv)
-    assert new.weight is conv.weight
-    new(torch.randn(1, 3, 5, 5))
-    assert seen == ["Sub"]  # the existing hook came along
-    new.register_forward_hook(lambda m, i, o: seen.append("new only"))
-    new.register_buffer("extra", torch.zeros(1))
-    conv(torch.randn(1, 3, 5, 5))
-    assert seen == ["Sub", "Conv2d"] and "extra" not in conv._buffers

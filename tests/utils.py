@@ -212,6 +212,59 @@ def downsample(cin, cout, stride):
     return nn.Sequential(R.conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
 
 
+# ------------------------------------------------------- a user's own block, and convert() checks
+def conv(cin, cout, k, stride=1):
+    """A bias-free conv with "same" padding, as torchvision's conv3x3 / conv1x1."""
+    return nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+
+
+class MyBasic(nn.Module):
+    """A user's own copy of torchvision's BasicBlock, under another name."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, norm=nn.BatchNorm2d):
+        super().__init__()
+        self.conv1, self.bn1 = conv(inplanes, planes, 3, stride), norm(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = conv(planes, planes, 3), norm(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+def compare_outputs_and_grads(models, x, tag, grad=True):
+    """``models`` = (ours, the reference in float32, its float64 twin) on copies of ``x``: our output
+    (and, with ``grad``, x.grad and every parameter gradient) within ``assert_close`` of float64."""
+    xs = [x.detach().clone(), x.detach().clone(), x.detach().double()]
+    outs = []
+    with torch.set_grad_enabled(grad):
+        for m, xi in zip(models, xs):
+            outs.append(m(xi.requires_grad_(grad)))
+    assert_close(outs[0], outs[2], outs[1], name=tag + "output")
+    if grad:
+        g = torch.randn(outs[1].shape, generator=torch.Generator().manual_seed(3))
+        for o in outs:
+            (o * g.to(o.dtype)).sum().backward()
+        assert_close(xs[0].grad, xs[2].grad, xs[1].grad, name=tag + "x.grad")
+        for (n0, p0), (n1, p1), (n2, p2) in zip(*(m.named_parameters() for m in models)):
+            assert n0 == n1 == n2
+            if p1.grad is None:
+                assert p0.grad is None, n0
+                continue
+            assert p0.grad is not None, f"{tag}{n0} got no gradient"
+            assert_close(p0.grad, p2.grad, p1.grad, name=f"{tag}{n0}.grad")
+    return outs
+
+
 # =========================================================== GPU tests (tests/test_gpu*.py)
 GPU_DEV = "cuda"
 CL = torch.channels_last
