@@ -17,8 +17,6 @@ import resnet_fused as rf
 from resnet_fused.models import reference as R
 from utils import INTERPRET, MyBasic, assert_close, compare_outputs_and_grads, conv, randomize_bn
 
-CL = torch.channels_last
-
 
 # --------------------------------------------------------------------------------- the stem
 def stem_pair():
