@@ -9,7 +9,7 @@ columns and the goal lines)? How close to a copy do the memory-bound BN / ReLU p
 
 Shapes are traced from the models on the meta device (:func:`trace_layers`): ResNet-50 at 224
 gives 23 conv geometries (53 convs), WRN-28-10 at 32 gives 10 (28), each named by its first module
-(``note`` lists all); the memory ops (:mod:`benchmarks.memops`) run at the BN input shapes (12, 4).
+(``note`` lists all); the memory ops run at the BN input shapes (12, 4).
 Conv rows (``variant`` conv_bn_relu / conv_bn_add_relu, BN eval): ``eager`` ``conv_alone``
 (F.conv2d: the yardstick), ``eager`` (separate ops), and on the BN folded into weight + float32
 bias ``cuda`` (``note`` names the kernel), ``cudnn_fused``, ``triton``, ``auto`` (the measured
@@ -45,14 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import common, memops, peaks as peaks_mod
+from . import common, layer_ops, peaks as peaks_mod
 
 BENCH = "layers"
 KEYS = common.row_keys("variant", "layout", "tflops", "frac_of_peak", "gbps", "frac_of_copy", "floor_ms", "note")
 PROVIDERS = ("eager", "cuda", "cudnn_fused", "triton", "auto", "compile")
 CONV_VARIANTS = ("conv_alone", "conv_bn_relu", "conv_bn_add_relu")
 LAYOUT = "channels_last"
-BN_EPS = 1e-5
 QUICK_DEADLINE_S = 75.0
 COMPILE_MARGIN_S = 15.0  # no torch.compile case starts later than this before the deadline
 # a run cut short keeps the first phases; auto after triton finds Triton's kernels tuned
@@ -79,12 +78,9 @@ class ConvSpec:
     uses = property(lambda self: len(self.modules))
     padding = property(lambda self: self.k // 2)
     out_hw = property(lambda self: (self.hw + 2 * self.padding - self.k) // self.stride + 1)
+    shape = property(lambda s: f"{s.cin}x{s.hw}x{s.hw}->{s.cout}x{s.out_hw}x{s.out_hw} k{s.k}s{s.stride}")
 
-    @property
-    def shape(self) -> str:
-        return f"{self.cin}x{self.hw}x{self.hw}->{self.cout}x{self.out_hw}x{self.out_hw} k{self.k}s{self.stride}"
-
-    def flops(self, batch: int) -> int:
+    def flops(self, batch: int) -> int:  # the multiply-adds (the epilogue's few ops are not counted)
         return 2 * batch * self.out_hw ** 2 * self.cout * self.cin * self.k * self.k
 
 
@@ -199,7 +195,7 @@ class Config:
     device: torch.device
     conv_jobs: List[Job]
     mem_jobs: List[Job]
-    ops: List[memops.Op]
+    ops: List[layer_ops.Op]
     providers: List[str]
     timing: dict
     deadline: Optional[float]
@@ -218,11 +214,6 @@ def past_deadline(cfg: Config, what: str, margin_s: float = 0.0) -> bool:
         cfg.not_run.append(what)
         return True
     return False
-
-
-def rotation(nbytes: int, dev: torch.device) -> int:
-    """How many input copies of ``nbytes`` to rotate over (together more than twice the L2)."""
-    return common.rotation_copies(nbytes, common.cache_bytes(dev), max_copies=8 if dev.type == "cuda" else 2)
 
 
 def measure(build: Callable[[], Callable], inputs, judge, cfg: Config, prov: str, label: str,
@@ -246,7 +237,7 @@ def add_row(rows: List[dict], cfg: Config, job: Job, provider: str, variant: str
                  frac_of_copy=None if gbps is None else gbps / pk.copy_gbps,
                  floor_ms=peaks_mod.roofline_floor_ms(flops, nbytes, pk, job.dtype),
                  note="; ".join(x for x in (m.note, *note) if x))
-    mode = "train_step" if variant in memops.OP_NAMES and variant not in INFER_OPS else "infer"
+    mode = "train_step" if variant in layer_ops.OP_NAMES and variant not in INFER_OPS else "infer"
     r = common.make_row(bench=BENCH, model=job.model, shape=job.spec.shape, batch=job.batch, dtype=job.dtype,
                         mode=mode, provider=provider, timing=t, peak_mem_mb=m.peak_mb, correct=m.ok, extra=extra)
     if provider == "auto":
@@ -261,102 +252,18 @@ def add_row(rows: List[dict], cfg: Config, job: Job, provider: str, variant: str
 
 
 # ------------------------------------------------------------------------------------ conv rows
-@dataclass
-class ConvCase:
-    inputs: List[tuple]               # (x, r) copies to rotate over
-    w: torch.Tensor                   # the conv's weight
-    bn: Tuple[torch.Tensor, ...]      # running_mean, running_var, weight, bias
-    w_f: torch.Tensor                 # the BN folded into the weight, and its float32 bias
-    b32: torch.Tensor
-    conv64: torch.Tensor              # float64 conv, and conv + BN (+ r) + ReLU
-    ref64: torch.Tensor
-    eager_out: Optional[torch.Tensor] = None
-
-
-def conv_bytes(job: Job, fused: bool) -> int:
-    """Least bytes: input, weight, output in the dtype; fused also the residual and float32 bias."""
-    s, esize = job.spec, common.DTYPES[job.dtype].itemsize
-    out = job.batch * s.cout * s.out_hw ** 2
-    n = (job.batch * s.cin * s.hw ** 2 + s.cout * s.cin * s.k * s.k + out) * esize
-    return n + ((out * esize if job.residual else 0) + s.cout * 4 if fused else 0)
-
-
-def make_conv_case(job: Job, dev: torch.device) -> ConvCase:
-    from resnet_fused.ops.fold import bn_scale_shift, fold_conv_bn
-
-    s, dt, cl = job.spec, common.DTYPES[job.dtype], torch.channels_last
-    gen = torch.Generator(device=dev).manual_seed(1000 * s.cin + s.cout + 7 * s.k + s.stride + s.hw)
-
-    def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen, device=dev) * scale
-
-    # He-scaled weights keep the output O(1) (variance about 2) whatever the fan-in
-    w = rnd(s.cout, s.cin, s.k, s.k, scale=math.sqrt(2.0 / (s.cin * s.k * s.k))).to(dt).contiguous(memory_format=cl)
-    out_shape = (job.batch, s.cout, s.out_hw, s.out_hw)
-    per = (job.batch * s.cin * s.hw ** 2 + (math.prod(out_shape) if job.residual else 0)) * w.element_size()
-    k = rotation(per, dev)
-    inputs = [(rnd(job.batch, s.cin, s.hw, s.hw).to(dt).contiguous(memory_format=cl),
-               rnd(*out_shape).to(dt).contiguous(memory_format=cl) if job.residual else None) for _ in range(k)]
-    bn = nn.BatchNorm2d(s.cout, eps=BN_EPS).to(dev).eval()
-    with torch.no_grad():
-        bn.running_mean.copy_(0.1 * rnd(s.cout))
-        bn.running_var.copy_(2.0 * (0.5 + torch.rand(s.cout, generator=gen, device=dev)))
-        bn.weight.copy_(0.5 + torch.rand(s.cout, generator=gen, device=dev))
-        bn.bias.copy_(0.3 * rnd(s.cout))
-        w_f, b_f = fold_conv_bn(w, *bn_scale_shift(bn), dtype=dt)
-        # float64 reference from the BN's parameters (not from the float32 fold) and the dtype's inputs
-        x, r = inputs[0]
-        conv64 = F.conv2d(x.double().contiguous(), w.double().contiguous(), None, s.stride, s.padding)
-        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + BN_EPS)
-        ref = conv64 * scale.view(1, -1, 1, 1) + (bn.bias.double() - bn.running_mean.double() * scale).view(1, -1, 1, 1)
-        ref = torch.relu(ref if r is None else ref + r.double())
-    params = tuple(t.detach() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias))
-    return ConvCase(inputs, w, params, w_f.contiguous(memory_format=cl), b_f.float(), conv64, ref)
-
-
-def conv_fn(provider: str, variant: str, job: Job, case: ConvCase, allow_tf32: bool) -> Callable:
-    """``fn(x, r)`` of (provider, variant) on one conv case."""
-    s = job.spec
-    st, pd = [s.stride] * 2, [s.padding] * 2
-    w, (rm, rv, g, b), w_f, b32 = case.w, case.bn, case.w_f, case.b32
-
-    def eager(x, r):
-        y = F.batch_norm(F.conv2d(x, w, None, st, pd), rm, rv, g, b, False, 0.0, BN_EPS)
-        return (y if r is None else y.add_(r)).relu_()
-
-    if variant == "conv_alone":
-        return lambda x, r: F.conv2d(x, w, None, st, pd)
-    if provider == "eager":
-        return eager
-    if provider == "cuda":
-        op = torch.ops.resnet_fused_C.conv_bias_act
-        return lambda x, r: op(x, w_f, b32, r, st, pd, [1, 1], True, allow_tf32)
-    if provider in ("triton", "auto"):
-        from resnet_fused.ops import conv_bias_act
-
-        return lambda x, r: conv_bias_act(x, w_f, b32, r, stride=s.stride, padding=s.padding, relu=True,
-                                          backend=provider)
-    if provider == "cudnn_fused":
-        from resnet_fused.dispatch.candidates import _cudnn_fused
-
-        return lambda x, r: _cudnn_fused(x, w_f, b32, r, st, pd, (1, 1), True, torch.channels_last)
-    if provider == "compile":
-        torch._dynamo.reset()  # a fresh compile per case (the recompile limit would fall back to eager)
-        return torch.compile(eager, dynamic=False)
-    raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
-
-
 def run_conv_job(job: Job, pairs: Sequence[Tuple[str, str]], cfg: Config, rows: List[dict]) -> None:
     """Check, then time, each (provider, variant) of ``pairs`` on one conv case; a row each."""
     from resnet_fused.ops._common import conv_uses_tf32
 
     dev, s = cfg.device, job.spec
+    st = [s.stride] * 2
     if past_deadline(cfg, f"{job.label()} {[p for p, _ in pairs]}"):
         return
     allow_tf32 = dev.type == "cuda" and conv_uses_tf32()
-    case = make_conv_case(job, dev)
+    case = layer_ops.make_conv_case(job, dev)
     with torch.no_grad():
-        case.eager_out = conv_fn("eager", job.variant, job, case, allow_tf32)(*case.inputs[0])
+        case.eager_out = layer_ops.conv_fn("eager", job.variant, job, case, allow_tf32)(*case.inputs[0])
     for prov, variant in pairs:
         what = f"{job.label()} {prov} {variant}"
         if past_deadline(cfg, what, COMPILE_MARGIN_S if prov == "compile" else 0.0):
@@ -364,18 +271,14 @@ def run_conv_job(job: Job, pairs: Sequence[Tuple[str, str]], cfg: Config, rows: 
         alone = variant == "conv_alone"
         ref, eager_out = (case.conv64, None) if alone else (case.ref64, case.eager_out)
         # conv alone (eager_out None) is judged against its own error: shape and finiteness
-        m = measure(lambda p=prov, v=variant: conv_fn(p, v, job, case, allow_tf32), case.inputs,
+        m = measure(lambda p=prov, v=variant: layer_ops.conv_fn(p, v, job, case, allow_tf32), case.inputs,
                     lambda out: common.check_output(out, ref, out if eager_out is None else eager_out, job.dtype,
-                                                    factor=memops.FACTOR), cfg, prov, what, mem=True)
+                                                    factor=layer_ops.FACTOR), cfg, prov, what, mem=True)
         kernel = ""
-        if prov == "cuda":
-            x, r = case.inputs[0]
-            try:
-                kernel = "kernel: " + torch.ops.resnet_fused_C.conv_kernel_name(
-                    x, case.w_f, r, [s.stride] * 2, [s.padding] * 2, [1, 1], allow_tf32)
-            except Exception as exc:  # the row says why it has no kernel name
-                kernel = f"kernel: unknown ({type(exc).__name__})"
-        add_row(rows, cfg, job, prov, variant, m, s.flops(job.batch), conv_bytes(job, not alone),
+        if prov == "cuda" and m.check is not None:  # it ran: the library is there
+            kernel = "kernel: " + torch.ops.resnet_fused_C.conv_kernel_name(
+                case.inputs[0][0], case.w_f, case.inputs[0][1], st, [s.padding] * 2, [1, 1], allow_tf32)
+        add_row(rows, cfg, job, prov, variant, m, s.flops(job.batch), layer_ops.conv_bytes(job, not alone),
                 [f"modules: {' '.join(s.modules)}", kernel], what)
         if prov == "compile":
             torch._dynamo.reset()
@@ -390,7 +293,7 @@ def copy_gbps(nbytes: int, cfg: Config) -> float:
     if nbytes not in cfg.copies:
         half, dev = max(1, nbytes // 2), cfg.device
         pairs = [(torch.empty(half, dtype=torch.uint8, device=dev).random_(0, 256),
-                  torch.empty(half, dtype=torch.uint8, device=dev)) for _ in range(rotation(nbytes, dev))]
+                  torch.empty(half, dtype=torch.uint8, device=dev)) for _ in range(layer_ops.rotation(nbytes, dev))]
         t, _ = common.benchmark_graph_or_plain(lambda src, dst: dst.copy_(src), pairs, dev, cfg.cuda_graph,
                                                f"copy {nbytes} B", **cfg.timing)
         cfg.copies[nbytes] = (2 * half / (t.median_ms * 1e-3) / 1e9, t)
@@ -404,10 +307,10 @@ def run_mem_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict
     dev, dt, a = cfg.device, common.DTYPES[job.dtype], job.spec
     gen = torch.Generator(device=dev).manual_seed(a.c * 1000 + a.hw * 10 + 100000 * dt.itemsize)
     try:
-        base = memops.make_inputs(job.batch, a.c, a.hw, dt, dev, gen)
+        base = layer_ops.make_inputs(job.batch, a.c, a.hw, dt, dev, gen)
         # copies to rotate over, sized for the op that reads least (channel_stats: one activation)
-        k = rotation(base.y.numel() * base.y.element_size(), dev)
-        sets = [(base,)] + [(memops.make_inputs(job.batch, a.c, a.hw, dt, dev, gen),) for _ in range(k - 1)]
+        k = layer_ops.rotation(base.y.numel() * base.y.element_size(), dev)
+        sets = [(base,)] + [(layer_ops.make_inputs(job.batch, a.c, a.hw, dt, dev, gen),) for _ in range(k - 1)]
     except Exception as exc:  # nothing of this case can run
         print(f"  FAILED {job.label()} memory ops: {type(exc).__name__}: {exc}", file=sys.stderr)
         return
@@ -417,16 +320,16 @@ def run_mem_job(job: Job, providers: Sequence[str], cfg: Config, rows: List[dict
             continue
         nbytes = op.traffic(base.y.numel(), a.c, base.y.element_size())
         copy = copy_gbps(nbytes, cfg)
-        ref = memops.run_eager(op, base, up=True)
+        ref = layer_ops.run_eager(op, base, up=True)
         try:
-            eager = memops.run_eager(op, base)
+            eager = layer_ops.run_eager(op, base)
         except Exception as exc:  # eager is the yardstick of the bounds; without it the floors bound
             eager = None
             print(f"  FAILED {op.name} {job.label()} eager: {type(exc).__name__}: {exc}", file=sys.stderr)
         for prov in provs:
             label = f"{op.name} {job.label()} {prov}"
-            m = measure(lambda p=prov, o=op: (lambda d: memops.RUNNERS[p](o, d)), sets,
-                        lambda outs, o=op: memops.judge(o, outs, ref, eager, job.dtype, base), cfg, prov, label,
+            m = measure(lambda p=prov, o=op: (lambda d: layer_ops.RUNNERS[p](o, d)), sets,
+                        lambda outs, o=op: layer_ops.judge(o, outs, ref, eager, job.dtype, base), cfg, prov, label,
                         mem=False)
             same = "" if m.timing is None else f", {nbytes / (m.timing.median_ms * 1e-3) / 1e9 / copy:.2f} of it"
             note = [f"bn inputs: {' '.join(a.modules)}", f"same-size copy {copy:.4g} GB/s{same}"]
@@ -458,7 +361,7 @@ def _fmt(v: Optional[float], digits: int = 2) -> str:
 def _group(rows: List[dict], mem: bool, key: Callable[[dict], tuple]) -> Dict[tuple, Dict[str, dict]]:
     out: Dict[tuple, Dict[str, dict]] = {}
     for r in rows:
-        if (r["variant"] in memops.OP_NAMES) == mem:
+        if (r["variant"] in layer_ops.OP_NAMES) == mem:
             out.setdefault(key(r), {})[r["provider"]] = r
     return out
 
@@ -496,7 +399,7 @@ def conv_table(rows: List[dict], providers: Sequence[str], info: Dict[tuple, Tup
 def conv_bound(job: Job, pk: peaks_mod.Peaks) -> str:
     """Which measured ceiling sets the fused op's roofline floor."""
     t_math = job.spec.flops(job.batch) / (pk.matmul_tflops[job.dtype] * 1e12)
-    return "math" if t_math >= conv_bytes(job, fused=True) / (pk.copy_gbps * 1e9) else "memory"
+    return "math" if t_math >= layer_ops.conv_bytes(job, fused=True) / (pk.copy_gbps * 1e9) else "memory"
 
 
 def mem_table(rows: List[dict], providers: Sequence[str]) -> Tuple[List[str], List[list]]:
@@ -517,26 +420,25 @@ def mem_table(rows: List[dict], providers: Sequence[str]) -> Tuple[List[str], Li
 
 
 def goal_lines(rows: List[dict], device: torch.device) -> List[str]:
-    """The two goals: cuda's fused conv no slower than conv alone; cuda's memory ops >= 85% of copy."""
+    """The goals: cuda's fused conv no slower than conv alone; its memory ops >= 85% of the copy."""
     where = "" if device.type == "cuda" else " (CPU run: says nothing about the GPU goal)"
     alone = {(r["model"], r["shape"], r["batch"], r["dtype"]): r for r in rows if r["variant"] == "conv_alone"}
+    cuda = [r for r in rows if r["provider"] == "cuda" and r["median_ms"] is not None]
+
+    def line(what: str, got: List[Tuple[float, dict]], met: Callable[[float], bool], worst) -> List[str]:
+        if not got:
+            return []
+        x, w = worst(got, key=lambda p: p[0])
+        return [f"goal ({what}): met in {sum(met(y) for y, _ in got)} of {len(got)} cases; worst {x:.3f} "
+                f"({w['model']} {w['variant']} {w['shape']} {w['dtype']}){where}"]
+
     out = []
     for v in ("conv_bn_relu", "conv_bn_add_relu"):
-        vs = [(_ratio(r, alone.get((r["model"], r["shape"], r["batch"], r["dtype"]))), r) for r in rows
-              if r["provider"] == "cuda" and r["variant"] == v]
-        vs = [(x, r) for x, r in vs if x is not None]
-        if vs:
-            x, w = max(vs, key=lambda p: p[0])
-            met = sum(x <= EPILOGUE_GOAL for x, _ in vs)
-            out.append(f"goal (cuda {v} <= conv alone): met in {met} of {len(vs)} cases; worst {x:.3f}x "
-                       f"({w['model']} {w['shape']} {w['dtype']}){where}")
-    timed = [r for r in rows if r["provider"] == "cuda" and r["frac_of_copy"] is not None]
-    if timed:
-        w = min(timed, key=lambda r: r["frac_of_copy"])
-        met = sum(r["frac_of_copy"] >= COPY_GOAL for r in timed)
-        out.append(f"goal (cuda memory ops >= {COPY_GOAL:.0%} of copy bandwidth): met in {met} of {len(timed)} "
-                   f"cases; worst {w['frac_of_copy']:.2f} ({w['variant']} {w['shape']} {w['dtype']}){where}")
-    return out
+        got = [(_ratio(r, alone.get((r["model"], r["shape"], r["batch"], r["dtype"]))), r) for r in cuda
+               if r["variant"] == v]
+        out += line(f"cuda {v} <= conv alone", [p for p in got if p[0] is not None], lambda y: y <= EPILOGUE_GOAL, max)
+    got = [(r["frac_of_copy"], r) for r in cuda if r["frac_of_copy"] is not None]
+    return out + line(f"cuda memory ops >= {COPY_GOAL:.0%} of copy bandwidth", got, lambda y: y >= COPY_GOAL, min)
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -547,7 +449,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=None, help="default: both")
     p.add_argument("--convs", nargs="+", default=None, help="only the conv geometries named by these modules")
     p.add_argument("--acts", nargs="+", default=None, help="only these BN input shapes, full-size CxH (256x56)")
-    p.add_argument("--ops", nargs="+", choices=memops.OP_NAMES, default=None,
+    p.add_argument("--ops", nargs="+", choices=layer_ops.OP_NAMES, default=None,
                    help=f"memory ops (default: all; --quick and CPU: {' '.join(QUICK_OPS)})")
     p.add_argument("--peaks", default=None, metavar="FILE", help="a JSON of peaks.measure(...).as_dict() to use")
     p.add_argument("--deadline", type=float, default=None,
@@ -587,9 +489,9 @@ def make_config(args) -> Config:
             acts = [a for a in acts if (a.c, a.hw) in info.quick_acts]
         conv_jobs += [Job(name, s, batch, d, res) for d in dtypes for s in specs for res in (False, True)]
         mem_jobs += [Job(name, a if gpu else tiny_act(a), batch, d) for d in dtypes for a in acts]
-    op_names = args.ops or (QUICK_OPS if small else memops.OP_NAMES)
+    op_names = args.ops or (QUICK_OPS if small else layer_ops.OP_NAMES)
     deadline_s = args.deadline if args.deadline is not None else (QUICK_DEADLINE_S if args.quick else None)
-    return Config(dev, conv_jobs, mem_jobs, [o for o in memops.OPS if o.name in op_names], providers,
+    return Config(dev, conv_jobs, mem_jobs, [o for o in layer_ops.OPS if o.name in op_names], providers,
                   timing=common.op_timing(dev, args.quick), deadline=None if deadline_s is None else _T0 + deadline_s,
                   skipped=skipped)
 
@@ -675,7 +577,7 @@ def _sorted(rows: List[dict], cfg: Config) -> List[dict]:
     idx: Dict[tuple, int] = {}
     for j in cfg.conv_jobs + cfg.mem_jobs:
         idx.setdefault(j.key, len(idx))
-    variants = CONV_VARIANTS + memops.OP_NAMES
+    variants = CONV_VARIANTS + layer_ops.OP_NAMES
 
     def key(r: dict) -> tuple:
         k = (r["model"], r["shape"], r["batch"], r["dtype"])

@@ -1,4 +1,4 @@
-"""benchmarks/layers.py and benchmarks/memops.py: the shapes traced from the models, the GPU modes'
+"""benchmarks/layers.py and benchmarks/layer_ops.py: the shapes traced from the models, the GPU modes'
 case selection, every memory op's providers against float64, the CPU mode end to end (a subprocess:
 the C++ kernels as ``cuda``, Triton through the interpreter, ``auto`` through the measured dispatch)
 with every row checked against the ceilings it records; a peaks file used instead of measuring; a
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: import it from the tree
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, layers, memops, peaks  # noqa: E402
+from benchmarks import common, layers, layer_ops, peaks  # noqa: E402
 from resnet_fused.models import reference  # noqa: E402
 from utils import INTERPRET, run_bench_cpu  # noqa: E402
 
@@ -62,13 +62,13 @@ def _check_against_peaks(rows, pk: dict):
     for r in rows:
         assert r["bench"] == "layers" and r["layout"] == "channels_last", r
         sec = None if r["median_ms"] is None else r["median_ms"] * 1e-3
-        if r["variant"] in memops.OP_NAMES:
+        if r["variant"] in layer_ops.OP_NAMES:
             assert r["tflops"] is None and r["frac_of_peak"] is None
             assert r["mode"] == ("infer" if r["variant"] in ("bn_relu", "bn_add_relu", "dual_bn_add_relu")
                                  else "train_step")
             c, h, _ = map(int, r["shape"].split("x"))
             numel = r["batch"] * c * h * h
-            nbytes = next(o for o in memops.OPS if o.name == r["variant"]).traffic(numel, c, 4)
+            nbytes = next(o for o in layer_ops.OPS if o.name == r["variant"]).traffic(numel, c, 4)
             assert math.isclose(r["floor_ms"], nbytes / (pk["copy_gbps"] * 1e9) * 1e3, rel_tol=1e-4), r
             if sec is not None:
                 assert math.isclose(r["gbps"], nbytes / sec / 1e9, rel_tol=1e-4), r
@@ -148,7 +148,7 @@ def test_gpu_modes_select_the_documented_cases(monkeypatch):
     assert len(full.conv_jobs) == (23 + 10) * 3 * 2 and len(full.mem_jobs) == (12 + 4) * 3
     assert {j.dtype for j in full.conv_jobs} == {"fp16", "bf16", "fp32"}
     assert {(j.model, j.batch) for j in full.conv_jobs} == {("resnet50", 256), ("wrn28-10", 128)}
-    assert full.ops == list(memops.OPS) and full.deadline is None
+    assert full.ops == list(layer_ops.OPS) and full.deadline is None
     with pytest.raises(SystemExit, match="match no layer"):
         layers.make_config(layers.parse_args(["--convs", "layer9.conv"]))
 
@@ -156,15 +156,15 @@ def test_gpu_modes_select_the_documented_cases(monkeypatch):
 # ---------------------------------------------------------------------------------- memory ops
 def test_mask_packing_round_trip():
     bits = torch.rand(37) > 0.5
-    packed = memops.pack_bits(bits)
+    packed = layer_ops.pack_bits(bits)
     assert packed.dtype == torch.uint8 and packed.numel() == 5
-    assert torch.equal(memops.unpack_bits(packed, 37), bits)
-    assert int(memops.pack_bits(torch.tensor([True] + [False] * 7 + [False, True]))[1]) == 2
+    assert torch.equal(layer_ops.unpack_bits(packed, 37), bits)
+    assert int(layer_ops.pack_bits(torch.tensor([True] + [False] * 7 + [False, True]))[1]) == 2
 
 
 def test_memory_op_bytes():
     numel, c = 2 * 16 * 14 * 14, 16
-    traffic = {o.name: o.traffic(numel, c, 4) for o in memops.OPS}
+    traffic = {o.name: o.traffic(numel, c, 4) for o in layer_ops.OPS}
     assert traffic["bn_relu"] == 2 * numel * 4 + 3 * c * 4
     assert traffic["bwd_apply_dual"] == 5 * numel * 4 + 10 * c * 4
     assert traffic["relu_mask_backward"] == 2 * numel * 4 + numel // 8
@@ -176,17 +176,17 @@ def test_every_memory_op_matches_float64(c, hw):
     """Each op's cuda runner (the C++ kernels), triton runner (interpreter) and eager sequence within
     the bound of the float64 reference; a 1% error is caught."""
     _needs_ext()
-    d = memops.make_inputs(2, c, hw, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(c))
-    for op in memops.OPS:
-        ref, eager = memops.run_eager(op, d, up=True), memops.run_eager(op, d)
-        assert memops.judge(op, eager, ref, eager, "fp32", d).ok, op.name
+    d = layer_ops.make_inputs(2, c, hw, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(c))
+    for op in layer_ops.OPS:
+        ref, eager = layer_ops.run_eager(op, d, up=True), layer_ops.run_eager(op, d)
+        assert layer_ops.judge(op, eager, ref, eager, "fp32", d).ok, op.name
         for prov in [p for p in op.providers if p != "triton" or INTERPRET]:
-            chk = memops.judge(op, memops.RUNNERS[prov](op, d), ref, eager, "fp32", d)
+            chk = layer_ops.judge(op, layer_ops.RUNNERS[prov](op, d), ref, eager, "fp32", d)
             assert chk.ok, (op.name, prov, chk)
         off = tuple(t * 1.01 if t.is_floating_point() else t for t in eager)
-        assert not memops.judge(op, off, ref, eager, "fp32", d).ok, op.name
+        assert not layer_ops.judge(op, off, ref, eager, "fp32", d).ok, op.name
     with pytest.raises(ValueError, match="no auto path"):
-        memops.run_auto(memops.OPS[-1], d)
+        layer_ops.run_auto(layer_ops.OPS[-1], d)
 
 
 # -------------------------------------------------------------------------------- end to end
@@ -206,7 +206,7 @@ def test_cpu_end_to_end(tmp_path):
         assert row["batch"] == 2 and row["dtype"] == "fp32"
         assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"], row
     conv = [x for x in rows if x["variant"] in layers.CONV_VARIANTS]
-    mem = [x for x in rows if x["variant"] in memops.OP_NAMES]
+    mem = [x for x in rows if x["variant"] in layer_ops.OP_NAMES]
     # conv: each model's quick geometries, conv alone once, both variants for eager / cuda / triton / auto
     keys = {(x["model"], x["shape"]) for x in conv}
     assert len(keys) == 6 + 4
@@ -277,7 +277,7 @@ def test_wrong_provider_is_recorded_and_not_timed(tmp_path, monkeypatch, capsys)
     unavailable provider skipped with its reason."""
     monkeypatch.setattr(common, "provider_unavailable",
                         lambda p, d: "deliberately unavailable" if p == "triton" else None)
-    real = layers.conv_fn
+    real = layer_ops.conv_fn
 
     def fn(provider, variant, job, case, allow_tf32):
         if provider in ("cuda", "auto") and variant != "conv_alone":
@@ -286,11 +286,11 @@ def test_wrong_provider_is_recorded_and_not_timed(tmp_path, monkeypatch, capsys)
         return real(provider, variant, job, case, allow_tf32)
 
     def broken(op, d):
-        return tuple(t * 1.01 if t.is_floating_point() else t for t in memops.run_eager(op, d))
+        return tuple(t * 1.01 if t.is_floating_point() else t for t in layer_ops.run_eager(op, d))
 
-    monkeypatch.setattr(layers, "conv_fn", fn)
-    monkeypatch.setitem(memops.RUNNERS, "cuda", broken)
-    monkeypatch.setitem(memops.RUNNERS, "auto", broken)
+    monkeypatch.setattr(layer_ops, "conv_fn", fn)
+    monkeypatch.setitem(layer_ops.RUNNERS, "cuda", broken)
+    monkeypatch.setitem(layer_ops.RUNNERS, "auto", broken)
     pk = _write_peaks(tmp_path / "p.json")
     rc = layers.main(["--device", "cpu", "--models", "resnet50", "--providers", "eager", "cuda", "triton", "auto",
                       "--convs", "layer1.0.conv3", "--acts", "1024x14", "--ops", "bn_add_relu", "--peaks",

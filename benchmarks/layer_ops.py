@@ -1,6 +1,12 @@
-"""The memory-bound BatchNorm / ReLU passes that :mod:`benchmarks.layers` measures.
+"""What :mod:`benchmarks.layers` runs: each conv case (fused conv + BN (+ add) + ReLU and its
+providers) and the memory-bound BatchNorm / ReLU passes, with the bytes counted and float64 references.
 
-Each op reads one activation y [N, C, H, W] (and perhaps a residual r and a gradient g) with
+Conv (:func:`make_conv_case`, :func:`conv_fn`): an eval BN after the conv, folded into the weight
+and a float32 bias for the fused providers; the reference is float64 from the same low-precision
+inputs and the BN's own parameters; least bytes (:func:`conv_bytes`) are input, weight, output,
+and for the fused variants the residual and the bias.
+
+Memory ops: each reads one activation y [N, C, H, W] (and perhaps a residual r and a gradient g) with
 per-channel float32 vectors; ``cuda`` runs ``torch.ops.resnet_fused_C.*`` (the C++ kernels on CPU),
 ``triton`` the Triton kernels (none for the two mask ops), ``eager`` the torch op sequence (a bool
 mask), ``auto`` ``resnet_fused.ops.bn_act(..., backend="auto")`` (bn_relu and bn_add_relu only).
@@ -28,13 +34,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from . import common
 
 FACTOR = 4.0
+BN_EPS = 1e-5
 PROVIDERS = ("cuda", "triton", "eager")
 AUTO_OPS = ("bn_relu", "bn_add_relu")  # what resnet_fused.ops.bn_act computes
 
@@ -104,7 +113,98 @@ def make_inputs(batch: int, c: int, hw: int, dt: torch.dtype, dev: torch.device,
     return d
 
 
-# ------------------------------------------------------------------------------------------- ops
+def rotation(nbytes: int, dev: torch.device) -> int:
+    """How many input copies of ``nbytes`` to rotate over (together more than twice the L2)."""
+    return common.rotation_copies(nbytes, common.cache_bytes(dev), max_copies=8 if dev.type == "cuda" else 2)
+
+
+# ------------------------------------------------------------------------------------------ convs
+@dataclass
+class ConvCase:
+    inputs: List[tuple]               # (x, r) copies to rotate over
+    w: torch.Tensor                   # the conv's weight
+    bn: Tuple[torch.Tensor, ...]      # running_mean, running_var, weight, bias
+    w_f: torch.Tensor                 # the BN folded into the weight, and its float32 bias
+    b32: torch.Tensor
+    conv64: torch.Tensor              # float64 conv, and conv + BN (+ r) + ReLU
+    ref64: torch.Tensor
+    eager_out: Optional[torch.Tensor] = None
+
+
+def conv_bytes(job, fused: bool) -> int:
+    """Least bytes: input, weight, output in the dtype; fused also the residual and float32 bias."""
+    s, esize = job.spec, common.DTYPES[job.dtype].itemsize
+    out = job.batch * s.cout * s.out_hw ** 2
+    n = (job.batch * s.cin * s.hw ** 2 + s.cout * s.cin * s.k * s.k + out) * esize
+    return n + ((out * esize if job.residual else 0) + s.cout * 4 if fused else 0)
+
+
+def make_conv_case(job, dev: torch.device) -> ConvCase:
+    from resnet_fused.ops.fold import bn_scale_shift, fold_conv_bn
+
+    s, dt, cl = job.spec, common.DTYPES[job.dtype], torch.channels_last
+    gen = torch.Generator(device=dev).manual_seed(1000 * s.cin + s.cout + 7 * s.k + s.stride + s.hw)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, device=dev) * scale
+
+    # He-scaled weights keep the output O(1) (variance about 2) whatever the fan-in
+    w = rnd(s.cout, s.cin, s.k, s.k, scale=math.sqrt(2.0 / (s.cin * s.k * s.k))).to(dt).contiguous(memory_format=cl)
+    out_shape = (job.batch, s.cout, s.out_hw, s.out_hw)
+    per = (job.batch * s.cin * s.hw ** 2 + (math.prod(out_shape) if job.residual else 0)) * w.element_size()
+    k = rotation(per, dev)
+    inputs = [(rnd(job.batch, s.cin, s.hw, s.hw).to(dt).contiguous(memory_format=cl),
+               rnd(*out_shape).to(dt).contiguous(memory_format=cl) if job.residual else None) for _ in range(k)]
+    bn = nn.BatchNorm2d(s.cout, eps=BN_EPS).to(dev).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(0.1 * rnd(s.cout))
+        bn.running_var.copy_(2.0 * (0.5 + torch.rand(s.cout, generator=gen, device=dev)))
+        bn.weight.copy_(0.5 + torch.rand(s.cout, generator=gen, device=dev))
+        bn.bias.copy_(0.3 * rnd(s.cout))
+        w_f, b_f = fold_conv_bn(w, *bn_scale_shift(bn), dtype=dt)
+        # float64 reference from the BN's parameters (not from the float32 fold) and the dtype's inputs
+        x, r = inputs[0]
+        conv64 = F.conv2d(x.double().contiguous(), w.double().contiguous(), None, s.stride, s.padding)
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + BN_EPS)
+        ref = conv64 * scale.view(1, -1, 1, 1) + (bn.bias.double() - bn.running_mean.double() * scale).view(1, -1, 1, 1)
+        ref = torch.relu(ref if r is None else ref + r.double())
+    params = tuple(t.detach() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias))
+    return ConvCase(inputs, w, params, w_f.contiguous(memory_format=cl), b_f.float(), conv64, ref)
+
+
+def conv_fn(provider: str, variant: str, job, case: ConvCase, allow_tf32: bool) -> Callable:
+    """``fn(x, r)`` of (provider, variant) on one conv case."""
+    s = job.spec
+    st, pd = [s.stride] * 2, [s.padding] * 2
+    w, (rm, rv, g, b), w_f, b32 = case.w, case.bn, case.w_f, case.b32
+
+    def eager(x, r):
+        y = F.batch_norm(F.conv2d(x, w, None, st, pd), rm, rv, g, b, False, 0.0, BN_EPS)
+        return (y if r is None else y.add_(r)).relu_()
+
+    if variant == "conv_alone":
+        return lambda x, r: F.conv2d(x, w, None, st, pd)
+    if provider == "eager":
+        return eager
+    if provider == "cuda":
+        op = torch.ops.resnet_fused_C.conv_bias_act
+        return lambda x, r: op(x, w_f, b32, r, st, pd, [1, 1], True, allow_tf32)
+    if provider in ("triton", "auto"):
+        from resnet_fused.ops import conv_bias_act
+
+        return lambda x, r: conv_bias_act(x, w_f, b32, r, stride=s.stride, padding=s.padding, relu=True,
+                                          backend=provider)
+    if provider == "cudnn_fused":
+        from resnet_fused.dispatch.candidates import _cudnn_fused
+
+        return lambda x, r: _cudnn_fused(x, w_f, b32, r, st, pd, (1, 1), True, torch.channels_last)
+    if provider == "compile":
+        torch._dynamo.reset()  # a fresh compile per case (the recompile limit would fall back to eager)
+        return torch.compile(eager, dynamic=False)
+    raise ValueError(f"provider: no conv runner for {provider!r}")
+
+
+# ------------------------------------------------------------------------------------ memory ops
 @dataclass(frozen=True)
 class Op:
     name: str
