@@ -6,20 +6,12 @@ mode; agreement with the Triton backend within the two backends' combined error;
 ``torch.compile(fullgraph=True)`` (Inductor) of an AMP training Bottleneck; CUDA graph capture of a
 training step; bad inputs raise before any running statistic changes.
 
-On a real GPU only (``-m gpu``; skipped without CUDA). When the library cannot run CUDA tensors
-here (not built, no nvcc or CUTLASS, built for another torch...) the whole module skips with the
-loader's own reason (the ``cuda_library`` fixture of conftest.py). Shared helpers: tests/utils.py.
+GPU only and judged as every tests/test_gpu_ext_*.py file (see tests/test_gpu_ext_bn.py): skipped
+with the library loader's reason where it cannot run CUDA tensors; helpers in tests/utils.py.
 
-Every result is judged as in the rest of the suite (``utils.assert_close``): against a float64
-reference, at most 4x PyTorch's own error in the same precision plus the dtype's floor, with NaN and
-Inf exactly where the reference has them.
-
-ReLU masks. Where a pre-activation lies within rounding of 0, float32 and float64 may disagree on
-its sign, and one flipped mask element moves a gradient by O(1): a coin toss for any float32
-implementation, PyTorch's included. Op tests therefore zero the incoming gradient at such elements
-(or leave them out of a bit-for-bit mask check); block training tests use either tiny tensors in
-float32 (no element that close to 0) or, in 16-bit / TF32 precision, tensors large enough that
-flips are many on both sides and errors compare as statistics, never one lucky draw.
+ReLU masks (see tests/test_gpu_ext_bn.py): a pre-activation within rounding of 0 may flip, so block
+training uses tiny float32 tensors or, in 16-bit / TF32, tensors large enough that flips are many on
+both sides and errors compare as statistics.
 
 A spy on the library (``conv_calls``) records the kernel ``conv_kernel_name`` reports for every conv
 the package runs, and each must match the documented CUTLASS support (``utils.cutlass_prefix``).
@@ -42,16 +34,14 @@ from resnet_fused import _ext
 from resnet_fused.models import reference as R
 from resnet_fused.ops import _ext_ops
 from test_train_blocks import _saved_activations
-from utils import (BF16, CL, DTYPE_PARAMS, FORMAT_PARAMS, FP16, FP32, FP64, GPU_DEV, NCHW, PRECISION, assert_close,
+from utils import (BF16, CL, FORMAT_PARAMS, FP16, FP32, FP64, GPU_DEV, NCHW, PRECISION, assert_close,
                    assert_kernel, bound_of, calibrate, check_graph_capture, compare_models, cudnn_tf32, cutlass_prefix,
                    downsample, gen, randomize_bn, rel_err, tf32_emulated, worse)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_library")]
 
-DEV = GPU_DEV
-DTYPES, FORMATS = DTYPE_PARAMS, FORMAT_PARAMS
-V = (1, -1, 1, 1)
-C = torch.ops.resnet_fused_C  # the library (loaded by the cuda_library fixture before any test uses it)
+DEV, FORMATS = GPU_DEV, FORMAT_PARAMS
+C = torch.ops.resnet_fused_C  # C: the library, loaded by the cuda_library fixture before any test uses it
 
 
 # ========================================================================== modules

@@ -35,10 +35,8 @@ from utils import (BF16, CL, DIMS, DTYPE_PARAMS, FLOOR, FORMAT_PARAMS, FP16, FP3
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_library")]
 
-DEV = GPU_DEV
-DTYPES, FORMATS = DTYPE_PARAMS, FORMAT_PARAMS
-V = (1, -1, 1, 1)
-C = torch.ops.resnet_fused_C  # the library (loaded by the cuda_library fixture before any test uses it)
+DEV, DTYPES, FORMATS, V = GPU_DEV, DTYPE_PARAMS, FORMAT_PARAMS, (1, -1, 1, 1)
+C = torch.ops.resnet_fused_C  # C: the library, loaded by the cuda_library fixture before any test uses it
 T = torch.ops.resnet_fused  # the Triton training ops, same signatures
 
 

@@ -4,13 +4,8 @@ CUTLASS configuration (the C = 3 stem: the fallback); float32 without TF32 and N
 every epilogue; awkward shapes; NaN/Inf; storage offsets; statistics of the stored output;
 determinism; agreement with Triton; autograd.
 
-On a real GPU only (``-m gpu``; skipped without CUDA). When the library cannot run CUDA tensors
-here (not built, no nvcc or CUTLASS, built for another torch...) the whole module skips with the
-loader's own reason (the ``cuda_library`` fixture of conftest.py). Shared helpers: tests/utils.py.
-
-Every result is judged as in the rest of the suite (``utils.assert_close``): against a float64
-reference, at most 4x PyTorch's own error in the same precision plus the dtype's floor, with NaN and
-Inf exactly where the reference has them. TF32 convolutions are held to the worse of cuDNN and a TF32
+GPU only and judged as every tests/test_gpu_ext_*.py file (see tests/test_gpu_ext_bn.py): skipped
+with the library loader's reason where it cannot run CUDA tensors; helpers in tests/utils.py. TF32 convolutions are held to the worse of cuDNN and a TF32
 emulation (forward), or of eager fp16 AMP (gradients: TF32 operands carry fp16's 10-bit mantissa).
 """
 from __future__ import annotations
@@ -21,16 +16,14 @@ import pytest
 import torch
 
 from resnet_fused.ops import conv_bias_act, conv_bias_act_reference
-from utils import (BF16, CL, DIMS, DTYPE_PARAMS, FORMAT_PARAMS, FP16, FP32, FP64, GPU_DEV, NCHW, PRECISION, R50,
+from utils import (BF16, CL, DIMS, FORMAT_PARAMS, FP16, FP32, FP64, GPU_DEV, NCHW, PRECISION, R50,
                    assert_close, assert_kernel, at_offset, bound_of, check_conv, check_stats, cudnn_tf32,
                    cutlass_prefix, gen, is_cl, make_conv, poison_next, rel_err, spec_case)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_library")]
 
-DEV = GPU_DEV
-DTYPES, FORMATS = DTYPE_PARAMS, FORMAT_PARAMS
-V = (1, -1, 1, 1)
-C = torch.ops.resnet_fused_C  # the library (loaded by the cuda_library fixture before any test uses it)
+DEV, FORMATS = GPU_DEV, FORMAT_PARAMS
+C = torch.ops.resnet_fused_C  # C: the library, loaded by the cuda_library fixture before any test uses it
 
 
 # ================================================================ conv_bias_act (ops)

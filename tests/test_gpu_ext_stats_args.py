@@ -3,13 +3,8 @@
 ``bn_finalize``, the two chained into BatchNorm's affine; every op on empty tensors; bad arguments
 (a tensor on another device, a wrong dtype or shape) raising errors that name the tensor.
 
-On a real GPU only (``-m gpu``; skipped without CUDA). When the library cannot run CUDA tensors
-here (not built, no nvcc or CUTLASS, built for another torch...) the whole module skips with the
-loader's own reason (the ``cuda_library`` fixture of conftest.py). Shared helpers: tests/utils.py.
-
-Every result is judged as in the rest of the suite (``utils.assert_close``): against a float64
-reference, at most 4x PyTorch's own error in the same precision plus the dtype's floor, with NaN and
-Inf exactly where the reference has them.
+GPU only and judged as every tests/test_gpu_ext_*.py file (see tests/test_gpu_ext_bn.py): skipped
+with the library loader's reason where it cannot run CUDA tensors; helpers in tests/utils.py.
 """
 from __future__ import annotations
 
@@ -28,10 +23,8 @@ from utils import CL, DIMS, DTYPE_PARAMS, FORMAT_PARAMS, FP16, FP32, GPU_DEV, as
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_library")]
 
-DEV = GPU_DEV
-DTYPES, FORMATS = DTYPE_PARAMS, FORMAT_PARAMS
-V = (1, -1, 1, 1)
-C = torch.ops.resnet_fused_C  # the library (loaded by the cuda_library fixture before any test uses it)
+DEV, DTYPES, FORMATS, V = GPU_DEV, DTYPE_PARAMS, FORMAT_PARAMS, (1, -1, 1, 1)
+C = torch.ops.resnet_fused_C  # C: the library, loaded by the cuda_library fixture before any test uses it
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
