@@ -584,11 +584,14 @@ def train_batch(model: str, size: int, dtype: str, want: int, total_bytes: Optio
     return max(b, min(want, MIN_TRAIN_BATCH))
 
 
+def num_ooms(dev: torch.device) -> int:
+    return int(torch.cuda.memory_stats(dev).get("num_ooms", 0)) if dev.type == "cuda" else 0
+
+
 def run_train(b: Bench, task: Task, batches: Dict[tuple, int]) -> None:
     """:func:`run_case` at the batch memory allows; an out-of-memory error drops the case's rows and
     re-runs it at half the batch (``batches`` keeps the batch for the compile pass)."""
     dev, key = b.device, (task.model, task.dtype, task.batch)
-    ooms = lambda: int(torch.cuda.memory_stats(dev).get("num_ooms", 0)) if dev.type == "cuda" else 0
     if key not in batches:
         total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
         batches[key] = train_batch(task.model, task.size, task.dtype, task.batch, total)
@@ -598,9 +601,9 @@ def run_train(b: Bench, task: Task, batches: Dict[tuple, int]) -> None:
             print(f"note: {b.notes[-1]}")
     runs = list(task.runs)
     while True:
-        batch, n0, ooms0 = batches[key], len(b.rows), ooms()
+        batch, n0, ooms0 = batches[key], len(b.rows), num_ooms(dev)
         run_case(b, model_case(task.model, task.size), "train_step", batch, task.dtype, runs)
-        if ooms() == ooms0 or batch // 2 < MIN_TRAIN_BATCH:
+        if num_ooms(dev) == ooms0 or batch // 2 < MIN_TRAIN_BATCH:
             return
         del b.rows[n0:]
         batches[key], runs = batch // 2, list(dict.fromkeys([("eager", "")] + runs))  # with its own eager time
