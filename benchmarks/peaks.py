@@ -1,18 +1,10 @@
-"""The machine's own ceilings, measured in the same run as the benchmarks that are judged by them.
+"""The machine's own ceilings, measured in the same run as the benchmarks judged by them.
 
-A kernel's TFLOP/s means little without the GPU's reachable matmul rate, and a memory-bound kernel's
-GB/s little without the reachable copy bandwidth; datasheet peaks are not reachable in practice, so
-both are measured here, on this device, with the same timing harness:
-
-- **copy bandwidth**: ``dst.copy_(src)`` of a buffer much larger than the L2 (256 MiB on a GPU,
-  rotating over copies), bytes read + written / median time. This is the rate a perfect
-  memory-bound kernel reaches.
-- **matmul peak** per dtype: ``torch.mm`` of square matrices (8192 on a GPU) in fp16, bf16 and fp32
-  (fp32 with TF32 as cuDNN uses it by default for convolutions, so it is the ceiling of fp32 convs
-  under PyTorch's defaults), ``2 n^3`` / median time; the best of a few sizes.
-
-:func:`roofline_floor_ms` turns (flops, bytes) into the least time either ceiling allows.
-On CPU the same code runs at tiny sizes (CI keeps it working); its numbers describe the VM only.
+Copy bandwidth: ``dst.copy_(src)`` of a buffer far larger than the L2 (256 MiB on a GPU), bytes
+read + written / median time. Matmul peak per dtype: ``torch.mm`` of square matrices (4096 and
+8192 on a GPU; fp32 with TF32, as cuDNN's convs use it), ``2 n^3`` / median, the best size.
+:func:`roofline_floor_ms` turns (flops, bytes) into the least time either ceiling allows. On CPU
+the same code runs at tiny sizes: its numbers describe the VM only.
 """
 from __future__ import annotations
 
