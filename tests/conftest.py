@@ -125,3 +125,38 @@ def cuda_library():
         pytest.skip(reason)
     info = _ext.build_info()
     assert info["cuda"] is True and info["torch"] == torch.__version__, info
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def train_backend(request):
+    """Each fused training backend in turn as ``builders.build``'s default (tests/test_train_blocks.py
+    and test_train_models.py use it for every test): "triton", and "cuda" where the compiled library
+    builds and loads (else that run skips with the loader's reason)."""
+    import builders
+    from utils import EXT_ERROR
+
+    if request.param == "cuda" and EXT_ERROR is not None:
+        pytest.skip(f"the compiled library is unavailable: {EXT_ERROR}")
+    builders.TRAIN["backend"] = request.param
+    yield request.param
+    builders.TRAIN["backend"] = "triton"
+
+
+@pytest.fixture
+def isolated_dispatch(monkeypatch, tmp_path):
+    """A fresh measured dispatcher with its own cache directory; the real timer put back afterwards
+    (every test of tests/test_dispatch.py and test_dispatch_train.py)."""
+    from resnet_fused import dispatch
+    from resnet_fused.dispatch import cache, candidates, dispatcher, measure
+
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(dispatcher.TUNE_ENV, raising=False)
+    dispatch.forget()
+    before = measure.get_timer()
+    yield
+    measure.set_timer(before)
+    for op in candidates.OPS:
+        for c in candidates.candidates(op):
+            if not c.builtin:
+                dispatch.unregister_candidate(op, c.name)
+    dispatch.forget()

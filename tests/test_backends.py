@@ -54,6 +54,26 @@ def start_from_auto():
 
 
 # ----------------------------------------------------------------------------- names, validation
+def name_backend(how, name):
+    """Ask for backend ``name`` through one public route: ``how`` is "set_backend", "use_backend",
+    "resolve", "unavailable_reason", "conv_bias_act" (alias "op") or "bn_act"."""
+    if how == "set_backend":
+        set_backend(name)
+    elif how == "use_backend":
+        with use_backend(name):
+            pass
+    elif how == "resolve":
+        backends.resolve(name, X)
+    elif how == "unavailable_reason":
+        backends.unavailable_reason(name)
+    elif how in ("conv_bias_act", "op"):
+        conv_bias_act(X, torch.zeros(2, 2, 1, 1), backend=name)
+    elif how == "bn_act":
+        bn_act(X, torch.ones(2), torch.zeros(2), backend=name)
+    else:
+        raise AssertionError(f"unknown route {how!r}")
+
+
 def test_names():
     assert backends.BACKENDS == ("auto", "triton", "cuda", "torch")
     assert issubclass(BackendUnavailableError, RuntimeError)
@@ -64,17 +84,7 @@ def test_names():
 @pytest.mark.parametrize("call", ["set_backend", "use_backend", "resolve", "unavailable_reason", "op"])
 def test_unknown_name_is_a_value_error_naming_it(call):
     with pytest.raises(ValueError) as info:
-        if call == "set_backend":
-            set_backend("tritonn")
-        elif call == "use_backend":
-            with use_backend("tritonn"):
-                pass
-        elif call == "resolve":
-            backends.resolve("tritonn", X)
-        elif call == "unavailable_reason":
-            backends.unavailable_reason("tritonn")
-        else:
-            conv_bias_act(X, torch.zeros(2, 2, 1, 1), backend="tritonn")
+        name_backend(call, "tritonn")
     msg = str(info.value)
     assert "'tritonn'" in msg and "backend" in msg
     assert all(name in msg for name in backends.BACKENDS)  # says what would have been accepted
@@ -210,17 +220,7 @@ def test_cuda_backend_without_cuda_kernels(monkeypatch):
 def test_cuda_backend_raises_not_built(how, ext_unavailable):
     set_backend("torch")
     with pytest.raises(BackendUnavailableError) as info:
-        if how == "set_backend":
-            set_backend("cuda")
-        elif how == "use_backend":
-            with use_backend("cuda"):
-                pass
-        elif how == "resolve":
-            backends.resolve("cuda", X)
-        elif how == "conv_bias_act":
-            conv_bias_act(X, torch.zeros(2, 2, 1, 1), backend="cuda")
-        else:
-            bn_act(X, torch.ones(2), torch.zeros(2), backend="cuda")
+        name_backend(how, "cuda")
     msg = str(info.value)
     assert "'cuda'" in msg and NOT_BUILT in msg
     assert get_backend() == "torch"  # a refused choice changes nothing

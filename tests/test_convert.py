@@ -14,7 +14,8 @@ from torch import nn
 import resnet_fused as rf
 from resnet_fused.models import reference as R
 from resnet_fused.modules import StemBatchNorm, StemConv, _base
-from utils import INTERPRET, MyBasic, assert_close, compare_outputs_and_grads, conv, copy_via, randomize_bn
+from builders import MyBasic, compare_outputs_and_grads, conv
+from utils import INTERPRET, assert_close, copy_via, randomize_bn
 
 CL = torch.channels_last
 

@@ -15,7 +15,8 @@ from torch import nn
 
 import resnet_fused as rf
 from resnet_fused.models import reference as R
-from utils import INTERPRET, MyBasic, assert_close, compare_outputs_and_grads, conv, randomize_bn
+from builders import MyBasic, compare_outputs_and_grads
+from utils import INTERPRET, assert_close, randomize_bn
 
 
 # --------------------------------------------------------------------------------- the stem

@@ -16,79 +16,15 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import resnet_fused as rf
 from resnet_fused import dispatch
-from resnet_fused.dispatch import cache, candidates, dispatcher, keys, measure
+from resnet_fused.dispatch import cache, dispatcher, keys, measure
 
+from builders import X_SHAPE, conv_inputs, torch_conv, use_timer
 from utils import assert_close
 
-X_SHAPE = (2, 8, 6, 6)
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """A fresh dispatcher with its own cache directory; the real timer put back afterwards."""
-    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "cache"))
-    monkeypatch.delenv(dispatcher.TUNE_ENV, raising=False)
-    dispatch.forget()
-    before = measure.get_timer()
-    yield
-    measure.set_timer(before)
-    for op in candidates.OPS:
-        for c in candidates.candidates(op):
-            if not c.builtin:
-                dispatch.unregister_candidate(op, c.name)
-    dispatch.forget()
-
-
-class FakeTimer:
-    """Runs each candidate once (as a real timer would) and reports ``times[name]`` ms, or
-    ``default`` for a candidate it was not told about."""
-
-    def __init__(self, times=None, default=1.0, samples=3):
-        self.times, self.default, self.samples = dict(times or {}), default, samples
-        self.calls = []
-
-    def __call__(self, runs, device):
-        self.calls.append(sorted(runs))
-        for run in runs.values():
-            run()
-        out = {}
-        for name in runs:
-            t = self.times.get(name, self.default)
-            out[name] = list(t) if isinstance(t, (list, tuple)) else [t] * self.samples
-        return out
-
-
-def use_timer(**times) -> FakeTimer:
-    t = FakeTimer(times)
-    measure.set_timer(t)
-    return t
-
-
-def torch_conv(x, weight, bias, residual, stride, padding, dilation, relu, out_format):
-    """A correct candidate: the op through PyTorch."""
-    y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
-    if residual is not None:
-        y = y + residual
-    y = torch.relu(y) if relu else y
-    return y.contiguous(memory_format=out_format)
-
-
-def conv_inputs(dtype=torch.float32, residual=True, cl=False, shape=X_SHAPE, cout=8, stride=1, padding=1, dilation=1):
-    """x, weight, bias, residual (shaped like the conv's output for this geometry)."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(shape, generator=g).to(dtype)
-    w = (torch.randn(cout, shape[1], 3, 3, generator=g) * 0.2).to(dtype)
-    b = torch.randn(cout, generator=g)
-    out_hw = [(n + 2 * padding - dilation * 2 - 1) // stride + 1 for n in shape[2:]]
-    r = torch.randn(shape[0], cout, *out_hw, generator=g).to(dtype) if residual else None
-    if cl:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, w, b, r
+pytestmark = pytest.mark.usefixtures("isolated_dispatch")  # tests/conftest.py
 
 
 def run_auto(x, w, b, r, **kw):
@@ -107,14 +43,20 @@ def only_row():
     return rows[0]
 
 
-# ------------------------------------------------------------------------------------ choosing
-def test_fastest_correct_candidate_wins():
-    calls = []
+def counted_conv():
+    """([], a correct candidate that appends 1 to that list at every run)."""
+    runs = []
 
     def fast(*a):
-        calls.append(1)
+        runs.append(1)
         return torch_conv(*a)
 
+    return runs, fast
+
+
+# ------------------------------------------------------------------------------------ choosing
+def test_fastest_correct_candidate_wins():
+    calls, fast = counted_conv()
     rf.register_candidate("conv_bias_act", "fast", fast)
     timer = use_timer(torch=1.0, cuda=1.0, fast=0.5)
     x, w, b, r = conv_inputs()
@@ -422,12 +364,7 @@ def test_no_measuring_under_compile_fullgraph():
 
 
 def test_compile_uses_the_decision_made_outside():
-    traced = []
-
-    def fast(*a):
-        traced.append(1)
-        return torch_conv(*a)
-
+    traced, fast = counted_conv()
     rf.register_candidate("conv_bias_act", "fast", fast)
     use_timer(fast=0.1)
     block = rf.BasicBlock(8, 8).eval()
@@ -480,12 +417,7 @@ def test_module_site_memo_keeps_settled_choices_only():
     copy or a pickled module starts empty."""
     import pickle
 
-    runs = []
-
-    def fast(*a):
-        runs.append(1)
-        return torch_conv(*a)
-
+    runs, fast = counted_conv()
     block = rf.BasicBlock(8, 8).eval()
     x = torch.randn(2, 8, 6, 6)
     timer = use_timer(torch=1.0, cuda=1.0, fast=0.5)

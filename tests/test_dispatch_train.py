@@ -17,10 +17,12 @@ from torch import nn
 
 import resnet_fused as rf
 from resnet_fused import dispatch
-from resnet_fused.dispatch import candidates, keys
+from resnet_fused.dispatch import candidates
 
-from test_dispatch import FakeTimer, conv_inputs, isolated, torch_conv, use_timer  # noqa: F401 (fixture)
+from builders import conv_inputs, torch_conv, use_timer
 from utils import assert_close
+
+pytestmark = pytest.mark.usefixtures("isolated_dispatch")  # tests/conftest.py
 
 
 def make_block(kind: str):
@@ -96,17 +98,25 @@ def test_fused_winner_updates_state_once():
         assert_close(grads[n], grads_e[n].double(), name=n)
 
 
+def excluded_training_candidate(name, fn, kind, warning):
+    """Register ``fn`` as the fastest "block_train" candidate, take one "auto" step of a ``kind``
+    block (one ``warning`` about it), and return its report entry, which must not have won."""
+    rf.register_candidate("block_train", name, fn)
+    use_timer(**{name: 0.01})
+    block, x = make_block(kind)
+    with pytest.warns(RuntimeWarning, match=warning):
+        one_step(block, x, "auto")
+    row = [d for d in rf.dispatch_report() if d.op == "block_train"][0]
+    assert row.chosen != name
+    return row.candidates[name]
+
+
 def test_wrong_training_candidate_excluded():
     def wrong(block, x):
         return block._forward_eager(x) * 1.5
 
-    rf.register_candidate("block_train", "wrong", wrong)
-    use_timer(wrong=0.01)
-    block, x = make_block("bottleneck")
-    with pytest.warns(RuntimeWarning, match="'wrong' of block_train excluded"):
-        one_step(block, x, "auto")
-    row = [d for d in rf.dispatch_report() if d.op == "block_train"][0]
-    assert row.chosen != "wrong" and row.candidates["wrong"].startswith("excluded: output 0")
+    note = excluded_training_candidate("wrong", wrong, "bottleneck", "'wrong' of block_train excluded")
+    assert note.startswith("excluded: output 0")
 
 
 def test_gradient_mismatch_excludes():
@@ -123,13 +133,8 @@ def test_gradient_mismatch_excludes():
     def bad_backward(block, x):
         return block._forward_eager(Scale.apply(x))
 
-    rf.register_candidate("block_train", "badgrad", bad_backward)
-    use_timer(badgrad=0.01)
-    block, x = make_block("basic_down")
-    with pytest.warns(RuntimeWarning, match="badgrad"):
-        one_step(block, x, "auto")
-    row = [d for d in rf.dispatch_report() if d.op == "block_train"][0]
-    assert "output 1" in row.candidates["badgrad"]  # output 1: the gradient of x
+    note = excluded_training_candidate("badgrad", bad_backward, "basic_down", "badgrad")
+    assert "output 1" in note  # output 1: the gradient of x
 
 
 def test_syncbn_blocks_are_not_measured():

@@ -36,8 +36,7 @@ from resnet_fused import _ext, backends
 from resnet_fused.backends import BackendUnavailableError
 from resnet_fused.dispatch import candidates as dispatch_candidates
 from resnet_fused.ops import bn_act
-from test_blocks import build_pair
-from test_preact_blocks import build_pair as build_preact_pair
+from builders import build_pair, build_preact_pair, load_params
 from utils import assert_close
 
 CL = torch.channels_last
@@ -295,12 +294,7 @@ def test_compile_aot_eager_fullgraph_cuda_backend_on_cpu(C, case):
         opt = torch.optim.SGD(ref64.parameters(), lr=0.05, momentum=0.9)
         for step in range(2):
             tag = f"step {step}: "
-            truth = dict(ref64.named_parameters())
-            with torch.no_grad():
-                for m in (ours, uncompiled, ref32):
-                    for n, p in m.named_parameters():
-                        p.copy_(truth[n])
-                        p.grad = None
+            load_params((ours, uncompiled, ref32), dict(ref64.named_parameters()))
             x = torch.randn(shape, generator=torch.Generator().manual_seed(100 + step)).contiguous(memory_format=fmt)
             out_c, dx_c = _step(compiled, x, 200 + step, amp=amp)
             out_u, dx_u = _step(uncompiled, x, 200 + step, amp=amp)

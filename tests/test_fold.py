@@ -145,6 +145,19 @@ def assert_fold_equals(got, want):
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
 
 
+def refold(conv, bn, change):
+    """A fresh cache's fold of (conv, bn), then ``change()``, then its fold again, which must equal
+    a fold from scratch of the changed modules: (old, new)."""
+    cache = FoldCache()
+    with torch.no_grad():
+        old = cache.get("k", conv, bn)
+    change()
+    with torch.no_grad():
+        new = cache.get("k", conv, bn)
+    assert_fold_equals(new, fresh_fold(conv, bn))
+    return old, new
+
+
 def test_cache_hit_returns_the_same_tensors():
     conv, bn = make_conv_bn(bias=True)
     cache = FoldCache()
@@ -171,14 +184,9 @@ def test_cache_hit_returns_the_same_tensors():
                                    "bn.running_var"])
 def test_cache_sees_in_place_changes(which):
     conv, bn = make_conv_bn(bias=True)
-    mods = {"conv": conv, "bn": bn}
-    cache = FoldCache()
+    mod, attr = which.split(".")
     with torch.no_grad():
-        old = cache.get("k", conv, bn)
-        mod, attr = which.split(".")
-        getattr(mods[mod], attr).mul_(1.5).add_(0.25)
-        new = cache.get("k", conv, bn)
-    assert_fold_equals(new, fresh_fold(conv, bn))
+        old, new = refold(conv, bn, lambda: getattr({"conv": conv, "bn": bn}[mod], attr).mul_(1.5).add_(0.25))
     assert not (torch.equal(new[0], old[0]) and torch.equal(new[1], old[1]))
 
 
@@ -187,41 +195,32 @@ def test_cache_after_training_forward(grad):
     """A train-mode BN forward updates running_mean/var in place without bumping their version
     counters (the native kernel writes them); eval -> train -> eval must still refold."""
     conv, bn = make_conv_bn()
-    cache = FoldCache()
-    with torch.no_grad():
-        old = cache.get("k", conv, bn)
-    bn.train()
-    with torch.set_grad_enabled(grad):
-        bn(conv(torch.randn(2, 5, 4, 4) + 3.0))
-    bn.eval()
-    with torch.no_grad():
-        new = cache.get("k", conv, bn)
-    assert_fold_equals(new, fresh_fold(conv, bn))
+
+    def train_forward():
+        bn.train()
+        with torch.set_grad_enabled(grad):
+            bn(conv(torch.randn(2, 5, 4, 4) + 3.0))
+        bn.eval()
+
+    old, new = refold(conv, bn, train_forward)
     assert not torch.equal(new[1], old[1])
 
 
 def test_cache_sees_eps_change():
     conv, bn = make_conv_bn()
-    cache = FoldCache()
-    with torch.no_grad():
-        old = cache.get("k", conv, bn)
-        bn.eps = 0.5
-        new = cache.get("k", conv, bn)
-    assert_fold_equals(new, fresh_fold(conv, bn))
+    old, new = refold(conv, bn, lambda: setattr(bn, "eps", 0.5))
     assert not torch.equal(new[0], old[0])
 
 
 def test_cache_after_optimizer_step():
     conv, bn = make_conv_bn()
-    cache = FoldCache()
     opt = torch.optim.SGD(list(conv.parameters()) + list(bn.parameters()), lr=0.1)
-    with torch.no_grad():
-        old = cache.get("k", conv, bn)
-    bn(conv(torch.randn(2, 5, 4, 4))).square().sum().backward()
-    opt.step()
-    with torch.no_grad():
-        new = cache.get("k", conv, bn)
-    assert_fold_equals(new, fresh_fold(conv, bn))
+
+    def step():
+        bn(conv(torch.randn(2, 5, 4, 4))).square().sum().backward()
+        opt.step()
+
+    old, new = refold(conv, bn, step)
     assert not torch.equal(new[0], old[0])
 
 
@@ -231,12 +230,9 @@ def test_cache_after_load_state_dict():
     with torch.no_grad():
         conv2.weight.normal_()
         bn2.running_var.uniform_(2, 3)
-    cache = FoldCache()
     with torch.no_grad():
-        old = cache.get("k", conv, bn)
-        conv.load_state_dict(conv2.state_dict())
-        bn.load_state_dict(bn2.state_dict())
-        new = cache.get("k", conv, bn)
+        old, new = refold(conv, bn, lambda: (conv.load_state_dict(conv2.state_dict()),
+                                             bn.load_state_dict(bn2.state_dict())))
     assert_fold_equals(new, fresh_fold(conv2, bn2))
     assert not torch.equal(new[0], old[0])
 
@@ -263,14 +259,8 @@ def test_cache_after_replacing_tensors():
 
 def test_cache_after_module_to():
     conv, bn = make_conv_bn()
-    cache = FoldCache()
-    with torch.no_grad():
-        old = cache.get("k", conv, bn)
-        conv.double()
-        bn.double()
-        new = cache.get("k", conv, bn)
+    old, new = refold(conv, bn, lambda: (conv.double(), bn.double()))
     assert new[0].dtype == torch.float64 and new[1].dtype == torch.float64
-    assert_fold_equals(new, fresh_fold(conv, bn))
     assert old[0].dtype == torch.float32
 
 

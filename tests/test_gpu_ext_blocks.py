@@ -29,11 +29,10 @@ import torch
 from torch import nn
 
 import resnet_fused as rf
-import test_train_blocks as ttb
 from resnet_fused import _ext
 from resnet_fused.models import reference as R
 from resnet_fused.ops import _ext_ops
-from test_train_blocks import _saved_activations
+from builders import build, compile_for_training, is_preact, load_params, make_x, saved_activations
 from utils import (BF16, CL, FORMAT_PARAMS, FP16, FP32, FP64, GPU_DEV, NCHW, PRECISION, assert_close,
                    assert_kernel, bound_of, calibrate, check_graph_capture, compare_models, cudnn_tf32, cutlass_prefix,
                    downsample, gen, randomize_bn, rel_err, tf32_emulated, worse)
@@ -94,8 +93,8 @@ BIG = {
     "preact-s2-proj": (True, lambda: R.RefPreActBottleneck(256, 64, 2, R.conv1x1(256, 256, 2)),
                        lambda: rf.PreActBottleneck(256, 64, 2, R.conv1x1(256, 256, 2)), (16, 256, 28, 28)),
 }
-# tiny float32 cases of tests/test_train_blocks.py: odd channels, batch 1, 7x7 and 5x6 inputs,
-# stride 2, dilation 2 (all on the fallback conv: odd channels, or IEEE float32)
+# tiny float32 cases of tests/builders.py (as in tests/test_train_blocks.py): odd channels, batch 1,
+# 7x7 and 5x6 inputs, stride 2, dilation 2 (all on the fallback conv: odd channels, or IEEE float32)
 SMALL = ["basic-s2-ds-batch1", "basic-ds-5x6", "bottle-s2-ds-batch1", "bottle-dilation2", "wide-proj-s2-batch1",
          "preact-proj-s2-batch1"]
 
@@ -104,8 +103,8 @@ def build_block(name, seed=0):
     """(ours pinned to "cuda", reference, preact, training input shape), one state, on the GPU.
     Post-activation blocks are torchvision-structured reference blocks put through rf.convert."""
     if name in SMALL:
-        ours, ref = ttb.build(name, backend="cuda", seed=seed)
-        return ours.to(DEV), ref.to(DEV), ttb.is_preact(name), tuple(ttb.make_x(name).shape)
+        ours, ref = build(name, backend="cuda", seed=seed)
+        return ours.to(DEV), ref.to(DEV), is_preact(name), tuple(make_x(name).shape)
     preact, make_ref, make_ours, shape = BIG[name]
     torch.manual_seed(seed)
     ref = randomize_bn(make_ref())
@@ -191,14 +190,6 @@ def loss_grad(shape, rng):
     that a BN beta's gradient (a sum over the batch) is O(1) and an SGD step moves it by O(lr)
     whatever the batch (unscaled, a block whose output has no BN after it blows up within steps)."""
     return torch.randn(shape, device=DEV, generator=rng) * (shape[1] / math.prod(shape)) ** 0.5
-
-
-def load_params(models, truth):
-    with torch.no_grad():
-        for m in models:
-            for n, p in m.named_parameters():
-                p.copy_(truth[n])
-                p.grad = None
 
 
 def train_steps(ours, ref, preact, shape, fmt, mode, steps=3, twin=None, calls=None, tag=""):
@@ -344,7 +335,7 @@ def test_low_memory_mode(block, mode, fmt, fused_train_calls, conv_calls):
             first = len(conv_calls)
             xi = x.clone().requires_grad_()
             with rf.use_low_memory(enabled), autocast_for(mode):
-                seen, out = _saved_activations(m, xi)
+                seen, out = saved_activations(m, xi)
                 saved = sum(seen.values())
             g = torch.randn(out.shape, device=DEV, generator=gen(6))
             (out * g.to(torch.promote_types(out.dtype, FP32))).sum().backward()
@@ -375,11 +366,7 @@ def test_compile_inductor_fullgraph_amp_bottleneck():
     ours, ref, _, shape = build_block("bottleneck-s2-ds")
     ours.to(memory_format=CL)
     ref.to(memory_format=CL)
-    uncompiled = copy.deepcopy(ours)
-    eager, ref64 = copy.deepcopy(ref), copy.deepcopy(ref).double()
-    torch._dynamo.reset()
-    compiled = torch.compile(ours, fullgraph=True)
-    opt = torch.optim.SGD(ref64.parameters(), lr=0.05, momentum=0.9)
+    compiled, uncompiled, eager, ref64, opt = compile_for_training(ours, ref)
     rng = gen(1)
     tight = 1e-3
     try:

@@ -27,11 +27,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import resnet_fused.ops.bn_train  # noqa: F401 - registers the Triton resnet_fused::bn_relu_* ops
 from utils import (BF16, CL, DIMS, DTYPE_PARAMS, FLOOR, FORMAT_PARAMS, FP16, FP32, FP64, GPU_DEV, NCHW, assert_close,
-                   at_offset, bound_of, fmt_of, gen, is_cl, poison_next, rel_err)
+                   at_offset, bn_relu_train_grads, bound_of, fmt_of, gen, is_cl, poison_next, rel_err)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_library")]
 
@@ -295,25 +294,6 @@ def batch_bn(t, g, eps):
     return (mean, gamma * invstd, beta), invstd, (gamma, beta)
 
 
-def autograd_grads(g, y, params, r, rparams, res, eps, dt):
-    """Gradients of relu(batch_norm(y) + R) by autograd in ``dt`` (the batch statistics' own
-    dependence on y included): y, gamma, beta[, r[, r's gamma, beta]]."""
-    y = y.detach().to(dt).requires_grad_()
-    gamma, beta = (p.detach().to(dt).requires_grad_() for p in params)
-    inputs = [y, gamma, beta]
-    z = F.batch_norm(y, None, None, gamma, beta, True, 0.0, eps)
-    if res:
-        r = r.detach().to(dt).requires_grad_()
-        inputs.append(r)
-        if res == 2:
-            rg, rb = (p.detach().to(dt).requires_grad_() for p in rparams)
-            inputs += [rg, rb]
-            z = z + F.batch_norm(r, None, None, rg, rb, True, 0.0, eps)
-        else:
-            z = z + r
-    return torch.autograd.grad(torch.relu(z), inputs, g.to(dt))
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("res", [0, 1, 2], ids=["nores", "identity", "dual"])
 @pytest.mark.parametrize("dts", list(BWD_DTYPES))
@@ -349,8 +329,8 @@ def test_bn_backward_matches_autograd(shape, dts, res, fmt):
         rk2, rk3 = -rvecs[1] * r_invstd * r_invstd * s_gr / n, -rvecs[1] * s_g / n
     poison_next(y.numel() * y.element_size(), y.numel() * 4)
     dy, dr = C.bn_act_bwd_apply(g, y, *vecs, k2, k3, r, *rvecs, rk2, rk3, r_dt)
-    want = autograd_grads(g, y, params, r, rparams, res, eps, FP64)
-    same = autograd_grads(g, y, params, r, rparams, res, eps, FP32)
+    want = bn_relu_train_grads(g, y, params, r, rparams, res, eps, FP64)
+    same = bn_relu_train_grads(g, y, params, r, rparams, res, eps, FP32)
     got = [("dy", dy, dt), ("dgamma", invstd * s_gy, FP32), ("dbeta", s_g, FP32)]
     if res:
         got.append(("dr", dr, r_dt))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import resnet_fused as rf
 from resnet_fused.models import reference as R
+from builders import compile_for_training, load_params
 from utils import assert_close, check_graph_capture, cudnn_tf32, downsample, randomize_bn, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -76,14 +77,6 @@ def _fwd_bwd(model, x, g, dtype):
     return out.detach(), xi.grad
 
 
-def _load_params(models, truth):
-    with torch.no_grad():
-        for m in models:
-            for n, p in m.named_parameters():
-                p.copy_(truth[n])
-                p.grad = None
-
-
 def _train_and_compare(ours, ref, shape, fmt, dtype, steps, tag=""):
     """``steps`` training steps of ``ours`` (fused) vs eager ``ref`` in ``dtype`` vs float64."""
     ours.to(memory_format=fmt)
@@ -93,7 +86,7 @@ def _train_and_compare(ours, ref, shape, fmt, dtype, steps, tag=""):
     gen = torch.Generator(device=DEV).manual_seed(1)
     for step in range(steps):
         t = f"{tag}step {step}: "
-        _load_params((ours, eager), dict(ref64.named_parameters()))
+        load_params((ours, eager), dict(ref64.named_parameters()))
         ref64.zero_grad(set_to_none=True)
         x = torch.randn(shape, device=DEV, generator=gen).contiguous(memory_format=fmt)
         with cudnn_tf32(False):
@@ -243,17 +236,13 @@ def test_compile_fullgraph_inductor_cuda(block):
     ours.load_state_dict(ref.state_dict(), strict=True)
     ours, ref = ours.to(DEV).to(memory_format=CL).train(), ref.to(DEV).to(memory_format=CL).train()
     ours.backend = "triton"
-    uncompiled = copy.deepcopy(ours)
-    eager, ref64 = copy.deepcopy(ref), copy.deepcopy(ref).double()
-    torch._dynamo.reset()
-    compiled = torch.compile(ours, fullgraph=True)
-    opt = torch.optim.SGD(ref64.parameters(), lr=0.05, momentum=0.9)
+    compiled, uncompiled, eager, ref64, opt = compile_for_training(ours, ref)
     gen = torch.Generator(device=DEV).manual_seed(1)
     try:
         with cudnn_tf32(False):
             for step in range(2):
                 t = f"step {step}: "
-                _load_params((ours, uncompiled, eager), dict(ref64.named_parameters()))
+                load_params((ours, uncompiled, eager), dict(ref64.named_parameters()))
                 ref64.zero_grad(set_to_none=True)
                 x = torch.randn(shape, device=DEV, generator=gen).contiguous(memory_format=CL)
                 xi = x.clone().requires_grad_()

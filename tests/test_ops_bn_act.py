@@ -10,6 +10,7 @@ import torch
 
 from resnet_fused import BackendUnavailableError
 from resnet_fused.ops import bn_act, bn_act_reference
+from builders import spy_apply
 from utils import CUDA_BACKEND, DEVICE, INTERPRET, assert_close, assert_nonfinite_match
 
 bam = importlib.import_module("resnet_fused.ops.bn_act")  # the module; the attribute is the function
@@ -177,15 +178,8 @@ def test_autograd_without_residual_and_partial():
 # ------------------------------------------------------------------------------------ fallback
 @pytest.fixture
 def triton_spy(monkeypatch):
-    calls = []
-    real = bam._BnActFn.apply
-
-    def apply(*args):
-        calls.append(args[0].dtype)
-        return real(*args)
-
-    monkeypatch.setattr(bam._BnActFn, "apply", apply)
-    return calls
+    """The input dtype of every launch of the Triton path (_BnActFn.apply)."""
+    return spy_apply(monkeypatch, bam._BnActFn)
 
 
 @NEEDS_TRITON

@@ -9,12 +9,11 @@ run through Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), so shape
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import resnet_fused.ops.bn_train  # noqa: F401 - registers the resnet_fused::bn_relu_* custom ops
 from resnet_fused.ops.batch_stats import bn_affine, channel_stats_partials, finalize, merge_partials, update_running_stats
-from utils import BN_SHAPE, DEVICE, INTERPRET, assert_close, make_bn_case, rel_err, vec_stats
+from utils import BN_SHAPE, DEVICE, INTERPRET, assert_close, bn_relu_train_grads, make_bn_case, rel_err, vec_stats
 
 ops = torch.ops.resnet_fused
 
@@ -117,25 +116,6 @@ def kernel_backward(g, y, vecs, invstd, r, rvecs, r_invstd):
     return dy, dr, (invstd * s_gy, s_g), (None if r_invstd is None else r_invstd * s_gr, s_g)
 
 
-def autograd_backward(g, y, params, r, rparams, res, eps, dtype):
-    """Gradients of relu(batch_norm(y) + R) by autograd in ``dtype`` (training-mode BN: the batch
-    statistics' own dependence on y is part of it)."""
-    y = y.detach().to(dtype).requires_grad_()
-    gamma, beta = (t.detach().to(dtype).requires_grad_() for t in params)
-    inputs = [y, gamma, beta]
-    z = F.batch_norm(y, None, None, gamma, beta, True, 0.0, eps)
-    if res:
-        r = r.detach().to(dtype).requires_grad_()
-        inputs.append(r)
-        if res == 2:
-            rgamma, rbeta = (t.detach().to(dtype).requires_grad_() for t in rparams)
-            inputs += [rgamma, rbeta]
-            z = z + F.batch_norm(r, None, None, rgamma, rbeta, True, 0.0, eps)
-        else:
-            z = z + r
-    return torch.autograd.grad(torch.relu(z), inputs, g.to(dtype))
-
-
 @pytest.mark.parametrize("fmt", [NCHW, CL], ids=["nchw", "cl"])
 @pytest.mark.parametrize("res", [0, 1, 2], ids=["res0", "res1_identity", "res2_bn"])
 def test_bn_relu_backward(res, fmt, poisoned_empty):
@@ -154,8 +134,8 @@ def test_bn_relu_backward(res, fmt, poisoned_empty):
     vecs, invstd, params = bn_state(y)
     rvecs, r_invstd, rparams = bn_state(r) if res == 2 else ((None,) * 3, None, None)
     dy, dr, (dgamma, dbeta), (rdgamma, rdbeta) = kernel_backward(g, y, vecs, invstd, r, rvecs, r_invstd)
-    want = autograd_backward(g, y, params, r, rparams, res, eps, torch.float64)
-    same = autograd_backward(g, y, params, r, rparams, res, eps, torch.float32)
+    want = bn_relu_train_grads(g, y, params, r, rparams, res, eps, torch.float64)
+    same = bn_relu_train_grads(g, y, params, r, rparams, res, eps, torch.float32)
     assert dy.dtype == torch.float32 and dy.is_contiguous(memory_format=fmt)
     got = [dy, dgamma, dbeta] + ([dr] if res else []) + ([rdgamma, rdbeta] if res == 2 else [])
     names = ["dy", "dgamma", "dbeta", "dr", "r dgamma", "r dbeta"]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from resnet_fused import BackendUnavailableError
 from resnet_fused.ops import conv_bias_act, conv_bias_act_reference, conv_bn_act, conv_bn_act_reference
+from builders import spy_apply
 from utils import CUDA_BACKEND, DEVICE, INTERPRET, assert_close, assert_nonfinite_match
 
 # the module (``resnet_fused.ops.conv_bias_act`` the attribute is the function of the same name)
@@ -246,16 +247,8 @@ def test_autograd_partial_requires_grad():
 # ------------------------------------------------------------------------------------ fallback
 @pytest.fixture
 def triton_spy(monkeypatch):
-    """Counts launches of the Triton path of conv_bias_act."""
-    calls = []
-    real = cba._ConvBiasActFn.apply
-
-    def apply(*args):
-        calls.append(args[0].dtype)
-        return real(*args)
-
-    monkeypatch.setattr(cba._ConvBiasActFn, "apply", apply)
-    return calls
+    """The input dtype of every launch of the Triton path (_ConvBiasActFn.apply)."""
+    return spy_apply(monkeypatch, cba._ConvBiasActFn)
 
 
 @pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs the Triton backend")

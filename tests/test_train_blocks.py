@@ -9,8 +9,9 @@ own error) and the reference in float64 (the truth): ours may be at most a few t
 the truth than PyTorch (tests/utils.py ``assert_close``). The ``fused_train_calls`` fixture proves
 which path ran (empty: the block trained module by module).
 
-Reused: tests/test_blocks.py (torchvision-structured blocks vs ``resnet_fused.models.reference``)
-and tests/test_preact_blocks.py (pre-activation blocks vs a reference written from the papers).
+Builders (tests/builders.py): the torchvision-structured blocks vs ``resnet_fused.models.reference``
+and the pre-activation blocks vs a reference written from the papers, as in tests/test_blocks.py and
+tests/test_preact_blocks.py.
 """
 from __future__ import annotations
 
@@ -23,19 +24,17 @@ import torch
 from torch import nn
 
 import resnet_fused as rf
-import test_blocks as tvb
-import test_preact_blocks as pab
-from test_blocks import eval_compare, sgd_steps
-from utils import CUDA_BACKEND, FLOOR, INTERPRET, assert_close, assert_nonfinite_match, rel_err
+from builders import (BLOCK_CASES, CL, NCHW, PREACT_CASES, TRAIN, build, build_preact_pair, eval_compare, is_preact,
+                      make_x, run_step, sgd_steps, train_steps)
+from utils import FLOOR, INTERPRET, assert_close, assert_nonfinite_match, fmt_of, rel_err
 
-pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                                reason="the fused training path needs Triton (TRITON_INTERPRET=1 on CPU)")
+pytestmark = [pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                 reason="the fused training path needs Triton (TRITON_INTERPRET=1 on CPU)"),
+              pytest.mark.usefixtures("train_backend")]  # tests/conftest.py: every test on each fused backend
 
-CL = torch.channels_last
-NCHW = torch.contiguous_format
 FMTS = dict(argnames="fmt", argvalues=[NCHW, CL], ids=["nchw", "channels_last"])
 
-# Cases the fused training path takes (names from test_blocks.CASES / test_preact_blocks.CASES):
+# Cases the fused training path takes (names from builders.BLOCK_CASES / PREACT_CASES):
 # identity and projection shortcuts, stride 2, odd channel counts, 7x7 and 5x6 inputs, batch 1 with
 # spatial > 1, dilation 2 (Bottleneck).
 FUSED_CASES = ["basic-identity-7x7", "basic-s2-ds-batch1", "basic-ds-5x6", "bottle-identity",
@@ -43,42 +42,6 @@ FUSED_CASES = ["basic-identity-7x7", "basic-s2-ds-batch1", "basic-ds-5x6", "bott
                "wide-proj-samech-s2", "preact-identity", "preact-proj-s2-batch1"]
 # One per block kind, for the more expensive variations.
 ONE_PER_KIND = ["basic-s2-ds-batch1", "bottle-s2-ds-batch1", "wide-proj-s2-batch1", "preact-identity"]
-
-
-def is_preact(case):
-    return case not in tvb.CASES
-
-
-_TRAIN = {"backend": "triton"}  # the fused backend of the running test (see train_backend)
-_DEFAULT = object()
-
-
-@pytest.fixture(autouse=True, params=["triton", CUDA_BACKEND])
-def train_backend(request):
-    """Run the test with ``build``'s default backend set to each fused backend in turn."""
-    _TRAIN["backend"] = request.param
-    yield request.param
-    _TRAIN["backend"] = "triton"
-
-
-def build(case, norm=None, seed=0, backend=_DEFAULT):
-    """(ours, reference) with one state_dict, both in training mode, ours pinned to ``backend``
-    (the running test's fused backend unless given; None follows the global choice)."""
-    backend = _TRAIN["backend"] if backend is _DEFAULT else backend
-    if is_preact(case):
-        ours, ref = pab.build_pair(case, norm=norm or nn.BatchNorm2d, seed=seed)
-    else:
-        ours, ref = tvb.build_pair(case, norm_layer=norm, seed=seed)
-    ours.backend = backend
-    return ours.train(), ref.train()
-
-
-def make_x(case, fmt=NCHW, seed=1):
-    return (pab.make_input if is_preact(case) else tvb.make_input)(case, fmt, seed=seed)
-
-
-def memory_format(t):
-    return CL if t.is_contiguous(memory_format=CL) and not t.is_contiguous() else NCHW
 
 
 def bn_names(block):
@@ -138,7 +101,7 @@ def test_channels_last_weights_nchw_input_layout_follows_eager(case, fused_train
     ref64 = copy.deepcopy(ref).double()
     y, y_ref, y64 = ours(x), ref(x), ref64(x.double())
     assert fused_train_calls == [is_preact(case)]
-    assert memory_format(y) == memory_format(y_ref), f"strides {y.stride()} vs eager's {y_ref.stride()}"
+    assert fmt_of(y) == fmt_of(y_ref), f"strides {y.stride()} vs eager's {y_ref.stride()}"
     assert_close(y, y64, y_ref, name="output")
 
 
@@ -190,7 +153,7 @@ def test_zero_init_residual_trains(case, fused_train_calls):
         assert all(float(b.bn2.weight.abs().sum()) == 0 for b in model.modules() if isinstance(b, rf.BasicBlock))
     ref64 = copy.deepcopy(ref).double()
     x = make_x(case, seed=0)
-    pab.run_step((ours, ref, ref64), x, tag="zero-init step: ")  # output, x.grad, every grad
+    run_step((ours, ref, ref64), x, tag="zero-init step: ")  # output, x.grad, every grad
     g = getattr(ours, last).weight.grad
     assert g is not None and float(g.abs().max()) > 1e-3, f"{last}.weight.grad must not vanish: {g}"
     # the rest of the residual branch gets exactly nothing through gamma = 0, as in eager
@@ -211,12 +174,12 @@ def test_eval_after_fused_training(case, fused_train_calls):
     ref64 = sgd_steps(ours, ref, lambda step: make_x(case, seed=step), steps=2)
     assert fused_train_calls == [is_preact(case)] * 2
     ours.backend = None  # follow the global choice, so both eval backends run
-    fused = _TRAIN["backend"]
+    fused = TRAIN["backend"]
     for backend, fmt in (("torch", NCHW), (fused, CL), (fused, NCHW)):
         x = make_x(case, fmt, seed=9)
         if is_preact(case):
             with rf.use_backend(backend):
-                pab.run_step((ours.eval(), ref.eval(), ref64.eval()), x, grad=False,
+                run_step((ours.eval(), ref.eval(), ref64.eval()), x, grad=False,
                              tag=f"eval after train ({backend}): ")
         else:
             eval_compare(ours, ref, x, backend, ref64=ref64)
@@ -315,7 +278,7 @@ def test_autocast_bfloat16(case, fused_train_calls):
         y64 = ref64(xs[2])
         tag = f"draw {draw}: "
         assert y.dtype == y_eager.dtype, f"{tag}output dtype {y.dtype}, eager gives {y_eager.dtype}"
-        assert memory_format(y) == memory_format(y_eager)
+        assert fmt_of(y) == fmt_of(y_eager)
         assert_close(y, y64, y_eager, name=tag + "output", dtype=dt)
         g = torch.randn(y64.shape, generator=torch.Generator().manual_seed(50 + draw))
         for o in (y, y_eager, y64):
@@ -349,13 +312,13 @@ def test_unfusable_blocks_train_eagerly(case, fused_train_calls):
     ours, ref = build(case)
     if case == "wide-dropout":
         assert ours.dropout == 0.3
-        pab.train_steps(ours, ref, case, dropout_seed=123)  # the same dropout mask in every copy
+        train_steps(ours, ref, case, dropout_seed=123)  # the same dropout mask in every copy
     else:
         sgd_steps(ours, ref, lambda step: make_x(case, seed=step))
     assert fused_train_calls == []
     if case == "wide-dropout":  # the same block without dropout fuses: dropout was the reason
-        ours, ref = pab.build_pair(case, dropout=0.0)
-        ours.backend = _TRAIN["backend"]
+        ours, ref = build_preact_pair(case, dropout=0.0)
+        ours.backend = TRAIN["backend"]
         sgd_steps(ours.train(), ref.train(), lambda step: make_x(case, seed=step), steps=1)
         assert fused_train_calls == [True]
 
@@ -433,8 +396,7 @@ def _bad_inputs(case):
         "batch1-1x1": (ValueError, torch.randn(1, c, 1, 1)),
         "not-a-tensor": (TypeError, x.numpy()),
     }
-    if (case not in tvb.CASES and pab.CASES[case][1].get("stride", 1) == 2) or \
-            (case in tvb.CASES and tvb.CASES[case][1].get("stride", 1) == 2):
+    if (PREACT_CASES if is_preact(case) else BLOCK_CASES)[case][1].get("stride", 1) == 2:
         # only a BN after the stride-2 conv sees a single value: the first BNs would have run
         bad["batch1-2x2-stride2"] = (ValueError, torch.randn(1, c, 2, 2))
     return bad
@@ -496,19 +458,3 @@ def test_nonfinite_input_beta_grads_like_eager(case, value):
     for (n, p), (_, p_ref) in zip(ours.named_parameters(), ref.named_parameters()):
         if n in _bn_biases(ours):
             assert_nonfinite_match(p.grad, p_ref.grad, f"{n}.grad")
-
-
-# --------------------------------------------- activation memory (tests/test_train_models.py)
-def _saved_activations(block, x):
-    """{storage: bytes} that autograd keeps for ``block(x)`` with x's batch dimension (4-D)."""
-    seen = {}
-
-    def pack(t):
-        if t.dim() == 4 and t.shape[0] == x.shape[0]:
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = block(x)
-    return seen, y

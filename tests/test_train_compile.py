@@ -16,8 +16,7 @@ import pytest
 import torch
 
 import resnet_fused as rf
-from test_blocks import build_pair
-from test_preact_blocks import build_pair as build_preact_pair
+from builders import build_pair, build_preact_pair, load_params
 from utils import INTERPRET, assert_close, rel_err
 
 pytestmark = [pytest.mark.skipif(not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1"),
@@ -120,12 +119,7 @@ def _run_two_steps(case, backend, recorder=None):
     compiled = torch.compile(ours, fullgraph=True, backend=recorder or backend)
     opt = torch.optim.SGD(ref64.parameters(), lr=0.05, momentum=0.9)
     for step in range(2):
-        truth = dict(ref64.named_parameters())
-        with torch.no_grad():
-            for m in (ours, eager_fused, ref32):
-                for n, p in m.named_parameters():
-                    p.copy_(truth[n])
-                    p.grad = None
+        load_params((ours, eager_fused, ref32), dict(ref64.named_parameters()))
         _check_against(compiled, eager_fused, ref32, ref64, _inputs(shape, fmt, step), step,
                        exact=backend == "aot_eager")
         opt.step()

@@ -33,8 +33,7 @@ from torch import nn
 
 import resnet_fused as rf
 from resnet_fused.models import reference as R
-from test_blocks import build_pair
-from test_preact_blocks import build_pair as build_preact_pair
+from builders import build_pair, build_preact_pair
 from utils import assert_close, randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,9 +1,9 @@
 """Fused training beyond one block, on each fused backend in turn (the ``train_backend`` fixture of
-tests/test_train_blocks.py, imported here, so every test runs once for "triton" and once for
-"cuda"): SGD steps of whole models (a chain of every block kind, WRN-10-1) against the plain
+tests/conftest.py, as in tests/test_train_blocks.py, so every test runs once for "triton" and once
+for "cuda"): SGD steps of whole models (a chain of every block kind, WRN-10-1) against the plain
 reference in float32 and float64, and the activation bytes a fused block keeps for backward.
 
-Builders: tests/test_train_blocks.py (``build``, ``make_x``), tests/test_blocks.py, tests/utils.py.
+Builders: tests/builders.py (``build``, ``make_x``, ``sgd_steps``), tests/utils.py.
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from torch import nn
 import resnet_fused as rf
 from resnet_fused.models import reference as R
 from resnet_fused.modules._base import FusedBlockMixin
-from test_blocks import assert_state_close, sgd_steps
-from test_train_blocks import _TRAIN, _saved_activations, build, is_preact, make_x, train_backend  # noqa: F401
+from builders import TRAIN, assert_state_close, build, is_preact, make_x, saved_activations, sgd_steps
 from utils import INTERPRET, downsample, randomize_bn
 
-pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
-                                reason="the fused training path needs Triton (TRITON_INTERPRET=1 on CPU)")
+pytestmark = [pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
+                                 reason="the fused training path needs Triton (TRITON_INTERPRET=1 on CPU)"),
+              pytest.mark.usefixtures("train_backend")]  # tests/conftest.py: every test on each fused backend
 
 
 # ------------------------------------------------------------------------------- 10. model level
@@ -58,7 +58,7 @@ def test_model_sgd_steps(name, fused_train_calls):
     ref = randomize_bn(build_ref())
     ours = build_ours()
     ours.load_state_dict(ref.state_dict(), strict=True)
-    _pin(ours, _TRAIN["backend"])
+    _pin(ours, TRAIN["backend"])
     ref64 = sgd_steps(ours.train(), ref.train(),
                       lambda s: torch.randn(shape, generator=torch.Generator().manual_seed(s)), steps=steps)
     assert fused_train_calls == per_forward * steps
@@ -84,9 +84,9 @@ def test_fused_block_saves_fewer_activation_bytes(case, fused_train_calls):
     n = next(n for n in (2, 3, 5, 7) if all(p.shape[0] != n for p in ours.parameters()))
     x = torch.randn(n, *make_x(case).shape[1:], generator=torch.Generator().manual_seed(0)).requires_grad_()
     with rf.use_low_memory(False):  # the default mode (an env var could switch it)
-        fused, y = _saved_activations(ours, x)
+        fused, y = saved_activations(ours, x)
     assert fused_train_calls == [is_preact(case)]
-    eager, _ = _saved_activations(ref, x)
+    eager, _ = saved_activations(ref, x)
 
     # shapes of every intermediate, from an eager float64 run with hooks
     shapes = {}

@@ -9,7 +9,7 @@ import torch
 
 import resnet_fused as rf
 from resnet_fused import train_options
-from test_blocks import build_pair, make_input, sgd_steps
+from builders import build_pair, make_input, sgd_steps
 from utils import INTERPRET
 
 needs_triton = pytest.mark.skipif(not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1")

@@ -16,11 +16,9 @@ from torch import nn
 
 import resnet_fused as rf
 from resnet_fused.models import reference as R
-from tests.test_preact_blocks import RefPreActBottleneck, RefWideBasic
-from utils import CUDA_BACKEND, INTERPRET, assert_close, assert_nonfinite_match, randomize_bn
+from builders import BACKENDS, RefPreActBottleneck, RefWideBasic
+from utils import assert_close, assert_nonfinite_match, randomize_bn
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not INTERPRET, reason="CPU tensors: the Triton backend needs TRITON_INTERPRET=1")), CUDA_BACKEND]
 CIN = 4
 
 

@@ -1,5 +1,6 @@
 """Shared test helpers: error measures against a float64 reference, one mismatch explainer, the
 per-channel statistics check, and (last section) the builders and references of the GPU tests.
+The block, input and three-copy builders of the CPU tests are in tests/builders.py.
 
 A fused kernel's error is judged against PyTorch's own error in the same dtype: both are measured
 against a float64 reference, and the kernel may be at most ``factor`` times worse than PyTorch
@@ -17,6 +18,7 @@ from typing import Dict, List
 import pytest
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import resnet_fused as rf
@@ -182,6 +184,27 @@ def check_stats(x, count, anchor, off, m2, name="x"):
     assert_close(m2 / count, var64, xf.var(dim=DIMS, unbiased=False), name=f"{name} var")
 
 
+def bn_relu_train_grads(g, y, params, r, rparams, res, eps, dtype):
+    """The reference gradients of the fused BN training ops: relu(batch_norm(y) + R) by autograd in
+    ``dtype`` (training-mode BN: the batch statistics' own dependence on y is part of it), R = 0
+    (``res`` 0), the residual r (1) or r's own batch_norm (2): the grads of y, gamma, beta[, r[, r's
+    gamma, beta]]."""
+    y = y.detach().to(dtype).requires_grad_()
+    gamma, beta = (t.detach().to(dtype).requires_grad_() for t in params)
+    inputs = [y, gamma, beta]
+    z = F.batch_norm(y, None, None, gamma, beta, True, 0.0, eps)
+    if res:
+        r = r.detach().to(dtype).requires_grad_()
+        inputs.append(r)
+        if res == 2:
+            rgamma, rbeta = (t.detach().to(dtype).requires_grad_() for t in rparams)
+            inputs += [rgamma, rbeta]
+            z = z + F.batch_norm(r, None, None, rgamma, rbeta, True, 0.0, eps)
+        else:
+            z = z + r
+    return torch.autograd.grad(torch.relu(z), inputs, g.to(dtype))
+
+
 BN_SHAPE = (2, 37, 9, 9)  # 162 pixels: two pixel blocks; 37 channels: two channel blocks
 
 
@@ -210,59 +233,6 @@ def make_bn_case(res, dtype=torch.float32, fmt=torch.contiguous_format, shape=BN
 def downsample(cin, cout, stride):
     """torchvision's downsample branch: 1x1 conv (no bias) + BatchNorm."""
     return nn.Sequential(R.conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
-
-
-# ------------------------------------------------------- a user's own block, and convert() checks
-def conv(cin, cout, k, stride=1):
-    """A bias-free conv with "same" padding, as torchvision's conv3x3 / conv1x1."""
-    return nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
-
-
-class MyBasic(nn.Module):
-    """A user's own copy of torchvision's BasicBlock, under another name."""
-
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, norm=nn.BatchNorm2d):
-        super().__init__()
-        self.conv1, self.bn1 = conv(inplanes, planes, 3, stride), norm(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2, self.bn2 = conv(planes, planes, 3), norm(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-def compare_outputs_and_grads(models, x, tag, grad=True):
-    """``models`` = (ours, the reference in float32, its float64 twin) on copies of ``x``: our output
-    (and, with ``grad``, x.grad and every parameter gradient) within ``assert_close`` of float64."""
-    xs = [x.detach().clone(), x.detach().clone(), x.detach().double()]
-    outs = []
-    with torch.set_grad_enabled(grad):
-        for m, xi in zip(models, xs):
-            outs.append(m(xi.requires_grad_(grad)))
-    assert_close(outs[0], outs[2], outs[1], name=tag + "output")
-    if grad:
-        g = torch.randn(outs[1].shape, generator=torch.Generator().manual_seed(3))
-        for o in outs:
-            (o * g.to(o.dtype)).sum().backward()
-        assert_close(xs[0].grad, xs[2].grad, xs[1].grad, name=tag + "x.grad")
-        for (n0, p0), (n1, p1), (n2, p2) in zip(*(m.named_parameters() for m in models)):
-            assert n0 == n1 == n2
-            if p1.grad is None:
-                assert p0.grad is None, n0
-                continue
-            assert p0.grad is not None, f"{tag}{n0} got no gradient"
-            assert_close(p0.grad, p2.grad, p1.grad, name=f"{tag}{n0}.grad")
-    return outs
 
 
 # =========================================================== GPU tests (tests/test_gpu*.py)
