@@ -1,7 +1,7 @@
 """The WRN paper's Figure 4, re-run: thin deep vs wide shallow ResNets, one training step, stock vs fused.
 
     python -m benchmarks.wrn_fig4 [--out DIR] [--quick] [--device cuda|cpu] [--networks ...]
-                                  [--deadline S] [--reps N] [--no-compile]
+                             [--deadline S] [--reps N] [--no-compile]
 
 Question: Zagoruyko & Komodakis ("Wide Residual Networks", 2016, Figure 4) timed one training step
 of thin and wide ResNets at batch 32 on CIFAR-size input (cuDNN v5, Titan X) and found the wide
@@ -42,7 +42,7 @@ import resnet_fused
 from resnet_fused.models import reference
 
 from . import common
-from .models import Bench, Case, make_case, run_case, summary_table
+from .models import Bench, Case, run_case, summary_table
 
 BENCH = "wrn"
 KEYS = common.row_keys("layout", "compile_s", "paper_ms")
@@ -73,7 +73,7 @@ def paper_ratio(thin: str, wide: str) -> Optional[float]:
 
 def paper_extra() -> dict:
     return {"source": "Zagoruyko & Komodakis, Wide Residual Networks (2016), Figure 4: cuDNN v5, Titan X, batch 32, "
-                      "CIFAR input, forward + backward + update",
+                 "CIFAR input, forward + backward + update",
             "networks": {k: dict(v) for k, v in PAPER.items()},
             "claims": {f"{t}/{w}": common.sig(paper_ratio(t, w), 4) for t, w in GPU_PAIRS}}
 
@@ -106,24 +106,24 @@ CPU_NETWORKS = (Network("preact11", "preact", 11, 1, 8), Network("wrn10-1", "wrn
 
 
 def wrn_case(depth: int, k: int, size: int, seed: int) -> Case:
-    n = (depth - 4) // 6  # blocks per group; the buffer after the last block: a pre-activation net's next
-    return make_case(f"wrn{depth}-{k}", size, lambda: reference.ref_wrn(depth, k),  # BN hides a block's scale error
-                     lambda b: resnet_fused.models.wrn(depth, k, backend=b),
-                     ("conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight", "layer2.0.shortcut.weight",
-                      f"layer3.{n - 1}.conv2.weight", "bn.weight", "fc.weight"),
-                     ("layer1.0.bn1.running_mean", "layer1.0.bn2.running_var", f"layer3.{n - 1}.bn2.running_var",
-                      "bn.running_mean"), 10, seed)
+    n = (depth - 4) // 6  # blocks per group; bn.running_mean: the next BN of a pre-activation net hides a scale error
+    return Case(f"wrn{depth}-{k}", (3, size, size), lambda: reference.ref_wrn(depth, k),
+                lambda b: resnet_fused.models.wrn(depth, k, backend=b),
+                ("conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight", "layer2.0.shortcut.weight",
+                 f"layer3.{n - 1}.conv2.weight", "bn.weight", "fc.weight"),
+                ("layer1.0.bn1.running_mean", "layer1.0.bn2.running_var", f"layer3.{n - 1}.bn2.running_var",
+                 "bn.running_mean"), 10, seed)
 
 
 def preact_case(depth: int, size: int, seed: int, name: Optional[str] = None) -> Case:
     n = (depth - 2) // 9  # units per stage
-    return make_case(name or f"preact{depth}", size, lambda: reference.ref_preact_resnet(depth),
-                     lambda b: resnet_fused.models.preact_resnet(depth, backend=b),
-                     ("conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight", "layer1.0.downsample.weight",
-                      "layer2.0.downsample.weight", f"layer3.{n - 1}.bn2.weight", f"layer3.{n - 1}.conv3.weight",
-                      "bn.weight", "fc.weight"),
-                     ("layer1.0.bn1.running_mean", "layer2.0.bn2.running_var", f"layer3.{n - 1}.bn3.running_var",
-                      "bn.running_mean"), 10, seed)
+    return Case(name or f"preact{depth}", (3, size, size), lambda: reference.ref_preact_resnet(depth),
+                lambda b: resnet_fused.models.preact_resnet(depth, backend=b),
+                ("conv1.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight", "layer1.0.downsample.weight",
+                 "layer2.0.downsample.weight", f"layer3.{n - 1}.bn2.weight", f"layer3.{n - 1}.conv3.weight",
+                 "bn.weight", "fc.weight"),
+                ("layer1.0.bn1.running_mean", "layer2.0.bn2.running_var", f"layer3.{n - 1}.bn3.running_var",
+                 "bn.running_mean"), 10, seed)
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def thin_wide_ratios(rows: Sequence[dict], pairs: Sequence[Tuple[str, str]] = GP
             a, b = t.get((thin, dtype, prov)), t.get((wide, dtype, prov))
             if a is not None and b:
                 out.append({"dtype": dtype, "provider": prov, "thin": thin, "wide": wide, "thin_ms": a, "wide_ms": b,
-                            "ratio": common.sig(a / b, 4), "paper_ratio": common.sig(paper_ratio(thin, wide), 4)})
+                       "ratio": common.sig(a / b, 4), "paper_ratio": common.sig(paper_ratio(thin, wide), 4)})
     return out
 
 
@@ -205,21 +205,22 @@ def ratios_summary(rows: Sequence[dict], pairs: Sequence[Tuple[str, str]] = GPU_
 def ratio_table(summary: dict) -> Tuple[List[str], List[list]]:
     headers = ["dtype", "provider", "thin / wide", "thin ms", "wide ms", "ours", "paper"]
     return headers, [[r["dtype"], r["provider"], f"{r['thin']} / {r['wide']}", common.fmt_ms(r["thin_ms"]),
-                      common.fmt_ms(r["wide_ms"]), f"{r['ratio']:.2f}x",
-                      "-" if r["paper_ratio"] is None else f"{r['paper_ratio']:.2f}x"] for r in summary["thin_wide"]]
+                 common.fmt_ms(r["wide_ms"]), f"{r['ratio']:.2f}x",
+                 "-" if r["paper_ratio"] is None else f"{r['paper_ratio']:.2f}x"] for r in summary["thin_wide"]]
 
 
 def goal_lines(summary: dict) -> List[str]:
+    worst = lambda g: "-" if g["worst_speedup"] is None else f"{g['worst_speedup']:.3g}x"
     return [f"goal (fused >= {g['target']:g}x eager) {g['dtype']} {g['provider']}: {g['met']} of {g['of']} networks"
-            f"{' (met on every network)' if g['all_met'] else ''}; worst {g['worst_model']} "
-            f"{'-' if g['worst_speedup'] is None else format(g['worst_speedup'], '.3g') + 'x'}" for g in summary["goal"]]
+            f"{' (met on every network)' if g['all_met'] else ''}; worst {g['worst_model']} {worst(g)}"
+            for g in summary["goal"]]
 
 
 # --------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[Sequence[str]] = None):
     p = common.base_parser("python -m benchmarks.wrn_fig4", __doc__, providers=PROVIDERS, dtypes=("fp32", "fp16"),
-                           quick_help="GPU: the five networks fp16 + eager fp32, compile for WRN-28-10 and WRN-40-4 "
-                                      "only, deadline 110 s")
+                      quick_help="GPU: the five networks fp16 + eager fp32, compile for WRN-28-10 and WRN-40-4 "
+                                 "only, deadline 110 s")
     p.add_argument("--networks", nargs="+", default=None, help="only these networks (names as in the table)")
     p.add_argument("--no-compile", action="store_true", help="GPU: leave out torch.compile")
     p.add_argument("--reps", type=int, default=None, help=f"GPU: timed steps per provider (default {DEFAULT_REPS})")
@@ -240,7 +241,7 @@ def make_plan(args) -> Tuple[Bench, List[Task], Tuple[Tuple[str, str], ...]]:
     default = ["eager", "triton", "cuda", "auto"] + ([] if cpu else ["compile"])
     skipped: Dict[str, str] = {}
     providers = common.drop_unavailable([p for p in common.order_providers(args.providers, default, "eager")
-                                         if not (args.no_compile and p == "compile")], dev, skipped)
+                                    if not (args.no_compile and p == "compile")], dev, skipped)
     auto_named = "auto" in (args.providers or ())
     notes = [f"auto on CPU: {', '.join(CPU_AUTO_NETWORKS)} only (name auto in --providers for both)"] \
         if cpu and "auto" in providers and not auto_named else []
@@ -266,12 +267,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extras = lambda: {"paper": paper_extra(), "ratios": ratios_summary(b.rows, pairs), "dispatch": b.dispatch()}
     with common.dispatch_isolated(), common.cudnn_benchmark(b.device, True):
         for t in tasks:
-            batch = 2 if b.device.type != "cuda" else 32
-            run_case(b, t.net.case(seed=sum(map(ord, t.net.name))), "train_step", batch, t.dtype,
-                     [(p, "") for p in t.providers], reps=t.reps)
+            b.reps = t.reps
+            run_case(b, t.net.case(seed=sum(map(ord, t.net.name))), "train_step", 2 if b.device.type != "cuda" else 32,
+                     t.dtype, [(p, "") for p in t.providers])
             if not args.no_write and b.rows:  # after every case: a run cut short keeps what it measured
                 common.write_results(args.out, BENCH, env, b.rows, keys=KEYS, extra={"skipped": b.skipped, **extras()})
-    paper = lambda rs: "-" if rs[0]["paper_ms"] is None else f"{rs[0]['paper_ms']:.0f}"
+    paper = lambda r: "-" if r["paper_ms"] is None else f"{r['paper_ms']:.0f}"
     headers, lines = summary_table(b.rows, b.infos, group=("model", "dtype"), lead=(("paper ms", paper),))
     summary = ratios_summary(b.rows, pairs)
     r_headers, r_lines = ratio_table(summary)
@@ -281,8 +282,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("\n".join(goal_lines(summary) + [f"note: {n}" for n in b.notes]))
     write = not args.no_write and bool(b.rows)
     rc = common.finish(b.rows, args.out, BENCH, env, write=write, keys=KEYS, skipped=b.skipped, extra=extras(),
-                       markdown=(f"wrn_fig4: WRN Figure 4 re-run (training step), {env['gpu']}", headers, lines),
-                       notes=list(b.notes))
+                  markdown=(f"wrn_fig4: WRN Figure 4 re-run (training step), {env['gpu']}", headers, lines),
+                  notes=list(b.notes))
     if write:  # the thin / wide table and the goal lines under the summary table
         text = ["", "### Thin vs wide: the thin network's time / the wide network's", "",
                 common.markdown_table(r_headers, r_lines) if r_lines else "(no pair with both times)", ""]
