@@ -249,9 +249,8 @@ def _sync(dev: torch.device) -> None:
 
 
 def _free(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    if dev.type == "cuda":  # what the last provider held goes back before the next one is built
+        gc.collect(), torch.cuda.empty_cache()
 
 
 def build_provider(prov: str, variant: str, case: Case, base: nn.Module, dev: torch.device, dtype: str, train: bool,
