@@ -1,12 +1,15 @@
-"""Benchmarks for resnet_fused: one script per question, results written as JSON + CSV.
+"""Benchmarks for resnet_fused: one script per question, one small measuring layer under them.
 
-- :mod:`benchmarks.common`: environment record, timing (CUDA events / perf_counter), correctness
-  measures, result files.
-- :mod:`benchmarks.bench_blocks`: ResNet-50 block shapes and the whole ResNet-50, inference.
-- :mod:`benchmarks.bench_train`: the training step (blocks, ResNet-50, WRN-28-10), with memory.
-- :mod:`benchmarks.bench_bandwidth`: the memory-bound kernels against the device's copy bandwidth.
-- :mod:`benchmarks.bench_conv_epilogue`: the fused conv epilogue against cuDNN's conv alone.
-- :mod:`benchmarks.bench_memory`, :mod:`benchmarks.bench_cpu_model`: saved activations; CPU ResNet-50.
+- :mod:`benchmarks.models`: the model zoo, inference and a training step, against eager and
+  torch.compile.
+- :mod:`benchmarks.wrn_fig4`: the Wide ResNet paper's Figure 4 (thin-deep vs wide) re-run.
+- :mod:`benchmarks.layers`: every conv shape and memory-bound op against the measured ceilings.
+- :mod:`benchmarks.memory`: activation memory a training step saves; :mod:`benchmarks.cpu_model`:
+  the whole-model comparison on a CPU at full size.
+- :mod:`benchmarks.suite` (with :mod:`benchmarks.smoke`, :mod:`benchmarks.peaks` and
+  ``run_gpu.sh``): the device run; :mod:`benchmarks.report`: tables, charts, the README section.
+- :mod:`benchmarks.common`: the measuring layer (providers, check before timing, medians with
+  quantiles via ``triton.testing.do_bench`` / ``torch.utils.benchmark``, result files).
 
-Run from the repository root, e.g. ``python -m benchmarks.bench_blocks --quick``.
+Run from the repository root, e.g. ``python -m benchmarks.models --quick``.
 """

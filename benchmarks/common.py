@@ -1,39 +1,18 @@
-"""Shared benchmark harness: environment record, timing, correctness measures, result files.
+"""The measuring layer every benchmark uses: environment, timing, checks, providers, result files.
 
-Timing
-    :func:`benchmark` times ``fn(*inputs[i])``, rotating over several input copies so that on a
-    GPU the inputs are not simply re-read from L2 (:func:`rotation_copies` picks how many).
-    CUDA: ``triton.testing.do_bench`` (``do_bench_cudagraph`` with ``cuda_graph=True``); CPU:
-    ``torch.utils.benchmark.Timer.blocked_autorange``. Both give a :class:`Timing`: the median and
-    the 20th / 80th percentiles in milliseconds.
+- Timing: :func:`benchmark` (``triton.testing.do_bench`` / ``do_bench_cudagraph`` on a GPU,
+  ``torch.utils.benchmark.Timer`` on CPU) gives a :class:`Timing`: median, 20th / 80th percentile.
+- Correctness before timing: :func:`check_output` bounds the error against float64 by
+  ``max(dtype floor, factor x eager PyTorch's error in the same dtype)``; :func:`check_then_time`
+  times only what passed, and records a failing or wrong provider instead of raising.
+- Providers: :func:`provider_unavailable` says why a backend cannot run here (recorded, never a
+  crash); the ``dispatch_*`` helpers keep the ``auto`` provider off the user's decision file and
+  put its decisions into the result file.
+- Result files: :func:`make_row` (schema :data:`ROW_KEYS` + :data:`EXTRA_KEYS`, which other
+  programs read), :func:`finish` writes ``<date>_<device>_<commit>_<bench>.json`` / ``.csv`` /
+  ``.md`` / ``.png``.
 
-Correctness
-    :func:`check_output`: relative error ``||out - ref|| / ||ref||`` against a float64 reference,
-    bound by ``max(dtype floor, factor x the error of eager PyTorch in the same dtype)``; an output
-    with NaN/Inf where the reference is finite is never correct.
-
-Providers and command line
-    :func:`provider_unavailable` / :func:`drop_unavailable`: whether a backend provider ("triton",
-    "cuda", "cudnn_fused") can run on the device here, and the reason when not (recorded, never a
-    crash).
-    :func:`base_parser` holds the options every benchmark script shares (``--out``, ``--quick``,
-    ``--device``, ``--providers``, ``--dtypes``, ``--no-write``); :func:`order_providers` applies
-    ``--providers`` with the baseline first.
-
-The auto provider (``backend="auto"``: the measured dispatch, what users get)
-    :func:`dispatch_isolated` keeps a run off the user's decision file; :func:`dispatch_fresh`
-    forgets the process's decisions before each ``auto`` run, so its warm-up measures every key;
-    :func:`dispatch_record` / :func:`dispatch_entry` give the decisions of a case for the JSON's
-    ``"dispatch"`` list, :func:`auto_note` a one-line summary, :func:`dispatch_late` a note when a
-    key was first met inside a timed region.
-
-Result files
-    :func:`write_results` writes ``{"env": env_info(), **extra, "rows": [row, ...]}`` to
-    ``<out>/<YYYY-MM-DD>_<gpu-slug>_<shortcommit>_<bench>.json`` and the same rows as CSV beside
-    it. Every row has exactly the keys of :data:`ROW_KEYS` (build rows with :func:`make_row`), or
-    of the schema the benchmark passes. :func:`write_markdown` writes a summary table beside them.
-
-Nothing here runs at import time or touches the GPU until called.
+Nothing here touches the GPU until called.
 """
 from __future__ import annotations
 
@@ -382,16 +361,10 @@ def dispatch_fresh() -> None:
 
 def dispatch_record() -> dict:
     """This process's dispatch decisions (taken after a case's ``auto`` run), compact:
-    ``{"env": {...}, "decisions": [...]}``. ``env``: the dispatch's environment fields
-    (:data:`DISPATCH_ENV_FIELDS`: device, CPU threads or GPU capability, the resnet_fused version
-    with its kernel-source hash, torch, triton), the same for every decision of a run. Each
-    decision has :data:`DECISION_KEYS`: ``op``; ``case`` (the key's other fields: shapes,
-    layouts, dtypes, conv geometry, residual / relu / grad / tf32 flags, and ``candidates``, the
-    names that could run the case); ``chosen``; ``candidates`` (name -> median ms, or why it was
-    not timed: ``"unsupported: ..."``, ``"excluded: ..."`` for one that failed its check or
-    raised, ``"not measured: ..."``); ``source`` (``measured`` | ``cache`` | ``static``);
-    ``sites`` (the modules / ops that ran it); ``margin`` (the noise margin a candidate had to
-    beat ``torch`` by); ``measure_ms`` (what measuring the key cost)."""
+    ``{"env": {...}, "decisions": [...]}``: the dispatch's environment fields once
+    (:data:`DISPATCH_ENV_FIELDS`), then per decision :data:`DECISION_KEYS` (``case``: the key's
+    other fields; ``candidates``: name -> median ms, or why it was not timed; ``source``:
+    measured | cache | static)."""
     from resnet_fused.dispatch import dispatch_report
 
     env: Dict[str, object] = {}
@@ -754,8 +727,3 @@ def settings_suffix(device: torch.device, cudnn_bench: Optional[bool], deadline:
     if deadline:
         out += f"; deadline {deadline - t0:.0f} s"
     return out
-
-
-def env_flag(name: str) -> bool:
-    """True if environment variable ``name`` is set to something other than ''/'0'."""
-    return os.environ.get(name, "0") not in ("", "0")

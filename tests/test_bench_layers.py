@@ -223,7 +223,7 @@ def test_cpu_end_to_end(tmp_path):
     assert {x["provider"] for x in mem} == {"cuda", "triton", "eager", "auto"} and len(mem) == 3 * 3 * 3 + 3
     assert {x["variant"] for x in mem if x["provider"] == "auto"} == {"bn_add_relu"}
     # auto's decision per row: one key (the row's own op and shape), measured in the checked call
-    from test_bench_models import check_dispatch
+    from bench_checks import check_dispatch
 
     check_dispatch(data)
     for e in data["dispatch"]:
@@ -322,7 +322,7 @@ def test_auto_excludes_a_wrong_candidate_and_the_json_says_so(tmp_path, monkeypa
     is measured in the row's checked call, none while timing."""
     from resnet_fused import dispatch
     from resnet_fused.dispatch import candidates as cands
-    from test_bench_models import check_dispatch, spy_measuring
+    from bench_checks import check_dispatch, spy_measuring
 
     def wrong_conv(x, weight, bias, residual, stride, padding, dilation, relu, out_format):
         torch_fn = cands.get("conv_bias_act", "torch").fn

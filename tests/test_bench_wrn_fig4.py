@@ -21,7 +21,8 @@ if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: 
 from benchmarks import common, models, wrn_fig4  # noqa: E402
 from resnet_fused import backends  # noqa: E402
 from resnet_fused.modules import PreActBottleneck, WideBasic  # noqa: E402
-from test_bench_models import EXT_ERROR, check_dispatch, check_timed, check_untimed, spy_measuring  # noqa: E402
+import bench_checks  # noqa: E402
+from bench_checks import EXT_ERROR, check_dispatch, check_timed, check_untimed, spy_measuring  # noqa: E402
 from utils import run_bench_cpu  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(not backends.triton_interpreting(),
@@ -29,9 +30,7 @@ needs_interpreter = pytest.mark.skipif(not backends.triton_interpreting(),
 
 
 def results(out_dir: Path):
-    from test_bench_models import results as read
-
-    return read(out_dir, "wrn", wrn_fig4.KEYS, ("paper", "ratios"))
+    return bench_checks.results(out_dir, "wrn", wrn_fig4.KEYS, ("paper", "ratios"))
 
 
 def check_row(row, dtype="fp32"):
