@@ -17,13 +17,11 @@ Nothing here touches the GPU until called.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime as _dt
 import itertools
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -174,18 +172,17 @@ def cache_bytes(device: torch.device) -> int:
 
 def benchmark(fn: Callable, inputs: Sequence[tuple], device: torch.device, *, cuda_graph: bool = False,
               warmup_ms: float = 25.0, rep_ms: float = 100.0, warmup: int = 2, min_reps: int = 10,
-              budget_s: float = 0.5, max_reps: Optional[int] = None) -> Timing:
+              budget_s: float = 0.5) -> Timing:
     """Time ``fn(*inputs[i])``, ``i`` rotating over ``inputs`` (each a tuple of arguments); a
     :class:`Timing` in milliseconds per call.
 
     CUDA: ``triton.testing.do_bench`` (CUDA events per call, L2 flushed between calls;
     ``warmup_ms`` / ``rep_ms`` of warm-up and measurement, stretched so that at least
     ``min_reps`` calls are timed), or ``do_bench_cudagraph`` with ``cuda_graph`` (one graph of
-    unrolled calls, replayed). CPU: ``warmup`` calls, then ``torch.utils.benchmark.Timer``'s
-    ``blocked_autorange`` for ``budget_s`` seconds (at the process's thread count; its block-size
-    estimate is one more warm-up), topped up with single timed calls to ``min_reps`` samples (``budget_s=0``: exactly ``min_reps`` calls), at
-    most ``max_reps`` kept. ``rep_ms=0`` on CUDA: exactly ``min_reps`` calls, CUDA events around
-    each (long training steps, where do_bench's own five-call estimate would cost seconds).
+    unrolled calls, replayed); ``rep_ms=0``: exactly ``min_reps`` calls, CUDA events around each
+    (long training steps: do_bench's own five-call estimate would cost seconds). CPU: ``warmup``
+    calls, ``torch.utils.benchmark.Timer.blocked_autorange`` for ``budget_s`` seconds at the
+    process's thread count, topped up with single timed calls to ``min_reps`` samples.
     """
     if not inputs:
         raise ValueError("inputs: expected at least one tuple of arguments, got none")
@@ -225,7 +222,7 @@ def benchmark(fn: Callable, inputs: Sequence[tuple], device: torch.device, *, cu
         t0 = time.perf_counter()
         call()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return summarize(samples[:max_reps])
+    return summarize(samples)
 
 
 def benchmark_graph_or_plain(fn: Callable, inputs: Sequence[tuple], device: torch.device, cuda_graph: bool,
@@ -260,15 +257,9 @@ def peak_mem_mb(fn: Callable, args: tuple, device: torch.device) -> Optional[flo
 
 # ------------------------------------------------------------------------------------- providers
 def provider_unavailable(name: str, device: torch.device) -> Optional[str]:
-    """Why provider ``name`` cannot run on ``device`` here, or None.
-
-    Only the backend providers can be missing: ``"triton"`` (CUDA tensors, or CPU tensors through
-    Triton's interpreter when ``TRITON_INTERPRET=1`` was set before Python started), ``"cuda"``
-    (the compiled library: loaded, and with CUDA kernels for a CUDA device; the reason comes from
-    ``resnet_fused._ext.load_error()`` / ``cuda_error()``) and ``"cudnn_fused"`` (cuDNN's own
-    fused conv ops: CUDA only). ``"auto"`` always runs: the dispatch measures whichever of its
-    candidates can run here. Asking may build the library (first use).
-    """
+    """Why provider ``name`` cannot run on ``device`` here, or None: ``triton`` (CPU tensors need
+    the interpreter), ``cuda`` (the compiled library; asking may build it), ``cudnn_fused`` (CUDA
+    only). ``auto`` always runs: the dispatch measures whichever of its candidates can."""
     from resnet_fused import backends
 
     device = torch.device(device)
@@ -324,99 +315,6 @@ def base_parser(prog: str, doc: str, *, quick_help: str, providers: Sequence[str
     return p
 
 
-# ------------------------------------------------------------------------------- the auto provider
-# The dispatch's environment fields (the same for every decision of a run on one device): left out
-# of each decision's "case" in a result file, given once per entry under "env".
-DISPATCH_ENV_FIELDS = ("device", "capability", "threads", "resnet_fused", "torch", "triton")
-DISPATCH_CASE_KEYS = ("model", "shape", "batch", "dtype", "mode", "layout", "variant")
-DECISION_KEYS = ("op", "case", "chosen", "candidates", "source", "sites", "margin", "measure_ms")
-
-
-@contextlib.contextmanager
-def dispatch_isolated():
-    """While open: ``RESNET_FUSED_CACHE_DIR=""``, so the ``auto`` provider neither reads the
-    user's decision file (a decision made on another day, by another build or under other load
-    would not be measured here) nor writes it; restored after, whatever happens inside."""
-    from resnet_fused.dispatch import CACHE_DIR_ENV
-
-    saved = os.environ.get(CACHE_DIR_ENV)
-    os.environ[CACHE_DIR_ENV] = ""
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(CACHE_DIR_ENV, None)
-        else:
-            os.environ[CACHE_DIR_ENV] = saved
-
-
-def dispatch_fresh() -> None:
-    """Forget this process's dispatch decisions (``resnet_fused.dispatch.forget``) before an
-    ``auto`` run: its warm-up then measures every key of the case, as a user's first call does,
-    and :func:`dispatch_record` after it is that case's complete record."""
-    from resnet_fused.dispatch import forget
-
-    forget()
-
-
-def dispatch_record() -> dict:
-    """This process's dispatch decisions (taken after a case's ``auto`` run), compact:
-    ``{"env": {...}, "decisions": [...]}``: the dispatch's environment fields once
-    (:data:`DISPATCH_ENV_FIELDS`), then per decision :data:`DECISION_KEYS` (``case``: the key's
-    other fields; ``candidates``: name -> median ms, or why it was not timed; ``source``:
-    measured | cache | static)."""
-    from resnet_fused.dispatch import dispatch_report
-
-    env: Dict[str, object] = {}
-    decisions = []
-    for d in dispatch_report().as_dicts():
-        fields = d["fields"]
-        env = env or {k: fields[k] for k in DISPATCH_ENV_FIELDS if k in fields}
-        case = {k: v for k, v in fields.items() if k != "op" and k not in DISPATCH_ENV_FIELDS}
-        decisions.append({"op": d["op"], "case": case, "chosen": d["chosen"], "candidates": d["candidates"],
-                          "source": d["source"], "sites": d["sites"], "margin": d["margin"],
-                          "measure_ms": d["measure_ms"]})
-    return {"env": env, "decisions": decisions}
-
-
-def dispatch_entry(case: Dict[str, object], record: dict) -> dict:
-    """One entry of a result file's ``"dispatch"`` list: the case's :data:`DISPATCH_CASE_KEYS`
-    as its ``auto`` row has them (a reader joins on them; ``variant`` "" where the rows have no
-    such column), then :func:`dispatch_record`'s ``env`` and ``decisions``."""
-    return {**{k: case.get(k, "") for k in DISPATCH_CASE_KEYS}, **record}
-
-
-def dispatch_late(warm: dict, record: dict) -> Optional[str]:
-    """None if ``record`` (taken after timing) has no key that ``warm`` (taken right after the
-    warm-up call) lacks, else a note saying how many keys were first measured inside the timed
-    region (their measuring inflated the time): the warm-up must call with exactly the timed
-    shapes."""
-    late = len(record["decisions"]) - len(warm["decisions"])
-    if late <= 0:
-        return None
-    return f"auto: {late} dispatch key(s) first seen after the warm-up: measured inside the timed region"
-
-
-def auto_note(decisions: Sequence[dict]) -> str:
-    """What ``auto`` ran, for a log line or a row's ``note``: one decision as ``auto chose cuda
-    (torch 0.412 ms, cuda 0.380 ms; triton excluded)``; several as counts per op, ``auto:
-    conv_bias_act cuda 12, torch 9; block_train torch 7``."""
-    if not decisions:
-        return "auto: no dispatch decision"
-    if len(decisions) == 1:
-        d = decisions[0]
-        timed = [f"{n} {v:.4g} ms" for n, v in d["candidates"].items() if isinstance(v, (int, float))]
-        excluded = [n for n, v in d["candidates"].items() if isinstance(v, str) and v.startswith("excluded")]
-        parts = ", ".join(timed) + (f"; {', '.join(excluded)} excluded" if excluded else "")
-        return f"auto chose {d['chosen']} ({d['source']}{': ' + parts if parts else ''})"
-    per_op: Dict[str, Dict[str, int]] = {}
-    for d in decisions:
-        counts = per_op.setdefault(d["op"], {})
-        counts[d["chosen"]] = counts.get(d["chosen"], 0) + 1
-    return "auto: " + "; ".join(op + " " + ", ".join(f"{n} {k}" for n, k in sorted(c.items(), key=lambda x: -x[1]))
-                                for op, c in per_op.items())
-
-
 # ----------------------------------------------------------------------------------- correctness
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64; ``inf`` if shapes differ or ``out`` has NaN/Inf
@@ -447,9 +345,8 @@ def check_output(out: torch.Tensor, ref64: torch.Tensor, eager_out, dtype: str, 
 
     ``eager_out``: eager PyTorch's output in the same dtype (None: the floor alone bounds), or a
     sequence of eager outputs computed in different ways (memory layouts, say): eager's error is
-    then the largest of theirs. Where an error is dominated by a few discrete events (a ReLU input
-    within rounding of 0 falling the other side, amplified through a deep network's backward), one
-    eager sample can be far below eager's typical error; a second sample measures that spread.
+    then the largest (one sample can be far below eager's typical error where a few ReLU inputs
+    within rounding of 0 dominate it).
     """
     err = rel_err(out, ref64)
     eagers = [] if eager_out is None else ([eager_out] if isinstance(eager_out, torch.Tensor) else
@@ -568,11 +465,8 @@ def result_stem(env: dict, bench: str) -> str:
 
 def write_results(out_dir, bench: str, env: dict, rows: List[dict], keys: Sequence[str] = ROW_KEYS,
                   extra: Optional[dict] = None) -> Tuple[Path, Path]:
-    """Write ``{"env": env, **extra, "rows": rows}`` as JSON and the rows as CSV; return both paths.
-
-    ``keys``: the row schema, in order (default: the timing schema :data:`ROW_KEYS` our tools read;
-    a benchmark answering another question passes its own and documents it).
-    """
+    """Write ``{"env": env, **extra, "rows": rows}`` as JSON and the rows (schema ``keys``, in
+    order) as CSV; return both paths."""
     missing = [k for k in ENV_KEYS if k not in env]
     if missing:
         raise ValueError(f"env: missing keys {missing} (build it with env_info())")
@@ -600,11 +494,9 @@ def finish(rows: List[dict], out_dir, bench: str, env: dict, write: bool = True,
     """A benchmark's last step: write the results (when ``write``), say how many provider results
     were wrong; the process exit code (1 if any was).
 
-    ``skipped``: provider -> why it did not run here (written as the JSON's ``"skipped"``; pass
-    ``{}`` for none, or leave None to omit the key). ``markdown``: (title, headers, rows) of the
-    summary table, written as ``<stem>.md`` beside the JSON, with ``notes`` under it. Rows in the
-    shared schema also get a chart, ``<stem>.png`` (:func:`benchmarks.report.plot_bench`; none
-    without matplotlib).
+    ``skipped``: provider -> why it did not run here (the JSON's ``"skipped"``; None omits it).
+    ``markdown``: (title, headers, rows), written as ``<stem>.md`` with ``notes`` under it. Rows in
+    the shared schema also get a chart, ``<stem>.png`` (none without matplotlib).
     """
     if write:
         more = {} if skipped is None else {"skipped": dict(skipped)}
@@ -668,13 +560,13 @@ def op_timing(device: torch.device, quick: bool) -> dict:
     (shorter with --quick), a few tiny repetitions on CPU (the CPU modes only prove the scripts)."""
     if device.type == "cuda":
         return dict(warmup_ms=10.0, rep_ms=40.0) if quick else dict(warmup_ms=25.0, rep_ms=100.0)
-    return dict(warmup=1, min_reps=10, max_reps=50, budget_s=0.05)
+    return dict(warmup=1, min_reps=10, budget_s=0.05)
 
 
 def provider_timing(device: torch.device, provider: str, default: dict) -> dict:
     """``default``, except for Triton on the CPU (its interpreter): a few calls say enough."""
     if device.type == "cpu" and provider == "triton":
-        return dict(warmup=0, min_reps=3, max_reps=3, budget_s=0.0)
+        return dict(warmup=0, min_reps=3, budget_s=0.0)
     return default
 
 
@@ -702,28 +594,3 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: Option
     out = [title] if title else []
     out += [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
     return "\n".join(out)
-
-
-@contextlib.contextmanager
-def cudnn_benchmark(device: torch.device, on: bool):
-    """``torch.backends.cudnn.benchmark`` set to ``on`` for a CUDA run (left as it is on CPU) while
-    the context is open, restored after, whatever happens inside."""
-    saved = torch.backends.cudnn.benchmark
-    if torch.device(device).type == "cuda":
-        torch.backends.cudnn.benchmark = on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
-
-
-def settings_suffix(device: torch.device, cudnn_bench: Optional[bool], deadline: Optional[float],
-                    t0: float) -> str:
-    """The end of a benchmark's settings line: ``; cudnn.benchmark True; deadline 110 s`` (each
-    part only where it applies: a CUDA run, a deadline given as ``time.monotonic()`` after ``t0``)."""
-    out = ""
-    if cudnn_bench is not None and torch.device(device).type == "cuda":
-        out += f"; cudnn.benchmark {cudnn_bench}"
-    if deadline:
-        out += f"; deadline {deadline - t0:.0f} s"
-    return out

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import common, layer_ops, peaks as peaks_mod
+from . import common, layer_ops, peaks as peaks_mod, settings
 
 BENCH = "layers"
 KEYS = common.row_keys("variant", "layout", "tflops", "frac_of_peak", "gbps", "frac_of_copy", "floor_ms", "note")
@@ -219,7 +219,7 @@ def past_deadline(cfg: Config, what: str, margin_s: float = 0.0) -> bool:
 def measure(build: Callable[[], Callable], inputs, judge, cfg: Config, prov: str, label: str,
             mem: bool) -> common.Measured:
     if prov == "auto":
-        common.dispatch_fresh()  # the checked first call (the timed shapes) measures this case
+        settings.dispatch_fresh()  # the checked first call (the timed shapes) measures this case
     return common.check_then_time(build, inputs, judge, cfg.device, cuda_graph=cfg.cuda_graph, label=label,
                                   timing=common.provider_timing(cfg.device, prov, cfg.timing), measure_mem=mem)
 
@@ -241,9 +241,9 @@ def add_row(rows: List[dict], cfg: Config, job: Job, provider: str, variant: str
     r = common.make_row(bench=BENCH, model=job.model, shape=job.spec.shape, batch=job.batch, dtype=job.dtype,
                         mode=mode, provider=provider, timing=t, peak_mem_mb=m.peak_mb, correct=m.ok, extra=extra)
     if provider == "auto":
-        rec = common.dispatch_record()
-        r["note"] = "; ".join(x for x in (r["note"], common.auto_note(rec["decisions"])) if x)
-        cfg.dispatch.append(common.dispatch_entry(r, rec))
+        rec = settings.dispatch_record()
+        r["note"] = "; ".join(x for x in (r["note"], settings.auto_note(rec["decisions"])) if x)
+        cfg.dispatch.append(settings.dispatch_entry(r, rec))
     rows.append(r)
     if t is not None:
         rate = (f"{r['tflops']:.3g} TFLOP/s  {r['frac_of_peak']:.2f} of peak" if flops else
@@ -526,7 +526,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         source = "measured in this run"
     print(f"ceilings ({source}): {peaks_mod.describe(cfg.peaks)}")
     print(f"providers {cfg.providers}; {len(cfg.conv_jobs)} conv cases, {len(cfg.mem_jobs)} activation shapes x "
-          f"{len(cfg.ops)} memory ops" + common.settings_suffix(dev, True, cfg.deadline, _T0), flush=True)
+          f"{len(cfg.ops)} memory ops" + settings.settings_suffix(dev, True, cfg.deadline, _T0), flush=True)
     common.print_skipped(cfg.skipped)
     rows: List[dict] = []
     extra = {"peaks": cfg.peaks.as_dict(), "peaks_source": source,
@@ -534,7 +534,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              "tf32": dev.type == "cuda" and conv_uses_tf32(), "cudnn_benchmark": dev.type == "cuda",
              "not_run": cfg.not_run, "dispatch": cfg.dispatch}
     baselines = set()
-    with common.dispatch_isolated(), common.cudnn_benchmark(dev, True):
+    with settings.dispatch_isolated(), settings.cudnn_benchmark(dev, True):
         for section, phase in PHASES:
             provs = [p for p in cfg.providers if p in phase]
             for job in (cfg.conv_jobs if section == "conv" else cfg.mem_jobs) if provs else ():

@@ -48,7 +48,7 @@ from torch import nn
 import resnet_fused
 from resnet_fused.models import reference
 
-from . import common
+from . import common, settings
 
 BENCH = "models"
 KEYS = common.row_keys("variant", "layout", "compile_s")
@@ -212,7 +212,7 @@ class Bench:
         print(f"note: {text}")
 
     def dispatch(self) -> List[dict]:
-        return [common.dispatch_entry(r, self.infos[row_key(r)].dispatch) for r in self.rows
+        return [settings.dispatch_entry(r, self.infos[row_key(r)].dispatch) for r in self.rows
                 if self.infos[row_key(r)].dispatch is not None]
 
     def add(self, case: Case, batch: int, dtype: str, mode: str, prov: str, variant: str, info: Info) -> None:
@@ -229,7 +229,7 @@ class Bench:
             f"{case.name} {mode} b{batch} {dtype} {label_of(prov, variant)}", f"FAILED ({info.error})" if v is None
             else f"{'ok' if v.ok else 'WRONG'} (worst {v.worst_key}: err {c.err:.1e}, bound {c.bound:.1e})",
             info.first_s and f"first call {info.first_s:.2f} s",
-            info.dispatch and common.auto_note(info.dispatch["decisions"]),
+            info.dispatch and settings.auto_note(info.dispatch["decisions"]),
             row["median_ms"] and f"{row['median_ms']:.3f} ms (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}), "
                                  f"{row['images_per_s']:.1f} img/s",
             row["peak_mem_mb"] is not None and f"peak +{row['peak_mem_mb']:.0f} MiB") if p), flush=True)
@@ -292,7 +292,7 @@ def measure(b: Bench, prov: str, fn: Callable, inputs: Sequence[tuple], train: b
     _free(dev)
     if dev.type != "cuda":
         return common.benchmark(fn, inputs, dev, **(dict(warmup=0, min_reps=2, budget_s=0.0) if prov == "triton" else
-                                                    dict(warmup=2, min_reps=10, max_reps=50, budget_s=0.2))), None
+                                                    dict(warmup=2, min_reps=10, budget_s=0.2))), None
     base = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     t = common.benchmark(fn, inputs, dev, warmup_ms=0.0, rep_ms=0.0, min_reps=b.reps)
@@ -346,7 +346,7 @@ def run_case(b: Bench, case: Case, mode: str, batch: int, dtype: str, runs: Sequ
                 if prov == "compile":
                     torch._dynamo.reset()
                 if prov == "auto":
-                    common.dispatch_fresh()  # the first call below measures every key of the case
+                    settings.dispatch_fresh()  # the first call below measures every key of the case
                 if ref_q is None:
                     raise RuntimeError("no reference to check against")
                 module, fn = build_provider(prov, variant, case, base, dev, dtype, train)
@@ -378,7 +378,7 @@ def run_case(b: Bench, case: Case, mode: str, batch: int, dtype: str, runs: Sequ
         finally:
             module = fn = None
             if prov == "auto":  # what the dispatch decided (before it failed, if it did)
-                info.dispatch = common.dispatch_record()
+                info.dispatch = settings.dispatch_record()
             if prov == "compile":
                 torch._dynamo.reset()
             _free(dev)
@@ -560,7 +560,7 @@ def make_config(args) -> Tuple[Bench, List[Task]]:
     notes = ["auto on CPU: resnet18 infer only (name auto in --providers for every case)"] \
         if not gpu and "auto" in providers and "auto" not in named else []
     timing = dict(warmup_ms=10.0 if args.quick else 25.0, rep_ms=50.0 if args.quick else 100.0,
-                  min_reps=args.reps) if gpu else dict(warmup=2, min_reps=10, max_reps=200, budget_s=0.1)
+                  min_reps=args.reps) if gpu else dict(warmup=2, min_reps=10, budget_s=0.1)
     deadline = args.deadline if args.deadline is not None else (QUICK_DEADLINE_S if args.quick else None)
     return Bench(dev, providers, reps=args.reps, deadline=None if deadline is None else _T0 + deadline,
                  timing=timing, cuda_graph=gpu, notes=notes, skipped=skipped), tasks
@@ -571,12 +571,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b, tasks = make_config(args)
     env = common.env_info(b.device)
     print(common.banner(BENCH, env))
-    print("\n".join([f"providers {b.providers}" + common.settings_suffix(b.device, True, b.deadline, _T0)] + [
+    print("\n".join([f"providers {b.providers}" + settings.settings_suffix(b.device, True, b.deadline, _T0)] + [
         f"  task: {t.model} {t.mode} b{t.batch} {t.dtype} [{', '.join(label_of(*r) for r in t.runs)}]" for t in tasks]
         + [f"note: {p} skipped: {why}" for p, why in b.skipped.items()] + [f"note: {n}" for n in b.notes]), flush=True)
     batches: Dict[tuple, int] = {}
     extras = lambda: {"goals": goals(b.rows), "notes": list(b.notes), "dispatch": b.dispatch()}
-    with common.dispatch_isolated(), common.cudnn_benchmark(b.device, True):
+    with settings.dispatch_isolated(), settings.cudnn_benchmark(b.device, True):
         for t in tasks:
             if t.mode == "infer":
                 run_case(b, model_case(t.model, t.size), "infer", t.batch, t.dtype, t.runs)

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import resnet_fused
 from resnet_fused.models import reference
 
-from . import common
+from . import common, settings
 from .models import Bench, Case, run_case, summary_table
 
 BENCH = "wrn"
@@ -260,12 +260,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = common.env_info(b.device)
     print(common.banner("wrn_fig4", env))
     print(f"providers {b.providers}; tasks {[f'{t.net.name} {t.dtype} ' + '/'.join(t.providers) for t in tasks]}; "
-          f"channels_last; fp16 = AMP, fp32 = TF32" + common.settings_suffix(b.device, True, b.deadline, _T0),
+          f"channels_last; fp16 = AMP, fp32 = TF32" + settings.settings_suffix(b.device, True, b.deadline, _T0),
           flush=True)
     common.print_skipped(b.skipped)
     print("".join(f"note: {n}\n" for n in b.notes), end="")
     extras = lambda: {"paper": paper_extra(), "ratios": ratios_summary(b.rows, pairs), "dispatch": b.dispatch()}
-    with common.dispatch_isolated(), common.cudnn_benchmark(b.device, True):
+    with settings.dispatch_isolated(), settings.cudnn_benchmark(b.device, True):
         for t in tasks:
             b.reps = t.reps
             run_case(b, t.net.case(seed=sum(map(ord, t.net.name))), "train_step", 2 if b.device.type != "cuda" else 32,

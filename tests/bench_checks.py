@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: import it from the tree
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, models  # noqa: E402
+from benchmarks import common, models, settings  # noqa: E402
 from resnet_fused import backends  # noqa: E402
 
 EXT_ERROR = backends.unavailable_reason("cuda", torch.device("cpu"))  # why the C++ kernels cannot run here
@@ -57,17 +57,17 @@ def check_dispatch(data: dict) -> None:
     auto = [r for r in data["rows"] if r["provider"] == "auto"]
     assert len(data["dispatch"]) == len(auto) and auto, data["dispatch"]
     for e, r in zip(data["dispatch"], auto):
-        assert tuple(e) == common.DISPATCH_CASE_KEYS + ("env", "decisions"), tuple(e)
-        assert all(e[k] == r.get(k, "") for k in common.DISPATCH_CASE_KEYS), (e, r)
-        assert set(e["env"]) <= set(common.DISPATCH_ENV_FIELDS) and e["env"]["device"].startswith("cpu")
+        assert tuple(e) == settings.DISPATCH_CASE_KEYS + ("env", "decisions"), tuple(e)
+        assert all(e[k] == r.get(k, "") for k in settings.DISPATCH_CASE_KEYS), (e, r)
+        assert set(e["env"]) <= set(settings.DISPATCH_ENV_FIELDS) and e["env"]["device"].startswith("cpu")
         assert e["decisions"], e
         for d in e["decisions"]:
-            assert tuple(d) == common.DECISION_KEYS, tuple(d)
+            assert tuple(d) == settings.DECISION_KEYS, tuple(d)
             names = [c.name for c in cands.candidates(d["op"])]
             assert d["source"] == "measured" and d["sites"] and d["measure_ms"] > 0, d
             assert set(d["candidates"]) == set(names) and d["chosen"] in names, d
             assert set(d["case"]["candidates"]) <= set(names) and "torch" in d["case"]["candidates"], d
-            assert not set(d["case"]) & set(common.DISPATCH_ENV_FIELDS), d["case"]
+            assert not set(d["case"]) & set(settings.DISPATCH_ENV_FIELDS), d["case"]
             timed = {n: v for n, v in d["candidates"].items() if isinstance(v, (int, float))}
             assert "torch" in timed and d["chosen"] in timed, d
             assert all(n in timed or v.startswith(("unsupported: ", "excluded: ")) for n, v in d["candidates"].items())

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # benchmarks/ is not installed with the package: import it from the tree
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, layers, layer_ops, peaks  # noqa: E402
+from benchmarks import common, layer_ops, layers, peaks, settings  # noqa: E402
 from resnet_fused.models import reference  # noqa: E402
 from utils import INTERPRET, run_bench_cpu  # noqa: E402
 
@@ -230,7 +230,7 @@ def test_cpu_end_to_end(tmp_path):
         assert len(e["decisions"]) == 1, e
         d = e["decisions"][0]
         row = next(x for x in rows
-                   if x["provider"] == "auto" and all(x[k] == e[k] for k in common.DISPATCH_CASE_KEYS))
+                   if x["provider"] == "auto" and all(x[k] == e[k] for k in settings.DISPATCH_CASE_KEYS))
         assert f"auto chose {d['chosen']} (measured: torch " in row["note"], row["note"]
         if e["variant"] == "bn_add_relu":
             assert d["op"] == "bn_act" and d["case"]["residual"] == ["float32", "cl"] and d["sites"] == ["ops.bn_act"]

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import common, peaks, report, suite  # noqa: E402
+from benchmarks import common, peaks, report, settings, suite  # noqa: E402
 
 ENV = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "580.1", "torch": "2.11", "triton": "3.6", "cuda": "13.0",
        "git_commit": "0123456789abcdef0123456789abcdef01234567", "timestamp": "2026-11-22T10:00:00+00:00"}
@@ -68,7 +68,7 @@ def test_dispatch_isolated_restores_the_cache_setting(monkeypatch):
         else:
             monkeypatch.setenv(CACHE_DIR_ENV, before)
         with pytest.raises(RuntimeError, match="inside"):
-            with common.dispatch_isolated():
+            with settings.dispatch_isolated():
                 assert os.environ[CACHE_DIR_ENV] == "" and cache_path() is None  # persistence off
                 raise RuntimeError("inside")
         assert os.environ.get(CACHE_DIR_ENV) == before
@@ -93,18 +93,18 @@ def test_dispatch_record_entry_note_and_late_keys():
     w = torch.randn(5, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     previous = dispatch.set_timer(lambda runs, dev: {n: [1.0 if n == "torch" else 0.5] * 3 for n in runs})
     try:
-        with common.dispatch_isolated(), torch.no_grad():
-            common.dispatch_fresh()
-            assert common.dispatch_record() == {"env": {}, "decisions": []}
+        with settings.dispatch_isolated(), torch.no_grad():
+            settings.dispatch_fresh()
+            assert settings.dispatch_record() == {"env": {}, "decisions": []}
             conv_bias_act(x, w, None, None, padding=1, backend="auto")
-            warm = common.dispatch_record()
+            warm = settings.dispatch_record()
             conv_bias_act(x, w, None, None, padding=1, backend="auto")  # a decided key: nothing new
-            record = common.dispatch_record()
-            assert common.dispatch_late(warm, record) is None
+            record = settings.dispatch_record()
+            assert settings.dispatch_late(warm, record) is None
             conv_bias_act(x[:1], w, None, None, padding=1, backend="auto")  # a new shape: a new key
-            late = common.dispatch_late(warm, common.dispatch_record())
-            common.dispatch_fresh()
-            assert common.dispatch_record()["decisions"] == []
+            late = settings.dispatch_late(warm, settings.dispatch_record())
+            settings.dispatch_fresh()
+            assert settings.dispatch_record()["decisions"] == []
     finally:
         dispatch.set_timer(previous)
         dispatch.forget()
@@ -113,17 +113,17 @@ def test_dispatch_record_entry_note_and_late_keys():
     assert record["env"]["device"] == common.device_name(cpu) and record["env"]["threads"] == torch.get_num_threads()
     assert set(record["env"]) == {"device", "threads", "resnet_fused", "torch", "triton"}
     (d,) = record["decisions"]
-    assert tuple(d) == common.DECISION_KEYS and d["op"] == "conv_bias_act" and d["source"] == "measured"
+    assert tuple(d) == settings.DECISION_KEYS and d["op"] == "conv_bias_act" and d["source"] == "measured"
     assert d["chosen"] == ("cuda" if ext else "torch") and d["sites"] == ["ops.conv_bias_act"]
     assert d["candidates"]["torch"] == 1.0 and d["candidates"]["cudnn_fused"] == "unsupported: CUDA only"
     assert d["case"]["x"] == [2, 4, 6, 6] and d["case"]["weight"] == [5, 4, 3, 3] and d["case"]["relu"] is True
     assert d["case"]["candidates"] == ["torch"] + (["cuda"] if ext else [])
-    assert not set(d["case"]) & set(common.DISPATCH_ENV_FIELDS)
+    assert not set(d["case"]) & set(settings.DISPATCH_ENV_FIELDS)
     row = {"model": "m", "shape": "s", "batch": 2, "dtype": "fp32", "mode": "infer", "provider": "auto"}
-    entry = common.dispatch_entry(row, record)
+    entry = settings.dispatch_entry(row, record)
     assert entry == {"model": "m", "shape": "s", "batch": 2, "dtype": "fp32", "mode": "infer", "layout": "",
                      "variant": "", "env": record["env"], "decisions": record["decisions"]}
-    assert common.auto_note(record["decisions"]) == (
+    assert settings.auto_note(record["decisions"]) == (
         "auto chose cuda (measured: torch 1 ms, cuda 0.5 ms)" if ext else "auto chose torch (measured: torch 1 ms)")
 
 
@@ -131,11 +131,11 @@ def test_auto_note_forms():
     one = {"op": "bn_act", "chosen": "torch", "source": "measured",
            "candidates": {"torch": 0.25, "cuda": "excluded: output 0: relative error 1 > 0.0001",
                           "triton": "unsupported: CUDA only"}}
-    assert common.auto_note([one]) == "auto chose torch (measured: torch 0.25 ms; cuda excluded)"
+    assert settings.auto_note([one]) == "auto chose torch (measured: torch 0.25 ms; cuda excluded)"
     many = [dict(one, op="conv_bias_act", chosen="cuda"), dict(one, op="conv_bias_act", chosen="torch"),
             dict(one, op="conv_bias_act", chosen="cuda"), dict(one, op="block_train")]
-    assert common.auto_note(many) == "auto: conv_bias_act cuda 2, torch 1; block_train torch 1"
-    assert common.auto_note([]) == "auto: no dispatch decision"
+    assert settings.auto_note(many) == "auto: conv_bias_act cuda 2, torch 1; block_train torch 1"
+    assert settings.auto_note([]) == "auto: no dispatch decision"
 
 
 # ------------------------------------------------------------------------------------------ schema
