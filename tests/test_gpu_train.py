@@ -195,7 +195,7 @@ def _peak_message(peaks, fused="fused"):
 
 
 def test_resnet50_amp_training_peak_memory_below_eager(resnet50_peak_memory, record_property):
-    """Default mode. Saved activations, counted exactly on CPU (python -m benchmarks.bench_memory):
+    """Default mode. Saved activations, counted exactly on CPU (python -m benchmarks.memory):
     0.845x eager's at this size; parameters, gradients and workspaces come on top of both, so the
     peak ratio must be at most 0.9x."""
     (f, _), (e, _) = resnet50_peak_memory["fused"], resnet50_peak_memory["eager"]
