@@ -276,8 +276,11 @@ def run_conv_job(job: Job, pairs: Sequence[Tuple[str, str]], cfg: Config, rows: 
                                                     factor=layer_ops.FACTOR), cfg, prov, what, mem=True)
         kernel = ""
         if prov == "cuda" and m.check is not None:  # it ran: the library is there
-            kernel = "kernel: " + torch.ops.resnet_fused_C.conv_kernel_name(
-                case.inputs[0][0], case.w_f, case.inputs[0][1], st, [s.padding] * 2, [1, 1], allow_tf32)
+            try:  # a label only: its failure must not end the run
+                kernel = "kernel: " + torch.ops.resnet_fused_C.conv_kernel_name(
+                    case.inputs[0][0], case.w_f, case.inputs[0][1], st, [s.padding] * 2, [1, 1], allow_tf32)
+            except Exception as exc:
+                kernel = f"kernel: unknown ({type(exc).__name__}: {str(exc)[:80]})"
         add_row(rows, cfg, job, prov, variant, m, s.flops(job.batch), layer_ops.conv_bytes(job, not alone),
                 [f"modules: {' '.join(s.modules)}", kernel], what)
         if prov == "compile":
